@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests run on CPU, single-threaded torch, on the bundled real sample."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # never reach a server from tests
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    from mega_trading.data import sample_dir as _sample_dir
+
+    return _sample_dir()
+
+
+@pytest.fixture(scope="session")
+def sample_trade_zips() -> list[Path]:
+    from mega_trading.data import sample_files
+
+    return sample_files("trades")

@@ -60,9 +60,96 @@ def version() -> None:
 # @@DOWNLOAD@@
 
 # --- ingest: local files -> Parquet partitions ----------------------------------------
-# @@INGEST@@
+@app.command()
+def ingest(
+    paths: List[Path] = typer.Argument(..., help="CSV / zip files (or folders of them)."),
+    out: Path = typer.Option(..., "--out", help="Partition root (kind=/symbol=/month=/)."),
+    symbol: Optional[str] = typer.Option(None, "--symbol", help="Symbol, if not in the name."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="trades or aggTrades (default: detect)."),
+) -> None:
+    """Read local Binance trade files into validated, typed Parquet partitions."""
+    import datetime as dt
+
+    from rich.progress import Progress
+
+    from mega_trading.ingest.partitions import expand_inputs, ingest_files
+
+    def utc(time_us: int) -> str:
+        stamp = dt.datetime.fromtimestamp(time_us / 1e6, dt.timezone.utc)
+        return stamp.strftime("%Y-%m-%d %H:%M:%S")
+
+    lines: list[str] = []
+    files = expand_inputs(paths)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("ingest", total=len(files))
+
+        def on_file(path: Path, result) -> None:
+            r = result.report
+            unit = "µs" if r.time_unit == "us" else r.time_unit
+            lines.append(
+                f"{path.name}: {r.symbol} {r.kind}, {r.n_rows:,} rows, time in {unit}, "
+                f"{utc(r.start_us)} → {utc(r.end_us)} UTC, {r.gap_summary()}, "
+                f"{len(result.written)} new / {len(result.parts)} part(s)"
+            )
+            progress.advance(task)
+
+        results = ingest_files(files, out, symbol=symbol, kind=kind, on_file=on_file)
+    for line in lines:
+        typer.echo(line)
+    rows = sum(r.report.n_rows for r in results)
+    typer.echo(f"ingested {len(results)} file(s), {rows:,} rows -> {out}")
 
 # --- prepare: events -> tokenizer -> shards ---------------------------------------------
+@app.command()
+def prepare(
+    inputs: List[Path] = typer.Argument(None, help="Trade files (.zip/.csv) or folders; default: the bundled sample."),
+    out: Path = typer.Option(..., "--out", help="Prepared data directory to write."),
+    block_size: int = typer.Option(512, "--block-size"),
+    stride: int = typer.Option(256, "--stride"),
+    splits: str = typer.Option("0.8,0.1,0.1", "--splits", help="train,validation,backtest fractions."),
+    split_times: Optional[str] = typer.Option(None, "--split-times", help="validation-start,backtest-start (ISO UTC)."),
+    kind: str = typer.Option("trades", "--kind", help="trades or aggTrades."),
+    workers: int = typer.Option(2, "--workers"),
+    overrides: List[str] = typer.Option([], "--set", help="Dotted overrides, e.g. tokenizer.size_bins=6."),
+) -> None:
+    """Raw trades -> events -> tokenizer (train split only) -> chronological token shards."""
+    from mega_trading.config import apply_overrides
+    from mega_trading.data import sample_files
+    from mega_trading.dataset import PrepareConfig, prepare as run_prepare
+    from mega_trading.config import from_dict
+
+    cfg = from_dict(PrepareConfig, {
+        "block_size": block_size, "stride": stride, "splits": splits, "kind": kind,
+        "workers": workers, "split_times": split_times or (),
+    })
+    cfg = apply_overrides(cfg, overrides)
+    paths = list(inputs) if inputs else sample_files(kind)
+    manifest = run_prepare(paths, out, cfg, show_progress=True)
+    _print_manifest_summary(manifest, out)
+
+
+def _print_manifest_summary(manifest: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prepared {out}  (tokenizer {manifest['tokenizer_hash'][:12]}, "
+                        f"vocab {manifest['vocab_size']})")
+    for column in ("split", "symbol", "events", "tokens", "windows", "from (UTC)", "to (UTC)"):
+        table.add_column(column)
+    import datetime as dt
+
+    def utc(us):
+        return dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if us else "-"
+
+    for split, by_symbol in manifest["shards"].items():
+        for symbol, info in sorted(by_symbol.items()):
+            table.add_row(split, symbol, f"{info['n_events']:,}", f"{info['n_tokens']:,}",
+                          f"{info['n_windows']:,}", utc(info["start_time_us"]), utc(info["end_time_us"]))
+    Console().print(table)
+    stats = manifest["token_stats"]["train"]
+    Console().print(f"train tokens: realized vocab {stats['realized_vocab']} of "
+                    f"{manifest['vocab_size']}, effective vocab exp(H) = {stats['effective_vocab']:.1f}")
+
+
 # @@PREPARE@@
 
 # --- train ----------------------------------------------------------------------------

@@ -1,0 +1,510 @@
+"""Events -> chronological splits -> token shards on disk -> training windows.
+
+The split contract (per symbol, in time order)::
+
+    | train ............ | gap | validation ... | gap | backtest ... |
+
+* Boundaries are cut by event-count fractions (``splits``) or explicit UTC timestamps
+  (``split_times``) and recorded as timestamps in the manifest.
+* ``gap_events`` events (default: one block) are dropped after each boundary, so the
+  held-out stretch starts well after the last training event.
+* Each (split, symbol) is its own shard file: a window lies wholly inside one shard, so no
+  window ever straddles a split boundary.
+* The tokenizer is fitted on training events only.
+
+Memory stays bounded however large the input: every input file is processed on its own
+(in parallel worker processes), the tokenizer is fitted on a bounded sample, and shards
+are assembled by appending part files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import polars as pl
+
+from mega_trading.config import to_dict
+from mega_trading.errors import DataError
+from mega_trading.events import EventConfig, compute_events
+from mega_trading.lineage import atomic_dir, json_hash, provenance, read_json, sha256_file, write_json_atomic
+from mega_trading.tokenizer import Tokenizer, TokenizerConfig
+
+SPLITS = ("train", "validation", "backtest")
+MANIFEST_FORMAT = "mega-trading/shards@1"
+TOKEN_DTYPE = np.uint16
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    block_size: int = 512
+    stride: int = 256
+    splits: tuple[float, ...] = (0.8, 0.1, 0.1)
+    split_times: tuple[str, ...] = ()  # two ISO UTC timestamps: validation start, backtest start
+    gap_events: int | None = None  # events dropped after each boundary; default block_size
+    kind: str = "trades"  # trades or aggTrades: one event grammar per data set
+    symbols: tuple[str, ...] = ()  # empty: every symbol found
+    workers: int = 2
+    events: EventConfig = field(default_factory=EventConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.splits) != 3 or abs(sum(self.splits) - 1.0) > 1e-6 or min(self.splits) < 0:
+            raise DataError(f"splits must be three non-negative fractions summing to 1, got {self.splits}")
+        if self.split_times and len(self.split_times) != 2:
+            raise DataError("split_times takes two timestamps: validation start, backtest start")
+        if self.block_size < 2 or self.stride < 1:
+            raise DataError("block_size must be >= 2 and stride >= 1")
+
+    @property
+    def gap(self) -> int:
+        return self.block_size if self.gap_events is None else self.gap_events
+
+
+# --- windows ------------------------------------------------------------------------------
+
+def window_starts(n_tokens: int, block_size: int, stride: int) -> np.ndarray:
+    """Starts of the windows of block_size + 1 tokens (inputs + shifted targets) in a shard."""
+    last = n_tokens - (block_size + 1)
+    if last < 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(0, last + 1, stride, dtype=np.int64)
+
+
+def sequential_windows(
+    tokens: np.ndarray, block_size: int, stride: int | None = None
+) -> Iterator[tuple[int, np.ndarray, int]]:
+    """Cover every target of a shard exactly once, each with as much past context as fits.
+
+    Yields ``(start, window, score_from)``: ``window = tokens[start:start + block_size + 1]``
+    (inputs ``window[:-1]``, targets ``window[1:]``); only targets with index
+    ``>= score_from`` within the window are new and should be scored.
+    """
+    stride = min(stride or max(1, block_size // 2), block_size)
+    n_targets = len(tokens) - 1
+    start, scored = 0, 0  # targets [0, scored) of the shard are already covered
+    while scored < n_targets:
+        end = min(start + block_size, n_targets)  # this window's targets: [start, end)
+        yield start, np.asarray(tokens[start:end + 1], dtype=np.int64), scored - start
+        scored = end
+        start = min(start + stride, max(0, n_targets - block_size))
+
+
+class ShardSet:
+    """Read access to a prepared data directory (see docs/CONTRACTS.md)."""
+
+    def __init__(self, root: Path, manifest: dict, tokenizer: Tokenizer):
+        self.root = root
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def open(cls, root: str | Path) -> ShardSet:
+        root = Path(root)
+        manifest_path = root / "manifest.json"
+        if not manifest_path.is_file():
+            raise DataError("not a prepared data directory (no manifest.json); run `mega-trading prepare`", root)
+        manifest = read_json(manifest_path)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise DataError(f"unknown manifest format {manifest.get('format')!r}", manifest_path)
+        tokenizer = Tokenizer.load(root / "tokenizer.json")
+        if tokenizer.hash != manifest["tokenizer_hash"]:
+            raise DataError("tokenizer.json does not match the manifest's tokenizer hash", root)
+        return cls(root, manifest, tokenizer)
+
+    @property
+    def manifest_hash(self) -> str:
+        return self.manifest["manifest_hash"]
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.tokenizer.hash
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def symbols(self, split: str) -> list[str]:
+        return sorted(self.manifest["shards"].get(split, {}))
+
+    def n_tokens(self, split: str, symbol: str) -> int:
+        return int(self.manifest["shards"][split][symbol]["n_tokens"])
+
+    def tokens(self, split: str, symbol: str) -> np.ndarray:
+        info = self.manifest["shards"][split][symbol]
+        if info["n_tokens"] == 0:
+            return np.zeros(0, dtype=TOKEN_DTYPE)
+        return np.memmap(self.root / info["tokens"], dtype=TOKEN_DTYPE, mode="r")
+
+    def events(self, split: str, symbol: str) -> pl.DataFrame:
+        return pl.read_parquet(self.root / self.manifest["shards"][split][symbol]["events"])
+
+    def all_events(self, split: str) -> pl.DataFrame:
+        frames = [self.events(split, s) for s in self.symbols(split)]
+        return pl.concat(frames) if frames else pl.DataFrame()
+
+
+class WindowSampler:
+    """Seeded random training windows across every symbol and the whole time range.
+
+    Windows are drawn with replacement, each symbol weighted by its number of windows, so
+    a run never reads storage order (the prototype saw one symbol). Every rank draws the
+    same global batch of ``batch_size * world_size`` windows and keeps its own slice, so
+    N ranks see exactly the windows one process with the global batch would see.
+    """
+
+    def __init__(self, shards: ShardSet, split: str, block_size: int, batch_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1, stride: int | None = None):
+        self.shards, self.split = shards, split
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        stride = stride or shards.manifest["config"]["stride"]
+        self.symbols = [s for s in shards.symbols(split)
+                        if len(window_starts(shards.n_tokens(split, s), block_size, stride))]
+        if not self.symbols:
+            raise DataError(
+                f"no {split} window of {block_size + 1} tokens fits in any shard; "
+                f"use a smaller block_size", shards.root)
+        self._tokens = {s: shards.tokens(split, s) for s in self.symbols}
+        self._starts = [window_starts(len(self._tokens[s]), block_size, stride) for s in self.symbols]
+        counts = np.array([len(st) for st in self._starts], dtype=np.float64)
+        self._weights = counts / counts.sum()
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.seen = {s: 0 for s in self.symbols}
+        self.batches_drawn = 0
+
+    @property
+    def windows_per_symbol(self) -> dict[str, int]:
+        return {s: len(st) for s, st in zip(self.symbols, self._starts)}
+
+    def next_batch(self):
+        import torch
+
+        global_batch = self.batch_size * self.world_size
+        which = self.rng.choice(len(self.symbols), size=global_batch, p=self._weights)
+        picks = [int(self.rng.integers(len(self._starts[i]))) for i in which]
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        rows, names = [], []
+        for i, pick in zip(which[lo:hi], picks[lo:hi]):
+            symbol = self.symbols[i]
+            start = int(self._starts[i][pick])
+            rows.append(np.asarray(self._tokens[symbol][start:start + self.block_size + 1], dtype=np.int64))
+            names.append(symbol)
+        for i in which:
+            self.seen[self.symbols[i]] += 1
+        self.batches_drawn += 1
+        batch = torch.from_numpy(np.stack(rows))
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), names
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "seen": dict(self.seen),
+                "batches_drawn": self.batches_drawn, "symbols": list(self.symbols)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["symbols"]) != self.symbols:
+            raise DataError(f"sampler state was saved for symbols {state['symbols']}, data has {self.symbols}")
+        self.rng.bit_generator.state = state["rng"]
+        self.seen = {s: int(v) for s, v in state["seen"].items()}
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+# --- prepare: raw files -> prepared data directory -----------------------------------------
+
+INPUT_SUFFIXES = (".zip", ".csv", ".gz")
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files named directly, plus archive files found under named directories."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES)
+            if not found:
+                raise DataError("directory holds no .zip or .csv trade files", path)
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError("input path does not exist", path)
+    return files
+
+
+def _map(fn: Callable, items: list, workers: int, label: str, show: bool) -> list:
+    """Run fn over items in worker processes (inline for one worker), with a progress bar."""
+    from rich.progress import Progress
+
+    with Progress(disable=not show, transient=True) as progress:
+        task = progress.add_task(label, total=len(items))
+        if workers <= 1 or len(items) <= 1:
+            results = []
+            for item in items:
+                results.append(fn(*item))
+                progress.advance(task)
+            return results
+        import multiprocessing
+
+        # spawn: Polars and Torch thread pools do not survive fork().
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(fn, *item) for item in items]
+            results = []
+            for future in futures:
+                results.append(future.result())
+                progress.advance(task)
+            return results
+
+
+def _read_input(path: Path, kind: str, work: Path) -> dict:
+    """Worker: one raw file -> a typed Parquet part of canonical trades (or a skip note)."""
+    from mega_trading.ingest.reader import read_trades
+
+    trades = read_trades(path)
+    found_kind = trades["kind"][0] if trades.height else kind
+    info = {"path": str(path), "sha256": sha256_file(path), "rows": trades.height, "kind": found_kind}
+    if trades.height == 0 or found_kind != kind:
+        return {**info, "skipped": f"kind {found_kind} (preparing {kind})" if found_kind != kind else "empty"}
+    symbol = trades["symbol"][0]
+    part = work / "trades" / symbol / f"{trades['time_us'][0]:020d}_{info['sha256'][:8]}.parquet"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    trades.write_parquet(part)
+    return {**info, "symbol": symbol, "part": str(part),
+            "first_time_us": int(trades["time_us"][0]), "last_time_us": int(trades["time_us"][-1]),
+            "first_id": int(trades["trade_id"][0]), "last_id": int(trades["trade_id"][-1])}
+
+
+def _events_for_part(part: str, previous: str | None, event_cfg: EventConfig, out: str) -> dict:
+    """Worker: trades part -> events part, with the previous part's tail as causal context."""
+    trades = pl.read_parquet(part)
+    context = pl.read_parquet(previous).tail(event_cfg.size_window + 1) if previous else None
+    events = compute_events(trades, event_cfg, context=context)
+    events.write_parquet(out)
+    return {"events": out, "n": events.height, "n_segment_starts": int(events["segment_start"].sum()),
+            "first_time_us": int(events["time_us"][0]), "last_time_us": int(events["time_us"][-1])}
+
+
+def _encode_part(events_path: str, tokenizer_path: str, offset: int, cuts: dict, out_prefix: str) -> dict:
+    """Worker: events part -> per-split token arrays (SEG inserted) and event rows.
+
+    ``cuts`` maps split -> (lo, hi) global event indices of that split for this symbol;
+    ``offset`` is the global index of this part's first event.
+    """
+    tokenizer = Tokenizer.load(tokenizer_path)
+    events = pl.read_parquet(events_path)
+    tokens = tokenizer.encode(events)
+    global_index = np.arange(offset, offset + events.height)
+    result = {}
+    for split, (lo, hi) in cuts.items():
+        mask = (global_index >= lo) & (global_index < hi)
+        if not mask.any():
+            continue
+        split_events = events.filter(pl.Series(mask))
+        split_tokens = tokens[mask]
+        # A segment-start token opens every shard and every segment inside it.
+        opens = split_events["segment_start"].to_numpy().copy()
+        if offset + int(np.flatnonzero(mask)[0]) == lo:
+            opens[0] = True
+        with_seg = np.insert(split_tokens, np.flatnonzero(opens), tokenizer.seg_id).astype(TOKEN_DTYPE)
+        local_pos = np.arange(len(split_tokens)) + np.cumsum(opens)
+        split_events = split_events.with_columns(token=pl.Series(split_tokens),
+                                                 token_pos=pl.Series(local_pos, dtype=pl.Int64))
+        prefix = f"{out_prefix}.{split}"
+        with_seg.tofile(prefix + ".bin")
+        split_events.write_parquet(prefix + ".parquet")
+        result[split] = {"bin": prefix + ".bin", "parquet": prefix + ".parquet",
+                         "n_tokens": len(with_seg), "n_events": len(split_tokens)}
+    return result
+
+
+def _parse_time_us(text: str) -> int:
+    stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+    return int(stamp.timestamp() * 1_000_000)
+
+
+def _split_cuts(times: np.ndarray, cfg: PrepareConfig) -> tuple[dict, dict]:
+    """Global (lo, hi) event indices per split and the boundary timestamps, for one symbol."""
+    n = len(times)
+    if cfg.split_times:
+        i_val, i_bt = (int(np.searchsorted(times, _parse_time_us(t), side="left")) for t in cfg.split_times)
+    else:
+        i_val = int(n * cfg.splits[0])
+        i_bt = int(n * (cfg.splits[0] + cfg.splits[1]))
+    gap = cfg.gap
+    cuts = {"train": (0, i_val), "validation": (min(i_val + gap, i_bt), i_bt),
+            "backtest": (min(i_bt + gap, n), n)}
+
+    def stamp(i: int) -> int | None:
+        return int(times[i]) if 0 <= i < n else None
+
+    bounds = {}
+    for split, (lo, hi) in cuts.items():
+        bounds[f"{split}_start_us"] = stamp(lo) if hi > lo else None
+        bounds[f"{split}_end_us"] = stamp(hi - 1) if hi > lo else None
+    bounds["gap_events"] = gap
+    return cuts, bounds
+
+
+def prepare(inputs: Sequence[str | Path], out_dir: str | Path, cfg: PrepareConfig = PrepareConfig(),
+            show_progress: bool = False) -> dict:
+    """Raw trade files -> OUT/{manifest.json, tokenizer.json, shards/, events/}, atomically."""
+    files = expand_inputs(inputs)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        work = tmp / "_work"
+        work.mkdir()
+        read = _map(_read_input, [(f, cfg.kind, work) for f in files], cfg.workers, "reading", show_progress)
+        used = [r for r in read if "part" in r and (not cfg.symbols or r["symbol"] in cfg.symbols)]
+        if not used:
+            raise DataError(f"no {cfg.kind} trades found in the inputs", ", ".join(map(str, inputs)))
+        parts = _order_parts(used)
+
+        event_jobs, event_parts = [], {}
+        for symbol, metas in parts.items():
+            (work / "events" / symbol).mkdir(parents=True)
+            for i, meta in enumerate(metas):
+                previous = metas[i - 1]["part"] if i else None
+                out = str(work / "events" / symbol / f"{i:05d}.parquet")
+                event_jobs.append((meta["part"], previous, cfg.events, out))
+        for job, info in zip(event_jobs, _map(_events_for_part, event_jobs, cfg.workers, "events", show_progress)):
+            event_parts.setdefault(Path(job[3]).parent.name, []).append(info)
+
+        cuts, boundaries = {}, {}
+        for symbol, infos in event_parts.items():
+            times = np.concatenate([pl.read_parquet(i["events"], columns=["time_us"])["time_us"].to_numpy()
+                                    for i in infos])
+            cuts[symbol], boundaries[symbol] = _split_cuts(times, cfg)
+
+        tokenizer = Tokenizer.fit(_training_sample(event_parts, cuts, cfg), cfg.tokenizer)
+        tokenizer_path = tmp / "tokenizer.json"
+        tokenizer.save(tokenizer_path, fitted_on="train split only", inputs=[r["sha256"] for r in used])
+
+        encode_jobs, offset_of = [], {}
+        for symbol, infos in event_parts.items():
+            offset = 0
+            for i, info in enumerate(infos):
+                prefix = str(work / "events" / symbol / f"{i:05d}")
+                encode_jobs.append((info["events"], str(tokenizer_path), offset, cuts[symbol], prefix))
+                offset_of[prefix] = symbol
+                offset += info["n"]
+        encoded = _map(_encode_part, encode_jobs, cfg.workers, "tokenizing", show_progress)
+        shards = _assemble_shards(tmp, encode_jobs, encoded, offset_of, cfg)
+        shutil.rmtree(work)
+
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "kind": cfg.kind,
+            "tokenizer_hash": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size,
+            "config": to_dict(cfg),
+            "inputs": [{k: v for k, v in r.items() if k != "part"} for r in read],
+            "boundaries": boundaries,
+            "shards": shards,
+            "token_stats": _token_stats(tmp, shards, tokenizer),
+        }
+        manifest["manifest_hash"] = json_hash(manifest)
+        manifest["provenance"] = provenance(stage="prepare")
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _order_parts(metas: list[dict]) -> dict[str, list[dict]]:
+    """Group parts by symbol in time order; refuse overlapping inputs, drop exact repeats."""
+    by_symbol: dict[str, list[dict]] = {}
+    for meta in sorted(metas, key=lambda m: (m["symbol"], m["first_time_us"], m["first_id"])):
+        group = by_symbol.setdefault(meta["symbol"], [])
+        if group and meta["sha256"] == group[-1]["sha256"]:
+            continue  # the same file given twice
+        if group and meta["first_id"] <= group[-1]["last_id"]:
+            raise DataError(
+                f"trade ids overlap with {group[-1]['path']} (ids up to {group[-1]['last_id']}, "
+                f"this file starts at {meta['first_id']})", meta["path"])
+        group.append(meta)
+    return by_symbol
+
+
+def _training_sample(event_parts: dict, cuts: dict, cfg: PrepareConfig) -> pl.DataFrame:
+    """A bounded, seeded sample of TRAINING events (never a held-out row) to fit bins on."""
+    n_train = sum(cuts[s]["train"][1] for s in cuts)
+    keep = min(1.0, cfg.tokenizer.fit_sample / max(n_train, 1))
+    frames = []
+    for symbol, infos in event_parts.items():
+        offset, (lo, hi) = 0, cuts[symbol]["train"]
+        for info in infos:
+            take_lo, take_hi = max(lo - offset, 0), min(hi - offset, info["n"])
+            if take_hi > take_lo:
+                frame = pl.read_parquet(info["events"], columns=["move_bps", "log_size", "dt_us", "side"])
+                frame = frame.slice(take_lo, take_hi - take_lo)
+                if keep < 1.0:
+                    frame = frame.sample(fraction=keep, seed=len(frames))
+                frames.append(frame)
+            offset += info["n"]
+    if not frames:
+        raise DataError("the train split is empty; give more data or change `splits`")
+    return pl.concat(frames)
+
+
+def _assemble_shards(tmp: Path, jobs: list, encoded: list, symbol_of: dict, cfg: PrepareConfig) -> dict:
+    """Concatenate part outputs, in time order, into one shard per (split, symbol)."""
+    import pyarrow.parquet as pq
+
+    shards: dict[str, dict] = {split: {} for split in SPLITS}
+    writers: dict[tuple, tuple] = {}
+    try:
+        for job, result in zip(jobs, encoded):
+            symbol = symbol_of[job[4]]
+            for split, info in result.items():
+                key = (split, symbol)
+                if key not in writers:
+                    (tmp / "shards" / split).mkdir(parents=True, exist_ok=True)
+                    (tmp / "events" / split).mkdir(parents=True, exist_ok=True)
+                    writers[key] = (open(tmp / "shards" / split / f"{symbol}.bin", "wb"), None, [0, 0, None, None])
+                handle, writer, acc = writers[key]
+                handle.write(Path(info["bin"]).read_bytes())
+                table = pl.read_parquet(info["parquet"]).with_columns(
+                    pl.col("token_pos") + acc[0]).to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp / "events" / split / f"{symbol}.parquet", table.schema)
+                writer.write_table(table)
+                times = table.column("time_us")
+                acc[2] = acc[2] if acc[2] is not None else int(times[0].as_py())
+                acc[3] = int(times[-1].as_py())
+                acc[0] += info["n_tokens"]
+                acc[1] += info["n_events"]
+                writers[key] = (handle, writer, acc)
+    finally:
+        for handle, writer, _ in writers.values():
+            handle.close()
+            if writer is not None:
+                writer.close()
+    for (split, symbol), (_, _, acc) in writers.items():
+        shards[split][symbol] = {
+            "tokens": f"shards/{split}/{symbol}.bin", "events": f"events/{split}/{symbol}.parquet",
+            "n_tokens": acc[0], "n_events": acc[1], "start_time_us": acc[2], "end_time_us": acc[3],
+            "n_windows": int(len(window_starts(acc[0], cfg.block_size, cfg.stride))),
+        }
+    return shards
+
+
+def _token_stats(root: Path, shards: dict, tokenizer: Tokenizer) -> dict:
+    """Realized and effective vocabulary (exp of the entropy) per split."""
+    stats = {}
+    for split, by_symbol in shards.items():
+        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+        for info in by_symbol.values():
+            tokens = np.fromfile(root / info["tokens"], dtype=TOKEN_DTYPE)
+            counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
+        events = counts[: tokenizer.n_event_tokens]
+        total = events.sum()
+        p = events[events > 0] / max(total, 1)
+        stats[split] = {"n_tokens": int(counts.sum()), "n_events": int(total),
+                        "realized_vocab": int((events > 0).sum()),
+                        "effective_vocab": float(np.exp(-(p * np.log(p)).sum())) if total else 0.0}
+    return stats

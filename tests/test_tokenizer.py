@@ -1,0 +1,118 @@
+"""Tokenizer: train-only bins, mass points, mixed radix, round trips, the vocabulary budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mega_trading.errors import DataError
+from mega_trading.events import compute_events
+from mega_trading.tokenizer import Tokenizer, TokenizerConfig
+from tests.test_events import make_trades
+
+
+@pytest.fixture(scope="module")
+def events() -> pl.DataFrame:
+    trades = make_trades(5000, seed=7)
+    # Real order flow: most trades do not move the price.
+    trades = trades.with_columns(
+        pl.when(pl.col("trade_id") % 3 != 0).then(pl.col("price").shift(1)).otherwise(pl.col("price"))
+        .fill_null(strategy="backward").alias("price"))
+    return compute_events(trades)
+
+
+@pytest.fixture(scope="module")
+def tok(events) -> Tokenizer:
+    return Tokenizer.fit(events)
+
+
+def test_mixed_radix_layout(tok, events):
+    sizes = tok.field_sizes
+    assert tuple(sizes) == ("side", "move", "size", "dt")
+    assert tok.n_event_tokens == sizes["side"] * sizes["move"] * sizes["size"] * sizes["dt"]
+    assert (tok.pad_id, tok.seg_id, tok.vocab_size) == (tok.n_event_tokens, tok.n_event_tokens + 1,
+                                                        tok.n_event_tokens + 2)
+    tokens = tok.encode(events)
+    idx = tok.field_indices(tokens)
+    rebuilt = ((idx["side"] * sizes["move"] + idx["move"]) * sizes["size"] + idx["size"]) * sizes["dt"] + idx["dt"]
+    assert (rebuilt == tokens).all()
+
+
+def test_mass_points_have_their_own_bins(tok, events):
+    idx = tok.field_indices(tok.encode(events))
+    zero_move = events["move_bps"].to_numpy() == 0
+    zero_dt = events["dt_us"].to_numpy() == 0
+    assert np.unique(idx["move"][zero_move]).size == 1
+    assert not np.isin(idx["move"][~zero_move], np.unique(idx["move"][zero_move])).any()
+    assert (idx["dt"][zero_dt] == 0).all() and (idx["dt"][~zero_dt] > 0).all()
+
+
+def test_every_vocabulary_entry_is_a_trade_event(tok, events):
+    """The prototype gave half its vocabulary to an event type trades never have."""
+    idx = tok.field_indices(tok.encode(events))
+    for name, values in idx.items():
+        assert np.unique(values).size == tok.field_sizes[name], f"field {name} has unused bins"
+    decoded = tok.decode(np.arange(tok.vocab_size))
+    assert decoded["is_event"].sum() == tok.vocab_size - 2
+    assert tok.stats["realized_vocab"] > 0.1 * tok.n_event_tokens
+    assert 1 < tok.stats["effective_vocab"] <= tok.stats["realized_vocab"]
+
+
+def test_decode_then_encode_is_identity(tok):
+    all_events = np.arange(tok.n_event_tokens)
+    decoded = tok.decode(all_events)
+    assert (tok.encode(decoded) == all_events).all()
+
+
+def test_decoded_returns_are_not_a_three_valued_variable(tok):
+    """Stylized facts need a rich return variable, not a 3-valued one."""
+    decoded = tok.decode(np.arange(tok.n_event_tokens))
+    assert decoded["move_bps"].n_unique() >= 10
+    assert decoded["move_bps"].min() < 0 < decoded["move_bps"].max()
+
+
+def test_representatives_are_training_medians(tok, events):
+    idx = tok.field_indices(tok.encode(events))["size"]
+    sizes = events["log_size"].to_numpy()
+    for b in np.unique(idx):
+        assert tok.size.representatives[b] == pytest.approx(np.median(sizes[idx == b]))
+
+
+def test_outlier_tails_catch_unseen_extremes(tok, events):
+    extreme = events.head(2).with_columns(move_bps=pl.Series([-1e6, 1e6]), log_size=pl.Series([-1e3, 1e3]),
+                                          dt_us=pl.Series([1, 10**12]))
+    idx = tok.field_indices(tok.encode(extreme))
+    assert idx["move"].tolist() == [0, tok.field_sizes["move"] - 1]
+    assert idx["size"].tolist() == [0, tok.field_sizes["size"] - 1]
+    assert idx["dt"].tolist() == [1, tok.field_sizes["dt"] - 1]  # 1 us is not the zero bin
+
+
+def test_save_load_roundtrip_and_hash(tok, events, tmp_path):
+    path = tok.save(tmp_path / "tokenizer.json", note="test")
+    loaded = Tokenizer.load(path)
+    assert loaded.hash == tok.hash
+    assert (loaded.encode(events) == tok.encode(events)).all()
+    refit = Tokenizer.fit(events, TokenizerConfig(size_bins=6))
+    assert refit.hash != tok.hash
+
+
+def test_tampered_artifact_is_refused(tok, tmp_path):
+    path = tok.save(tmp_path / "tokenizer.json")
+    text = path.read_text().replace('"size_bins": 8', '"size_bins": 9')
+    path.write_text(text)
+    with pytest.raises(DataError, match="hash"):
+        Tokenizer.load(path)
+
+
+def test_token_outside_vocabulary_is_a_clear_error(tok):
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        tok.decode(np.array([0, tok.vocab_size]))
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        tok.field_indices(np.array([-1]))
+
+
+def test_non_finite_feature_is_refused(tok, events):
+    broken = events.head(5).with_columns(move_bps=pl.Series([0.0, float("nan"), 1.0, 2.0, 3.0]))
+    with pytest.raises(DataError, match="row 1 .*move_bps"):
+        tok.encode(broken)

@@ -144,7 +144,12 @@ class ShardSet:
         return np.memmap(self.root / info["tokens"], dtype=TOKEN_DTYPE, mode="r")
 
     def events(self, split: str, symbol: str) -> pl.DataFrame:
-        return pl.read_parquet(self.root / self.manifest["shards"][split][symbol]["events"])
+        """The shard's event rows; ``token_pos`` indexes ``tokens(split, symbol)``."""
+        parts = self.manifest["shards"][split][symbol]["parts"]
+        return pl.concat([
+            pl.read_parquet(self.root / part["events"]).with_columns(pl.col("token_pos") + part["token_offset"])
+            for part in parts
+        ])
 
     def all_events(self, split: str) -> pl.DataFrame:
         frames = [self.events(split, s) for s in self.symbols(split)]
@@ -261,45 +266,79 @@ def _map(fn: Callable, items: list, workers: int, label: str, show: bool) -> lis
             return results
 
 
-def _read_input(path: Path, kind: str, work: Path) -> dict:
-    """Worker: one raw file -> a typed Parquet part of canonical trades (or a skip note)."""
+def _read_input(path: Path, kind: str, work: Path, event_cfg: EventConfig) -> dict:
+    """Worker: one raw file -> its events (computed without context) and edge rows.
+
+    Fusing read and feature computation avoids a scratch copy of the trades. The first
+    ``size_window`` events of a file depend on the previous file's last trades; they are
+    recomputed later from the saved edge rows (``_patch_heads``), which is exact.
+    """
     from mega_trading.ingest.reader import read_trades
 
     trades = read_trades(path)
     found_kind = trades["kind"][0] if trades.height else kind
-    info = {"path": str(path), "sha256": sha256_file(path), "rows": trades.height, "kind": found_kind}
+    info = {"path": str(path), "name": Path(path).name, "sha256": sha256_file(path),
+            "rows": trades.height, "kind": found_kind}
     if trades.height == 0 or found_kind != kind:
         return {**info, "skipped": f"kind {found_kind} (preparing {kind})" if found_kind != kind else "empty"}
     symbol = trades["symbol"][0]
-    part = work / "trades" / symbol / f"{trades['time_us'][0]:020d}_{info['sha256'][:8]}.parquet"
-    part.parent.mkdir(parents=True, exist_ok=True)
-    trades.write_parquet(part)
-    return {**info, "symbol": symbol, "part": str(part),
+    stem = work / "parts" / symbol / f"{trades['time_us'][0]:020d}_{info['sha256'][:8]}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    events = compute_events(trades, event_cfg)
+    events.write_parquet(f"{stem}.events.parquet", compression="uncompressed")  # scratch: speed over size
+    edge = event_cfg.size_window + 1
+    trades.head(edge).write_parquet(f"{stem}.head.parquet")
+    trades.tail(edge).write_parquet(f"{stem}.tail.parquet")
+    return {**info, "symbol": symbol, "stem": str(stem), "n": events.height,
+            "n_segment_starts": int(events["segment_start"].sum()),
             "first_time_us": int(trades["time_us"][0]), "last_time_us": int(trades["time_us"][-1]),
             "first_id": int(trades["trade_id"][0]), "last_id": int(trades["trade_id"][-1])}
 
 
-def _events_for_part(part: str, previous: str | None, event_cfg: EventConfig, out: str) -> dict:
-    """Worker: trades part -> events part, with the previous part's tail as causal context."""
-    trades = pl.read_parquet(part)
-    context = pl.read_parquet(previous).tail(event_cfg.size_window + 1) if previous else None
-    events = compute_events(trades, event_cfg, context=context)
-    events.write_parquet(out)
-    return {"events": out, "n": events.height, "n_segment_starts": int(events["segment_start"].sum()),
-            "first_time_us": int(events["time_us"][0]), "last_time_us": int(events["time_us"][-1])}
+def _patch_heads(parts: dict[str, list[dict]], event_cfg: EventConfig) -> None:
+    """Recompute each file's first events with the previous file's tail as causal context.
+
+    Writes ``<stem>.patch.parquet`` and updates the part's segment-start count; then numbers
+    segments across a symbol's files (``segment_offset``).
+    """
+    for metas in parts.values():
+        offset = 0
+        for i, meta in enumerate(metas):
+            if i:
+                head = pl.read_parquet(meta["stem"] + ".head.parquet")
+                context = pl.read_parquet(metas[i - 1]["stem"] + ".tail.parquet")
+                patch = compute_events(head, event_cfg, context=context).head(event_cfg.size_window)
+                unpatched = pl.read_parquet(meta["stem"] + ".events.parquet", n_rows=patch.height)
+                meta["n_segment_starts"] += int(patch["segment_start"].sum()) - int(unpatched["segment_start"].sum())
+                patch.write_parquet(meta["stem"] + ".patch.parquet")
+            meta["segment_offset"] = offset
+            offset += meta["n_segment_starts"]
 
 
-def _encode_part(events_path: str, tokenizer_path: str, offset: int, cuts: dict, out_prefix: str) -> dict:
-    """Worker: events part -> per-split token arrays (SEG inserted) and event rows.
+def _load_part_events(meta: dict) -> pl.DataFrame:
+    events = pl.read_parquet(meta["stem"] + ".events.parquet")
+    patch_path = Path(meta["stem"] + ".patch.parquet")
+    if patch_path.exists():
+        patch = pl.read_parquet(patch_path)
+        events = pl.concat([patch, events.slice(patch.height)])
+    # Global segment ids: starts counted across the symbol's earlier files.
+    return events.with_columns(
+        segment=(pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + meta["segment_offset"]).cast(pl.Int32))
+
+
+def _encode_part(meta: dict, tokenizer_path: str, offset: int, cuts: dict, out_root: str, index: int) -> dict:
+    """Worker: one file's events -> per-split token arrays (SEG inserted) and event rows.
 
     ``cuts`` maps split -> (lo, hi) global event indices of that split for this symbol;
-    ``offset`` is the global index of this part's first event.
+    ``offset`` is the global index of this file's first event. Event rows are written
+    straight into their final place, ``events/<split>/<SYMBOL>/part-<index>.parquet``, with
+    ``token_pos`` relative to this part (the manifest records each part's token offset).
     """
     tokenizer = Tokenizer.load(tokenizer_path)
-    events = pl.read_parquet(events_path)
+    events = _load_part_events(meta)
     tokens = tokenizer.encode(events)
     global_index = np.arange(offset, offset + events.height)
-    result = {}
+    symbol, result = meta["symbol"], {}
     for split, (lo, hi) in cuts.items():
         mask = (global_index >= lo) & (global_index < hi)
         if not mask.any():
@@ -312,13 +351,17 @@ def _encode_part(events_path: str, tokenizer_path: str, offset: int, cuts: dict,
             opens[0] = True
         with_seg = np.insert(split_tokens, np.flatnonzero(opens), tokenizer.seg_id).astype(TOKEN_DTYPE)
         local_pos = np.arange(len(split_tokens)) + np.cumsum(opens)
-        split_events = split_events.with_columns(token=pl.Series(split_tokens),
+        split_events = split_events.with_columns(token=pl.Series(split_tokens, dtype=pl.Int32),
                                                  token_pos=pl.Series(local_pos, dtype=pl.Int64))
-        prefix = f"{out_prefix}.{split}"
-        with_seg.tofile(prefix + ".bin")
-        split_events.write_parquet(prefix + ".parquet")
-        result[split] = {"bin": prefix + ".bin", "parquet": prefix + ".parquet",
-                         "n_tokens": len(with_seg), "n_events": len(split_tokens)}
+        rel = f"events/{split}/{symbol}/part-{index:05d}.parquet"
+        Path(out_root, rel).parent.mkdir(parents=True, exist_ok=True)
+        split_events.write_parquet(Path(out_root, rel), compression="lz4")
+        bin_path = Path(meta["stem"] + f".{split}.bin")
+        with_seg.tofile(bin_path)
+        result[split] = {"bin": str(bin_path), "events": rel, "n_tokens": len(with_seg),
+                         "n_events": len(split_tokens),
+                         "first_time_us": int(split_events["time_us"][0]),
+                         "last_time_us": int(split_events["time_us"][-1])}
     return result
 
 
@@ -360,59 +403,58 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, cfg: PrepareConfi
     with atomic_dir(out_dir) as tmp:
         work = tmp / "_work"
         work.mkdir()
-        read = _map(_read_input, [(f, cfg.kind, work) for f in files], cfg.workers, "reading", show_progress)
-        used = [r for r in read if "part" in r and (not cfg.symbols or r["symbol"] in cfg.symbols)]
+        jobs = [(f, cfg.kind, work, cfg.events) for f in files]
+        read = _map(_read_input, jobs, cfg.workers, "reading + events", show_progress)
+        used = [r for r in read if "stem" in r and (not cfg.symbols or r["symbol"] in cfg.symbols)]
         if not used:
             raise DataError(f"no {cfg.kind} trades found in the inputs", ", ".join(map(str, inputs)))
         parts = _order_parts(used)
-
-        event_jobs, event_parts = [], {}
-        for symbol, metas in parts.items():
-            (work / "events" / symbol).mkdir(parents=True)
-            for i, meta in enumerate(metas):
-                previous = metas[i - 1]["part"] if i else None
-                out = str(work / "events" / symbol / f"{i:05d}.parquet")
-                event_jobs.append((meta["part"], previous, cfg.events, out))
-        for job, info in zip(event_jobs, _map(_events_for_part, event_jobs, cfg.workers, "events", show_progress)):
-            event_parts.setdefault(Path(job[3]).parent.name, []).append(info)
+        _patch_heads(parts, cfg.events)
 
         cuts, boundaries = {}, {}
-        for symbol, infos in event_parts.items():
-            times = np.concatenate([pl.read_parquet(i["events"], columns=["time_us"])["time_us"].to_numpy()
-                                    for i in infos])
+        for symbol, metas in parts.items():
+            times = np.concatenate([pl.read_parquet(m["stem"] + ".events.parquet", columns=["time_us"])
+                                    ["time_us"].to_numpy() for m in metas])
             cuts[symbol], boundaries[symbol] = _split_cuts(times, cfg)
 
-        tokenizer = Tokenizer.fit(_training_sample(event_parts, cuts, cfg), cfg.tokenizer)
+        tokenizer = Tokenizer.fit(_training_sample(parts, cuts, cfg), cfg.tokenizer)
         tokenizer_path = tmp / "tokenizer.json"
         tokenizer.save(tokenizer_path, fitted_on="train split only", inputs=[r["sha256"] for r in used])
 
-        encode_jobs, offset_of = [], {}
-        for symbol, infos in event_parts.items():
+        encode_jobs = []
+        for symbol, metas in parts.items():
             offset = 0
-            for i, info in enumerate(infos):
-                prefix = str(work / "events" / symbol / f"{i:05d}")
-                encode_jobs.append((info["events"], str(tokenizer_path), offset, cuts[symbol], prefix))
-                offset_of[prefix] = symbol
-                offset += info["n"]
+            for i, meta in enumerate(metas):
+                encode_jobs.append((meta, str(tokenizer_path), offset, cuts[symbol], str(tmp), i))
+                offset += meta["n"]
         encoded = _map(_encode_part, encode_jobs, cfg.workers, "tokenizing", show_progress)
-        shards = _assemble_shards(tmp, encode_jobs, encoded, offset_of, cfg)
+        shards = _assemble_shards(tmp, encode_jobs, encoded, cfg)
         shutil.rmtree(work)
 
+        inputs_info = [{k: v for k, v in r.items() if k not in ("stem", "segment_offset")} for r in read]
         manifest = {
             "format": MANIFEST_FORMAT,
             "kind": cfg.kind,
             "tokenizer_hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size,
             "config": to_dict(cfg),
-            "inputs": [{k: v for k, v in r.items() if k != "part"} for r in read],
+            "inputs": inputs_info,
             "boundaries": boundaries,
             "shards": shards,
             "token_stats": _token_stats(tmp, shards, tokenizer),
         }
-        manifest["manifest_hash"] = json_hash(manifest)
+        manifest["manifest_hash"] = _content_hash(manifest)
         manifest["provenance"] = provenance(stage="prepare")
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _content_hash(manifest: dict) -> str:
+    """Hash of what the data IS (input contents, config, tokens), not where or how fast it
+    was made: local paths and the worker count are left out, so equal inputs give equal hashes."""
+    content = {**manifest, "config": {k: v for k, v in manifest["config"].items() if k != "workers"},
+               "inputs": [{k: v for k, v in i.items() if k != "path"} for i in manifest["inputs"]]}
+    return json_hash(content)
 
 
 def _order_parts(metas: list[dict]) -> dict[str, list[dict]]:
@@ -430,77 +472,60 @@ def _order_parts(metas: list[dict]) -> dict[str, list[dict]]:
     return by_symbol
 
 
-def _training_sample(event_parts: dict, cuts: dict, cfg: PrepareConfig) -> pl.DataFrame:
+def _training_sample(parts: dict, cuts: dict, cfg: PrepareConfig) -> pl.DataFrame:
     """A bounded, seeded sample of TRAINING events (never a held-out row) to fit bins on."""
     n_train = sum(cuts[s]["train"][1] for s in cuts)
     keep = min(1.0, cfg.tokenizer.fit_sample / max(n_train, 1))
     frames = []
-    for symbol, infos in event_parts.items():
+    for symbol, metas in parts.items():
         offset, (lo, hi) = 0, cuts[symbol]["train"]
-        for info in infos:
-            take_lo, take_hi = max(lo - offset, 0), min(hi - offset, info["n"])
+        for meta in metas:
+            take_lo, take_hi = max(lo - offset, 0), min(hi - offset, meta["n"])
             if take_hi > take_lo:
-                frame = pl.read_parquet(info["events"], columns=["move_bps", "log_size", "dt_us", "side"])
+                frame = _load_part_events(meta).select("move_bps", "log_size", "dt_us", "side")
                 frame = frame.slice(take_lo, take_hi - take_lo)
                 if keep < 1.0:
                     frame = frame.sample(fraction=keep, seed=len(frames))
                 frames.append(frame)
-            offset += info["n"]
+            offset += meta["n"]
     if not frames:
         raise DataError("the train split is empty; give more data or change `splits`")
     return pl.concat(frames)
 
 
-def _assemble_shards(tmp: Path, jobs: list, encoded: list, symbol_of: dict, cfg: PrepareConfig) -> dict:
-    """Concatenate part outputs, in time order, into one shard per (split, symbol)."""
-    import pyarrow.parquet as pq
-
+def _assemble_shards(tmp: Path, jobs: list, encoded: list, cfg: PrepareConfig) -> dict:
+    """Concatenate each file's token arrays, in time order, into one shard per (split, symbol)."""
     shards: dict[str, dict] = {split: {} for split in SPLITS}
-    writers: dict[tuple, tuple] = {}
-    try:
-        for job, result in zip(jobs, encoded):
-            symbol = symbol_of[job[4]]
-            for split, info in result.items():
-                key = (split, symbol)
-                if key not in writers:
-                    (tmp / "shards" / split).mkdir(parents=True, exist_ok=True)
-                    (tmp / "events" / split).mkdir(parents=True, exist_ok=True)
-                    writers[key] = (open(tmp / "shards" / split / f"{symbol}.bin", "wb"), None, [0, 0, None, None])
-                handle, writer, acc = writers[key]
+    for job, result in zip(jobs, encoded):
+        symbol = job[0]["symbol"]
+        for split, info in result.items():
+            shard = shards[split].setdefault(symbol, {
+                "tokens": f"shards/{split}/{symbol}.bin", "events": f"events/{split}/{symbol}",
+                "parts": [], "n_tokens": 0, "n_events": 0,
+                "start_time_us": info["first_time_us"], "end_time_us": None})
+            path = tmp / shard["tokens"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as handle:
                 handle.write(Path(info["bin"]).read_bytes())
-                table = pl.read_parquet(info["parquet"]).with_columns(
-                    pl.col("token_pos") + acc[0]).to_arrow()
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp / "events" / split / f"{symbol}.parquet", table.schema)
-                writer.write_table(table)
-                times = table.column("time_us")
-                acc[2] = acc[2] if acc[2] is not None else int(times[0].as_py())
-                acc[3] = int(times[-1].as_py())
-                acc[0] += info["n_tokens"]
-                acc[1] += info["n_events"]
-                writers[key] = (handle, writer, acc)
-    finally:
-        for handle, writer, _ in writers.values():
-            handle.close()
-            if writer is not None:
-                writer.close()
-    for (split, symbol), (_, _, acc) in writers.items():
-        shards[split][symbol] = {
-            "tokens": f"shards/{split}/{symbol}.bin", "events": f"events/{split}/{symbol}.parquet",
-            "n_tokens": acc[0], "n_events": acc[1], "start_time_us": acc[2], "end_time_us": acc[3],
-            "n_windows": int(len(window_starts(acc[0], cfg.block_size, cfg.stride))),
-        }
+            shard["parts"].append({"events": info["events"], "token_offset": shard["n_tokens"]})
+            shard["n_tokens"] += info["n_tokens"]
+            shard["n_events"] += info["n_events"]
+            shard["end_time_us"] = info["last_time_us"]
+    for by_symbol in shards.values():
+        for shard in by_symbol.values():
+            shard["n_windows"] = int(len(window_starts(shard["n_tokens"], cfg.block_size, cfg.stride)))
     return shards
 
 
-def _token_stats(root: Path, shards: dict, tokenizer: Tokenizer) -> dict:
-    """Realized and effective vocabulary (exp of the entropy) per split."""
+def _token_stats(root: Path, shards: dict, tokenizer: Tokenizer, chunk: int = 1 << 24) -> dict:
+    """Realized and effective vocabulary (exp of the entropy) per split, read in chunks."""
     stats = {}
     for split, by_symbol in shards.items():
         counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
         for info in by_symbol.values():
-            tokens = np.fromfile(root / info["tokens"], dtype=TOKEN_DTYPE)
-            counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
+            tokens = np.memmap(root / info["tokens"], dtype=TOKEN_DTYPE, mode="r")
+            for lo in range(0, len(tokens), chunk):
+                counts += np.bincount(tokens[lo:lo + chunk], minlength=tokenizer.vocab_size)
         events = counts[: tokenizer.n_event_tokens]
         total = events.sum()
         p = events[events > 0] / max(total, 1)

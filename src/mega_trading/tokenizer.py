@@ -143,6 +143,16 @@ def _quantile_edges_two_tailed(values: np.ndarray, n_bins: int, tail: float) -> 
     return tuple(float(e) for e in edges[edges > values.min()])
 
 
+def _round_floats(obj):
+    if isinstance(obj, float):
+        return float(f"{obj:.12g}")
+    if isinstance(obj, dict):
+        return {k: _round_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round_floats(v) for v in obj]
+    return obj
+
+
 def _positive_log_dt(dt_us: np.ndarray) -> np.ndarray:
     """log(dt) for dt > 0 and exactly 0 for dt == 0 (the zero bin).
 
@@ -321,8 +331,12 @@ class Tokenizer:
 
     @property
     def hash(self) -> str:
-        """Content hash of the bins (stats and provenance excluded: same bins, same hash)."""
-        return json_hash(self.to_dict())
+        """Content hash of the bins (stats and provenance excluded: same bins, same hash).
+
+        Floats enter the hash at 12 significant digits, so float noise (a rolling mean
+        summed in another order) does not make a "different" tokenizer.
+        """
+        return json_hash(_round_floats(self.to_dict()))
 
     def save(self, path: str | Path, **lineage: object) -> Path:
         doc = {**self.to_dict(), "hash": self.hash, "stats": self.stats, "lineage": lineage}

@@ -57,7 +57,56 @@ def version() -> None:
 
 # --- ingest: download ---------------------------------------------------------------
 # (commands are added below, one section per stage, in pipeline order)
-# @@DOWNLOAD@@
+@app.command()
+def download(
+    symbols: str = typer.Option(..., "--symbols", help="Comma-separated, e.g. BTCUSDT,ETHUSDT."),
+    kind: str = typer.Option("trades", "--kind", help="trades or aggTrades."),
+    start: str = typer.Option(..., "--start", help="YYYY-MM (or YYYY-MM-DD with --daily)."),
+    end: str = typer.Option(..., "--end", help="YYYY-MM (or YYYY-MM-DD with --daily)."),
+    daily: bool = typer.Option(False, "--daily", help="Daily files instead of monthly."),
+    out: Path = typer.Option(..., "--out", help="Folder to mirror the archive layout into."),
+    base_url: str = typer.Option("https://data.binance.vision", "--base-url"),
+    workers: int = typer.Option(4, "--workers", min=1, max=64),
+    retries: int = typer.Option(4, "--retries", min=0),
+) -> None:
+    """Download Binance archive zips: SHA-256 verified, resumable, skips finished files."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from mega_trading.errors import DataError
+    from mega_trading.ingest.download import DownloadConfig, download_archive, plan_files
+
+    files = plan_files(symbols.split(","), kind, start, end, daily=daily)
+    cfg = DownloadConfig(base_url=base_url, workers=workers, retries=retries)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        overall = progress.add_task(f"{len(files)} file(s)", total=len(files))
+        tasks: dict[str, int] = {}
+
+        def on_start(file) -> None:
+            tasks[file.name] = progress.add_task(file.name, total=None)
+
+        def on_bytes(file, done: int, total) -> None:
+            progress.update(tasks[file.name], completed=done, total=total)
+
+        def on_done(outcome) -> None:
+            progress.remove_task(tasks.pop(outcome.file.name))
+            progress.advance(overall)
+
+        result = download_archive(files, out, cfg, on_start, on_bytes, on_done)
+    table = Table(title=f"download -> {out}")
+    for header in ("file", "status", "MB", "note"):
+        table.add_column(header)
+    for o in result.outcomes:
+        table.add_row(o.file.name, o.status, f"{o.n_bytes / 1e6:.1f}", o.message)
+    Console().print(table)
+    typer.echo(
+        f"{len(result.downloaded)} downloaded, {len(result.skipped)} already there, "
+        f"{len(result.missing)} missing, {len(result.failed)} failed"
+    )
+    if result.failed:
+        first = result.failed[0]
+        raise DataError(f"{len(result.failed)} file(s) failed; first: {first.message}", first.path)
 
 # --- ingest: local files -> Parquet partitions ----------------------------------------
 @app.command()
@@ -153,16 +202,171 @@ def _print_manifest_summary(manifest: dict, out: Path) -> None:
 # @@PREPARE@@
 
 # --- train ----------------------------------------------------------------------------
-# @@TRAIN@@
+@app.command("train")
+def train_command(
+    overrides: List[str] = typer.Argument(None, help="TrainConfig overrides, e.g. lr=1e-3 model.n_layer=2."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data directory (default with --resume: the run's)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (RUN/)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset: micro, small or base."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/latest."),
+    tracking: Optional[str] = typer.Option(None, "--tracking", help="mlflow (RUN/mlruns.db) or none."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file mirroring TrainConfig."),
+) -> None:
+    """Train the decoder on prepared shards (also under `torchrun --nproc_per_node=N`)."""
+    from mega_trading.train import resolve_config, train
+
+    flags = {"preset": preset, "steps": steps, "tracking": tracking}
+    cfg, data_dir = resolve_config(out, resume, config, flags, list(overrides or []), data)
+    summary = train(data_dir, out, cfg, resume=resume, show_progress=True,
+                    log=lambda message: console.print(message, highlight=False, soft_wrap=True))
+    if summary["world_size"] > 1 and not _is_rank_zero():
+        return
+    val = summary["val_loss"]
+    typer.echo(f"trained {summary['steps']} steps: loss {summary['loss']:.4f}"
+               + (f", validation loss {val:.4f}" if val is not None else "")
+               + f", checkpoint step {summary['checkpoint_step']} -> {out}")
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
 
 # --- export-hf --------------------------------------------------------------------------
-# @@EXPORT@@
+@app.command("export-hf")
+def export_hf_command(
+    run: Path = typer.Option(..., "--run", help="Run folder written by `train`."),
+    out: Path = typer.Option(..., "--out", help="Folder for LlamaForCausalLM.from_pretrained."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+) -> None:
+    """Export a run's model as a Hugging Face Llama folder (config.json + safetensors)."""
+    from mega_trading.checkpoint import load_model
+    from mega_trading.errors import DataError
+    from mega_trading.export_hf import export_hf
+    from mega_trading.tokenizer import Tokenizer
+
+    if not run.is_dir():
+        raise DataError("run folder does not exist", run)
+    model, state = load_model(run, step=step)
+    tokenizer_path = run / "tokenizer.json"
+    special, metadata = {}, {"run": str(run.resolve())}
+    if isinstance(state, dict):
+        metadata["step"] = state.get("step")
+    if tokenizer_path.is_file():
+        tokenizer = Tokenizer.load(tokenizer_path)
+        # a segment starts with seg_id, so it plays the role of BOS
+        special = {"bos_token_id": tokenizer.seg_id, "pad_token_id": tokenizer.pad_id}
+        metadata["tokenizer_hash"] = tokenizer.hash
+    export_hf(model, out, extra_metadata=metadata, special_tokens=special,
+              tokenizer_path=tokenizer_path if tokenizer_path.is_file() else None)
+    n_params = sum(p.numel() for p in model.parameters())
+    typer.echo(f"exported {n_params:,} parameters (step {metadata.get('step')}) -> {out}")
 
 # --- backtest -------------------------------------------------------------------------
-# @@BACKTEST@@
+@app.command()
+def backtest(
+    run: Path = typer.Option(..., "--run", help="Run folder written by `train`."),
+    data: Path = typer.Option(..., "--data", help="Prepared data directory (same tokenizer)."),
+    split: str = typer.Option("backtest", "--split", help="Held-out split to score."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="First N tokens per symbol."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON path (default RUN/backtest.json)."),
+    overrides: List[str] = typer.Option([], "--set", help="Dotted overrides, e.g. batch_size=8."),
+) -> None:
+    """Score the model and the baselines on held-out tokens (NLL, top-k, calibration, CIs)."""
+    from mega_trading.backtest import BacktestConfig, run_backtest
+    from mega_trading.config import apply_overrides
+    from mega_trading.errors import DataError
+
+    if not run.is_dir():
+        raise DataError("run folder does not exist", run)
+    cfg = apply_overrides(BacktestConfig(), overrides)
+    doc = run_backtest(run, data, split=split, max_tokens=max_tokens, cfg=cfg, out=out,
+                       log=lambda msg: console.print(msg, highlight=False))
+    _print_backtest(doc, out or run / "backtest.json")
+
+
+def _print_backtest(doc: dict, path: Path) -> None:
+    from rich.table import Table
+
+    from rich import box
+
+    def ci(lo: float, hi: float, signed: bool = False) -> str:
+        fmt = "{:+.2f}" if signed else "{:.2f}"
+        return f"[{fmt.format(lo)},{fmt.format(hi)}]"
+
+    table = Table(title=f"{doc['split']}: {doc['n_scored']:,} events scored "
+                        f"(step {doc['lineage'].get('checkpoint_step')})", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False)
+    for column in ("", "NLL nats [CI95]", "bits", "top1", "top5", "model-it [CI95]"):
+        table.add_column(column, justify="left" if not column else "right", no_wrap=True)
+    rows = [("model", doc["model"], None)] + [
+        (name, s, doc["model"]["vs_baselines"][name]) for name, s in doc["baselines"].items()]
+    for name, s, delta in rows:
+        diff = "" if delta is None else (f"{delta['delta_nll_nats']:+.2f} "
+                                         f"{ci(*delta['ci95'], signed=True)}")
+        table.add_row(name, f"{s['nll_nats']:.2f} {ci(*s['nll_nats_ci95'])}",
+                      f"{s['bits_per_event']:.2f}", f"{s['top1']:.3f}", f"{s['top5']:.3f}", diff)
+    Console().print(table)
+    fields = ", ".join(f"{k} {v['nll_nats']:.3f}" for k, v in doc["model"]["per_field"].items())
+    Console().print(f"model per-field NLL (nats): {fields}; ECE {doc['model']['ece']:.3f}; "
+                    f"effective vocab {doc['effective_vocab']:.1f} of {doc['n_distinct_labels']} "
+                    f"distinct labels")
+    for symbol, s in doc["per_symbol"].items():
+        tag = " (zero-shot)" if s["zero_shot"] else ""
+        best = {k: v.get("nll_nats", float("nan")) for k, v in s["baselines"].items()}
+        rival = min(best, key=lambda k: best[k]) if best else "-"
+        Console().print(f"  {symbol}{tag}: n={s['n_scored']:,}, model "
+                        f"{s['model'].get('nll_nats', float('nan')):.3f} nats, best baseline "
+                        f"{rival} {best.get(rival, float('nan')):.3f}")
+    Console().print(f"wrote {path}")
 
 # --- generate -------------------------------------------------------------------------
-# @@GENERATE@@
+@app.command()
+def generate(
+    run: Path = typer.Option(..., "--run", help="Run folder written by `train`."),
+    data: Path = typer.Option(..., "--data", help="Prepared data directory (prompts, tokenizer)."),
+    n: int = typer.Option(32, "--n", min=1, help="Number of rollouts."),
+    length: int = typer.Option(512, "--length", min=1, help="New tokens per rollout."),
+    prompt_from: str = typer.Option("backtest", "--prompt-from",
+                                    help="train|validation|backtest (real windows) or seg."),
+    prompt_length: int = typer.Option(128, "--prompt-length", min=1),
+    symbol: Optional[str] = typer.Option(None, "--symbol", help="Only prompts of this symbol."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(16, "--top-k", help="0 = off."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass; 1 = off."),
+    forbid_seg: bool = typer.Option(False, "--forbid-seg", help="Never sample segment starts."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rollouts decoded together."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    out: Optional[Path] = typer.Option(None, "--out", help=".parquet or .csv (default RUN/rollouts.parquet)."),
+) -> None:
+    """Sample synthetic order flow from a trained model and decode it to trades."""
+    from mega_trading.checkpoint import load_model
+    from mega_trading.config import from_dict
+    from mega_trading.dataset import ShardSet
+    from mega_trading.generate import GenerateConfig, generate_rollouts, rollout_lineage, write_rollouts
+
+    cfg = from_dict(GenerateConfig, {
+        "n": n, "length": length, "prompt_from": prompt_from, "prompt_length": prompt_length,
+        "symbol": symbol, "seed": seed, "batch_size": batch_size,
+        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                     "forbid_seg": forbid_seg},
+    })
+    shards = ShardSet.open(data)
+    model, state = load_model(run, step=step, expect_tokenizer_hash=shards.tokenizer_hash,
+                              expect_manifest_hash=shards.manifest_hash, device=device)
+    events, prompts = generate_rollouts(model, shards, cfg)
+    out = out or run / "rollouts.parquet"
+    write_rollouts(events, out, rollout_lineage(cfg, shards, prompts, run=str(run.resolve()),
+                                                step=state.get("step")))
+    n_events = int(events["is_event"].sum())
+    n_segments = int(events["segment_start"].sum())
+    typer.echo(f"{cfg.n} rollouts x {cfg.length} tokens from {cfg.prompt_from} prompts "
+               f"(step {state.get('step')}): {n_events:,} events, {n_segments} segment starts "
+               f"-> {out}")
 
 # --- facts ------------------------------------------------------------------------------
 # @@FACTS@@

@@ -273,11 +273,13 @@ def _read_input(path: Path, kind: str, work: Path, event_cfg: EventConfig) -> di
     ``size_window`` events of a file depend on the previous file's last trades; they are
     recomputed later from the saved edge rows (``_patch_heads``), which is exact.
     """
-    from mega_trading.ingest.reader import read_trades
+    from mega_trading.ingest.reader import read_trades_with_report
 
-    trades = read_trades(path)
+    trades, report = read_trades_with_report(path)
     found_kind = trades["kind"][0] if trades.height else kind
-    info = {"path": str(path), "name": Path(path).name, "sha256": sha256_file(path),
+    info = {"path": str(path), "name": Path(path).name,
+            "sha256": report.source_sha256 or sha256_file(path),
+            "time_unit": report.time_unit, "id_gaps": report.n_gaps,
             "rows": trades.height, "kind": found_kind}
     if trades.height == 0 or found_kind != kind:
         return {**info, "skipped": f"kind {found_kind} (preparing {kind})" if found_kind != kind else "empty"}

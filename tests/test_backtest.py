@@ -1,0 +1,166 @@
+"""End-to-end backtest on a tiny prepared sample: report contents, zero-shot symbols,
+mismatched data refused, baselines blind to held-out tokens, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mega_trading.backtest import BacktestConfig, fit_train_baselines, run_backtest
+from mega_trading.cli import main
+from mega_trading.config import from_dict, to_dict
+from mega_trading.dataset import PrepareConfig, ShardSet, WindowSampler, prepare
+from mega_trading.errors import ArtifactMismatchError
+from mega_trading.tokenizer import TokenizerConfig
+
+BLOCK = 32
+# ETHUSDT trades only after 23:54 on 2024-08-08, so it lands wholly in validation and
+# backtest: a symbol the baselines and the model never trained on.
+SPLIT_TIMES = ("2024-08-08T23:50:00", "2024-08-08T23:57:00")
+BASELINES = ("uniform", "unigram", "copy_previous", "markov1", "markov3")
+QUICK = from_dict(BacktestConfig, {"batch_size": 8, "summary": {"bootstrap_samples": 200}})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, sample_trade_zips) -> Path:
+    out = tmp_path_factory.mktemp("bt") / "data"
+    prepare(sample_trade_zips, out, PrepareConfig(block_size=BLOCK, stride=16, workers=1,
+                                                  split_times=SPLIT_TIMES))
+    return out
+
+
+def _train_tiny(shards: ShardSet, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from mega_trading.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=shards.vocab_size, block_size=BLOCK, n_layer=1, d_model=32,
+                      n_head=2, n_kv_head=1, ffn_hidden=64)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sampler = WindowSampler(shards, "train", BLOCK, batch_size=16, seed=0)
+    for _ in range(steps):
+        x, y, _ = sampler.next_batch()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir) -> Path:
+    from mega_trading.checkpoint import save_checkpoint
+
+    shards = ShardSet.open(data_dir)
+    model, opt = _train_tiny(shards, steps=60)
+    run = tmp_path_factory.mktemp("bt") / "run"
+    save_checkpoint(run, 60, model, opt, sampler_state={}, config={"model": to_dict(model.cfg)},
+                    tokenizer_hash=shards.tokenizer_hash, manifest_hash=shards.manifest_hash)
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(run_dir, data_dir) -> dict:
+    return run_backtest(run_dir, data_dir, max_tokens=1500, cfg=QUICK)
+
+
+def test_report_has_every_figure_for_model_and_baselines(report, run_dir, data_dir):
+    def no_nan_or_inf(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    on_disk = json.loads((run_dir / "backtest.json").read_text(), parse_constant=no_nan_or_inf)
+    assert on_disk["n_scored"] == report["n_scored"] and on_disk["split"] == "backtest"
+    assert set(report["baselines"]) == set(BASELINES)
+    for s in [report["model"], *report["baselines"].values()]:
+        for key in ("nll_nats", "bits_per_event", "perplexity", "top1", "top5", "nll_nats_ci95"):
+            assert np.isfinite(s[key]).all(), key
+        assert set(s["per_field"]) == {"side", "move", "size", "dt"}
+    model = report["model"]
+    lo, hi = model["nll_nats_ci95"]
+    assert lo < model["nll_nats"] < hi
+    assert len(model["reliability"]) == 15 and 0 <= model["ece"] <= 1
+    assert set(model["vs_baselines"]) == set(BASELINES)
+    shards = ShardSet.open(data_dir)
+    lineage = report["lineage"]
+    assert lineage["tokenizer_hash"] == shards.tokenizer_hash
+    assert lineage["manifest_hash"] == shards.manifest_hash
+    assert lineage["checkpoint_step"] == 60 and "git_commit" in lineage
+    assert 1 <= report["effective_vocab"] <= report["n_distinct_labels"] <= shards.vocab_size
+
+
+def test_every_held_out_event_scored_once_per_symbol(report, data_dir):
+    shards = ShardSet.open(data_dir)
+    expected = 0
+    for symbol in shards.symbols("backtest"):
+        tokens = np.asarray(shards.tokens("backtest", symbol))[:1500]
+        n = int((tokens[1:] < shards.tokenizer.n_event_tokens).sum())
+        assert report["per_symbol"][symbol]["n_scored"] == n
+        assert report["per_symbol"][symbol]["model"]["n_scored"] == n
+        expected += n
+    assert report["n_scored"] == expected
+    assert all(b["n_scored"] == expected for b in report["baselines"].values())
+
+
+def test_zero_shot_symbol_is_scored_and_labelled(report):
+    assert report["per_symbol"]["ETHUSDT"]["zero_shot"] is True
+    assert report["per_symbol"]["BTCUSDT"]["zero_shot"] is False
+    assert report["per_symbol"]["ETHUSDT"]["n_scored"] > 0
+
+
+def test_trained_model_and_fitted_baselines_beat_uniform(report):
+    uniform = report["baselines"]["uniform"]["nll_nats"]
+    assert report["model"]["nll_nats"] < uniform
+    assert report["model"]["vs_baselines"]["uniform"]["ci95"][1] < 0
+    for name in ("unigram", "markov1", "markov3"):
+        assert report["baselines"][name]["nll_nats"] < uniform, name
+
+
+def test_checkpoint_from_other_data_is_refused(run_dir, tmp_path, sample_trade_zips):
+    other = tmp_path / "other"
+    prepare(sample_trade_zips, other, PrepareConfig(
+        block_size=BLOCK, stride=16, workers=1, split_times=SPLIT_TIMES,
+        tokenizer=TokenizerConfig(size_bins=6)))
+    with pytest.raises(ArtifactMismatchError):
+        run_backtest(run_dir, other, max_tokens=200, cfg=QUICK, out=tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_baselines_never_read_held_out_tokens(data_dir, tmp_path):
+    """Rewriting every validation/backtest shard leaves every fitted baseline unchanged."""
+    before = fit_train_baselines(ShardSet.open(data_dir))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(data_dir, tampered)
+    shards = ShardSet.open(tampered)
+    rng = np.random.default_rng(0)
+    for split in ("validation", "backtest"):
+        for symbol in shards.symbols(split):
+            path = tampered / shards.manifest["shards"][split][symbol]["tokens"]
+            n = shards.n_tokens(split, symbol)
+            rng.integers(0, shards.tokenizer.n_event_tokens, n).astype(np.uint16).tofile(path)
+    after = fit_train_baselines(ShardSet.open(tampered))
+    changed = np.asarray(ShardSet.open(tampered).tokens("backtest", "BTCUSDT"))
+    original = np.asarray(ShardSet.open(data_dir).tokens("backtest", "BTCUSDT"))
+    assert not np.array_equal(changed, original)
+    for name in before:
+        a, b = before[name].state(), after[name].state()
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_cli_prints_table_and_writes_json(run_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "bt.json"
+    code = main(["backtest", "--run", str(run_dir), "--data", str(data_dir), "--max-tokens", "300",
+                 "--out", str(out), "--set", "summary.bootstrap_samples=100"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["max_tokens"] == 300
+    assert all(s["n_tokens"] <= 300 for s in doc["per_symbol"].values())
+    printed = capsys.readouterr().out
+    assert "markov3" in printed and "model" in printed and "zero-shot" in printed
+    assert main(["backtest", "--run", str(tmp_path / "nope"), "--data", str(data_dir)]) != 0

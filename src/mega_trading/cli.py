@@ -214,24 +214,20 @@ def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file mirroring TrainConfig."),
 ) -> None:
     """Train the decoder on prepared shards (also under `torchrun --nproc_per_node=N`)."""
+    import os
+
     from mega_trading.train import resolve_config, train
 
     flags = {"preset": preset, "steps": steps, "tracking": tracking}
     cfg, data_dir = resolve_config(out, resume, config, flags, list(overrides or []), data)
     summary = train(data_dir, out, cfg, resume=resume, show_progress=True,
                     log=lambda message: console.print(message, highlight=False, soft_wrap=True))
-    if summary["world_size"] > 1 and not _is_rank_zero():
-        return
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     val = summary["val_loss"]
     typer.echo(f"trained {summary['steps']} steps: loss {summary['loss']:.4f}"
                + (f", validation loss {val:.4f}" if val is not None else "")
                + f", checkpoint step {summary['checkpoint_step']} -> {out}")
-
-
-def _is_rank_zero() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 # --- export-hf --------------------------------------------------------------------------
@@ -341,13 +337,15 @@ def generate(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rollouts decoded together."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    out: Optional[Path] = typer.Option(None, "--out", help=".parquet or .csv (default RUN/rollouts.parquet)."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help=".parquet or .csv (default RUN/rollouts.parquet)."),
 ) -> None:
     """Sample synthetic order flow from a trained model and decode it to trades."""
     from mega_trading.checkpoint import load_model
     from mega_trading.config import from_dict
     from mega_trading.dataset import ShardSet
-    from mega_trading.generate import GenerateConfig, generate_rollouts, rollout_lineage, write_rollouts
+    from mega_trading.generate import (GenerateConfig, generate_rollouts, rollout_lineage,
+                                       write_rollouts)
 
     cfg = from_dict(GenerateConfig, {
         "n": n, "length": length, "prompt_from": prompt_from, "prompt_length": prompt_length,
@@ -369,19 +367,171 @@ def generate(
                f"-> {out}")
 
 # --- facts ------------------------------------------------------------------------------
+@app.command()
+def facts(
+    data: Path = typer.Option(..., "--data", help="Prepared data directory."),
+    out: Path = typer.Option(..., "--out", help="Scorecard JSON to write."),
+    rollouts: Optional[Path] = typer.Option(None, "--rollouts", help="Model rollouts (generate's output)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder; default rollouts RUN/rollouts.parquet."),
+    seed: int = typer.Option(0, "--seed"),
+    overrides: List[str] = typer.Option([], "--set", help="FactsConfig overrides, e.g. n_boot=100."),
+) -> None:
+    """Stylized facts: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
+    from rich.table import Table
+
+    from mega_trading.config import apply_overrides
+    from mega_trading.facts import FactsConfig, run_facts, summary_table
+
+    if rollouts is None and run is not None and (run / "rollouts.parquet").is_file():
+        rollouts = run / "rollouts.parquet"
+    cfg = apply_overrides(FactsConfig(on_degenerate="flag"), overrides)
+    card = run_facts(data, rollouts, out, cfg, seed)
+    rows = summary_table(card)
+    table = Table(title=f"stylized facts  ->  {out}")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+
+
 # @@FACTS@@
 
 # --- report -----------------------------------------------------------------------------
-# @@REPORT@@
+@app.command()
+def report(
+    run: Path = typer.Option(..., "--run", help="Run folder (train, backtest, generate, facts output)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data directory (default: the one in RUN/config.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html)."),
+) -> None:
+    """Render the run's artifacts as one self-contained, offline HTML report."""
+    from mega_trading.report import build_report
+
+    path = build_report(run, data, out, log=lambda msg: console.print(msg, highlight=False))
+    size_mb = path.stat().st_size / 1e6
+    typer.echo(f"wrote {path} ({size_mb:.1f} MB); open it in a browser (works offline)")
 
 # --- run (whole pipeline) and ablate ------------------------------------------------------
+@app.command("run")
+def run_all(
+    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Pipeline YAML (RunConfig)."),
+    overrides: List[str] = typer.Argument(None, help="Dotted overrides, e.g. train.steps=200."),
+    force: bool = typer.Option(False, "--force", help="Redo every stage, even up-to-date ones."),
+) -> None:
+    """The whole pipeline: prepare -> train -> backtest -> generate -> facts -> simulate -> report."""
+    import time
+
+    from mega_trading.pipeline import load_run_config, run_pipeline
+
+    cfg = load_run_config(config, overrides or [])
+    start = time.perf_counter()
+    summary = run_pipeline(cfg, force=force, console=console)
+    ran = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary.items() if v["status"] == "ran")
+    console.print(f"[bold]pipeline finished in {time.perf_counter() - start:.0f} s[/] ({ran or 'nothing to redo'})")
+    console.print(f"open {Path(cfg.run_dir, 'report.html').resolve()} in a browser")
+
+
 # @@RUN@@
 
 # --- serve ------------------------------------------------------------------------------
-# @@SERVE@@
+@app.command()
+def serve(
+    run: Path = typer.Option(..., "--run", help="Run folder written by `train`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data (named windows); "
+                                        "default: the run's own, if it still matches."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    overrides: List[str] = typer.Option([], "--set", help="ServeSettings overrides, e.g. "
+                                        "batch_window_ms=10 max_batch_requests=1 batch_rows=8."),
+) -> None:
+    """Serve rollouts over HTTP: POST /v1/rollouts, GET /v1/model, GET /healthz."""
+    from mega_trading.config import apply_overrides
+    from mega_trading.serve import ServeSettings, create_app, serve_forever
+
+    settings = apply_overrides(ServeSettings(step=step, device=device), overrides)
+    application = create_app(run, data, settings)
+    service = application.state.service
+    console.print(f"serving {run} (step {service.state.get('step')}, "
+                  f"{service.model.cfg.n_params():,} parameters, data "
+                  f"{service.shards.root if service.shards else 'none'}) on "
+                  f"http://{host}:{port}  docs: /docs", highlight=False, soft_wrap=True)
+    serve_forever(application, host=host, port=port)
 
 # --- simulate ---------------------------------------------------------------------------
-# @@SIMULATE@@
+@app.command()
+def simulate(
+    data: Path = typer.Option(..., "--data", help="Prepared data directory (starts, replay)."),
+    qty: float = typer.Option(..., "--qty", help="Parent order size in BASE units, e.g. 1.5 (BTC)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (needed for --source model)."),
+    policy: str = typer.Option("twap", "--policy",
+                               help="immediate, twap, twap_limit, participation; comma-separated to compare."),
+    side: str = typer.Option("buy", "--side", help="buy or sell."),
+    horizon: str = typer.Option("60s", "--horizon", help="Simulated market time, e.g. 300s, 5m."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", help="Episodes per policy (default: scenario's)."),
+    open_loop: bool = typer.Option(False, "--open-loop", help="Do not insert agent fills into the model's context."),
+    scenario: Optional[str] = typer.Option(None, "--scenario", help="calm, stressed, hot or a YAML path."),
+    source: Optional[str] = typer.Option(None, "--source", help="model or replay (default: scenario's)."),
+    symbol: Optional[str] = typer.Option(None, "--symbol", help="Start only on this symbol's tape."),
+    seed: int = typer.Option(0, "--seed"),
+    slices: int = typer.Option(10, "--slices", help="TWAP slices."),
+    rate: float = typer.Option(0.1, "--rate", help="Participation rate."),
+    max_child: float = typer.Option(0.1, "--max-child", help="Participation child cap, fraction of qty."),
+    limit_offset_bps: float = typer.Option(1.0, "--limit-offset-bps", help="twap_limit: bps inside the last price."),
+    no_finish: bool = typer.Option(False, "--no-finish", help="Leave the rest unfilled at the horizon."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON path (default RUN/simulate.json)."),
+    overrides: List[str] = typer.Option([], "--set", help="SimConfig overrides, e.g. impact.coef_bps=5."),
+) -> None:
+    """Execute a parent order in a simulated market (model-generated or replayed flow)."""
+    from mega_trading.backtest import resolve_device
+    from mega_trading.config import apply_overrides, from_dict, to_dict
+    from mega_trading.errors import ConfigError
+    from mega_trading.simulate import SimConfig, load_scenario, parse_duration, policy_configs, run_simulation
+    from mega_trading.simulate.config import scenario_path
+
+    cfg = to_dict(load_scenario(scenario) if scenario else SimConfig())
+    flags = {"source": source, "episodes": episodes, "symbol": symbol,
+             "closed_loop": False if open_loop else None}
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    cfg = apply_overrides(from_dict(SimConfig, cfg), overrides)
+    policies = policy_configs(policy, side=side, qty=qty, horizon_s=parse_duration(horizon),
+                              slices=slices, rate=rate, max_child_fraction=max_child,
+                              min_child_fraction=min(0.01, max_child),
+                              limit_offset_bps=limit_offset_bps, finish=not no_finish)
+    if out is None and run is None:
+        raise ConfigError("give --out (or --run, to write RUN/simulate.json)")
+    path = out or run / "simulate.json"
+    doc = run_simulation(data, policies, cfg, seed=seed, run_dir=run, device=resolve_device(device),
+                         step=step, out=path, scenario_file=scenario_path(scenario) if scenario else None,
+                         log=lambda msg: console.print(msg, highlight=False))
+    _print_simulation(doc, path)
+
+
+def _print_simulation(doc: dict, path: Path) -> None:
+    from rich.table import Table
+
+    def stat(s: dict, fmt: str) -> str:
+        if s["mean"] is None:
+            return "-"
+        lo, hi = s["ci95"]
+        return f"{s['mean']:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+    loop = "closed loop" if doc["closed_loop"] else "open loop"
+    table = Table(title=f"{doc['scenario']}: {doc['source']} source, {loop}, "
+                        f"{doc['episodes']} episodes, seed {doc['seed']}  (mean [95% CI])")
+    for column in ("policy", "shortfall bps", "fill ratio", "time to fill s", "fills",
+                   "impact after bps", "truncated"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for name in doc["policy_order"]:
+        s = doc["policies"][name]["summary"]
+        table.add_row(name, stat(s["shortfall_bps"], ".2f"), stat(s["fill_ratio"], ".3f"),
+                      stat(s["time_to_complete_s"], ".1f"), stat(s["n_fills"], ".1f"),
+                      stat(s["final_impact_bps"], ".2f"), str(s["truncated"]))
+    Console().print(table)
+    Console().print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -637,3 +637,66 @@ def summary_table(card: Mapping[str, Any]) -> list[dict[str, str]]:
             rows.append(row)
     return rows
 
+
+
+# --- the facts stage: real vs rollouts vs baseline generators --------------------------------
+
+def tokenized_real(shards: Any, split: str) -> pl.DataFrame:
+    """Real events passed through the tokenizer and decoded back (the quantization floor).
+
+    Model rollouts are decoded tokens, so part of their distance from real flow is just the
+    bins; this source shows how much, so the model is not blamed for the tokenizer.
+    """
+    frames = []
+    for symbol in shards.symbols(split):
+        events = shards.events(split, symbol)
+        decoded = shards.tokenizer.decode(events["token"].to_numpy())
+        frames.append(events.select("symbol", "time_us", "segment", "segment_start").hstack(
+            decoded.select("side", "move_bps", "log_size", "dt_us")))
+    return pl.concat(frames)
+
+
+def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int) -> dict[str, pl.DataFrame]:
+    """Markov-3 continuations of the model's own prompts, and a compound Hawkes process."""
+    from mega_trading.backtest import fit_train_baselines
+    from mega_trading.generate import make_prompts, rollouts_to_events
+    from mega_trading.hawkes import CompoundHawkes
+
+    markov = fit_train_baselines(shards)["markov3"]
+    prompts, info = make_prompts(shards, gen_cfg, np.random.default_rng(gen_cfg.seed))
+    tokens = markov.generate_batch(prompts.numpy(), gen_cfg.length, np.random.default_rng(seed))
+    markov_events = rollouts_to_events(
+        tokens[:, prompts.shape[1]:], shards.tokenizer, info["last_price"].to_numpy(),
+        info["last_time_us"].to_numpy(), info["symbol"].to_list(), info["size_level"].to_numpy())
+    hawkes = CompoundHawkes.fit(shards.all_events("train"))
+    hawkes_events = hawkes.sample(n_events, np.random.default_rng(seed + 1))
+    return {"markov3": markov_events, "compound_hawkes": hawkes_events}
+
+
+def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str | Path,
+              cfg: FactsConfig = FactsConfig(on_degenerate="flag"), seed: int = 0,
+              gen_cfg: Any = None) -> dict[str, Any]:
+    """facts.json: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
+    from mega_trading.dataset import ShardSet
+    from mega_trading.generate import GenerateConfig, read_rollouts
+
+    shards = ShardSet.open(data_dir)
+    model_events, lineage = (None, {})
+    if rollouts_path is not None:
+        model_events, lineage = read_rollouts(rollouts_path)
+        if lineage.get("tokenizer_hash") not in (None, shards.tokenizer_hash):
+            raise DataError("rollouts were made with another tokenizer than this data's", rollouts_path)
+    if gen_cfg is None:
+        from mega_trading.config import from_dict
+
+        gen_cfg = from_dict(GenerateConfig, lineage["config"]) if "config" in lineage else GenerateConfig()
+    n_events = int(model_events["is_event"].sum()) if model_events is not None else gen_cfg.n * gen_cfg.length
+    baselines = baseline_rollouts(shards, gen_cfg, n_events, seed)
+    baselines["tokenized_real"] = tokenized_real(shards, "backtest")
+    card = scorecard(shards.all_events("backtest"), shards.all_events("train"), model_events,
+                     baselines, cfg, seed)
+    write_scorecard(out, card, stage="facts", tokenizer_hash=shards.tokenizer_hash,
+                    manifest_hash=shards.manifest_hash,
+                    rollouts=str(rollouts_path) if rollouts_path else None,
+                    rollouts_lineage={k: lineage.get(k) for k in ("run", "step", "seed") if k in lineage})
+    return card

@@ -23,18 +23,18 @@ class Stage:
     name: str
     run: Callable[[], Any]
     outputs: tuple[Path, ...]
-    key: dict
+    key: Callable[[], dict]  # evaluated when the stage is reached: it may read earlier outputs
 
 
 def stamp_path(run_dir: Path, name: str) -> Path:
     return Path(run_dir) / ".stages" / f"{name}.json"
 
 
-def is_done(run_dir: Path, stage: Stage) -> bool:
+def is_done(run_dir: Path, stage: Stage, key: dict) -> bool:
     stamp = stamp_path(run_dir, stage.name)
     if not stamp.is_file() or not all(Path(p).exists() for p in stage.outputs):
         return False
-    return read_json(stamp).get("key_hash") == json_hash(stage.key)
+    return read_json(stamp).get("key_hash") == json_hash(key)
 
 
 def run_stages(run_dir: Path, stages: list[Stage], force: bool = False,
@@ -43,7 +43,8 @@ def run_stages(run_dir: Path, stages: list[Stage], force: bool = False,
     console = console or Console(stderr=True)
     summary: dict[str, dict] = {}
     for stage in stages:
-        if not force and is_done(run_dir, stage):
+        key = stage.key()
+        if not force and is_done(run_dir, stage, key):
             console.print(f"[dim]• {stage.name}: up to date, skipped[/]")
             summary[stage.name] = {"status": "skipped", "seconds": 0.0}
             continue
@@ -52,7 +53,7 @@ def run_stages(run_dir: Path, stages: list[Stage], force: bool = False,
         stage.run()
         seconds = time.perf_counter() - start
         write_json_atomic(stamp_path(run_dir, stage.name), {
-            "stage": stage.name, "key_hash": json_hash(stage.key), "key": stage.key,
+            "stage": stage.name, "key_hash": json_hash(key), "key": key,
             "seconds": seconds, "outputs": [str(p) for p in stage.outputs],
             "provenance": provenance(stage=stage.name),
         })

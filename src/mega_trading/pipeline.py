@@ -1,0 +1,186 @@
+"""The whole pipeline from one YAML config: prepare -> train -> backtest -> generate ->
+facts -> simulate -> report.
+
+Each stage is skipped when its output already exists for the same inputs and config (see
+`stages.py`), so a re-run after a crash continues where it stopped; training itself resumes
+from its last checkpoint. ``force=True`` redoes every stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from mega_trading.backtest import BacktestConfig
+from mega_trading.config import apply_overrides, load_yaml, to_dict
+from mega_trading.dataset import PrepareConfig
+from mega_trading.errors import ConfigError
+from mega_trading.facts import FactsConfig
+from mega_trading.generate import GenerateConfig
+from mega_trading.lineage import read_json, sha256_file
+from mega_trading.stages import Stage, run_stages, stamp_path
+from mega_trading.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/demo"
+    data_dir: str = ""  # default: <run_dir>/data
+    inputs: tuple[str, ...] = ()  # trade files or folders; default: the bundled real sample
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backtest: BacktestConfig = field(default_factory=BacktestConfig)
+    backtest_split: str = "backtest"
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    facts: FactsConfig = field(default_factory=lambda: FactsConfig(on_degenerate="flag"))
+    simulate: bool = True  # closed-loop execution episodes on the trained model
+    simulate_episodes: int = 16
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else self.run_path / "data"
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    return load_yaml(RunConfig, path, overrides)
+
+
+def _input_files(cfg: RunConfig) -> list[Path]:
+    from mega_trading.data import sample_files
+    from mega_trading.dataset import expand_inputs
+
+    if cfg.inputs:
+        return expand_inputs(cfg.inputs)
+    return sample_files(cfg.prepare.kind)
+
+
+def _checkpoint_identity(run_dir: Path) -> dict:
+    from mega_trading.checkpoint import checkpoints_dir, latest_step, step_dir_name
+
+    step = latest_step(run_dir)
+    if step is None:
+        return {"step": None}
+    weights = checkpoints_dir(run_dir) / step_dir_name(step) / "model.safetensors"
+    return {"step": step, "weights_sha256": sha256_file(weights)}
+
+
+def _file_identity(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
+    run, data = cfg.run_path, cfg.data_path
+    files = _input_files(cfg)
+
+    def manifest_hash() -> str | None:
+        manifest = data / "manifest.json"
+        return read_json(manifest)["manifest_hash"] if manifest.is_file() else None
+
+    def do_prepare() -> None:
+        from mega_trading.dataset import prepare
+
+        prepare(files, data, cfg.prepare, show_progress=True)
+
+    def do_train() -> None:
+        from mega_trading.train import train
+
+        # Same data and config as an interrupted run: resume it; anything else starts over.
+        stale = stamp_path(run, "train.started")
+        key = {"manifest": manifest_hash(), "train": to_dict(cfg.train)}
+        resumable = stale.is_file() and read_json(stale) == key and (run / "checkpoints" / "latest").is_file()
+        if not resumable:
+            for old in ("checkpoints", "metrics.jsonl", "config.json"):
+                target = run / old
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            from mega_trading.lineage import write_json_atomic
+
+            write_json_atomic(stale, key)
+        train(data, run, cfg.train, resume=resumable, show_progress=True, log=console.print)
+
+    def do_backtest() -> None:
+        from mega_trading.backtest import run_backtest
+
+        run_backtest(run, data, cfg.backtest_split, None, cfg.backtest, log=console.print)
+
+    def do_generate() -> None:
+        from mega_trading.checkpoint import load_model
+        from mega_trading.dataset import ShardSet
+        from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
+
+        shards = ShardSet.open(data)
+        model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,
+                                  expect_manifest_hash=shards.manifest_hash)
+        events, prompts = generate_rollouts(model, shards, cfg.generate)
+        write_rollouts(events, run / "rollouts.parquet",
+                       rollout_lineage(cfg.generate, shards, prompts, run=str(run), step=state.get("step")))
+
+    def do_facts() -> None:
+        from mega_trading.facts import run_facts
+
+        run_facts(data, run / "rollouts.parquet", run / "facts.json", cfg.facts, cfg.generate.seed,
+                  gen_cfg=cfg.generate)
+
+    def do_simulate() -> None:
+        from mega_trading.simulate import run_simulation_stage
+
+        run_simulation_stage(run, data, run / "simulate.json", episodes=cfg.simulate_episodes)
+
+    def do_report() -> None:
+        from mega_trading.report import build_report
+
+        path = build_report(run, data, run / "report.html", log=console.print)
+        console.print(f"[bold green]report:[/] {path.resolve()}")
+
+    artifacts = ("backtest.json", "rollouts.parquet", "facts.json", "simulate.json")
+    stages = [
+        Stage("prepare", do_prepare, (data / "manifest.json",),
+              lambda: {"inputs": [sha256_file(f) for f in files], "prepare": _hashable(cfg.prepare)}),
+        Stage("train", do_train, (run / "checkpoints" / "latest",),
+              lambda: {"manifest": manifest_hash(), "train": to_dict(cfg.train)}),
+        Stage("backtest", do_backtest, (run / "backtest.json",),
+              lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),
+                       "split": cfg.backtest_split, "backtest": to_dict(cfg.backtest)}),
+        Stage("generate", do_generate, (run / "rollouts.parquet",),
+              lambda: {"model": _checkpoint_identity(run), "generate": to_dict(cfg.generate)}),
+        Stage("facts", do_facts, (run / "facts.json",),
+              lambda: {"manifest": manifest_hash(), "rollouts": _file_identity(run / "rollouts.parquet"),
+                       "facts": to_dict(cfg.facts)}),
+    ]
+    if cfg.simulate:
+        stages.append(Stage("simulate", do_simulate, (run / "simulate.json",),
+                            lambda: {"model": _checkpoint_identity(run), "episodes": cfg.simulate_episodes}))
+    stages.append(Stage("report", do_report, (run / "report.html",),
+                        lambda: {name: _file_identity(run / name) for name in (*artifacts, "metrics.jsonl")}))
+    return stages
+
+
+def _hashable(cfg) -> dict:
+    data = to_dict(cfg)
+    data.pop("workers", None)  # how fast, not what
+    return data
+
+
+def run_pipeline(cfg: RunConfig, force: bool = False, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    if cfg.backtest_split not in ("validation", "backtest"):
+        raise ConfigError(f"backtest_split must be validation or backtest, got {cfg.backtest_split!r}")
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    from mega_trading.config import dump_yaml
+    from mega_trading.lineage import write_text_atomic
+
+    write_text_atomic(cfg.run_path / "pipeline.yaml", dump_yaml(cfg))
+    return run_stages(cfg.run_path, build_stages(cfg, console), force=force, console=console)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    return apply_overrides(cfg, overrides)

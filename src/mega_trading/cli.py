@@ -431,6 +431,30 @@ def run_all(
     console.print(f"open {Path(cfg.run_dir, 'report.html').resolve()} in a browser")
 
 
+@app.command()
+def ablate(
+    config: Path = typer.Option(Path("configs/ablation.yaml"), "--config", help="AblationConfig YAML."),
+    overrides: List[str] = typer.Argument(None, help="Dotted overrides, e.g. steps=[50,100]."),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """A grid of pipelines over model x symbol subset x steps; table, chart and MLflow runs."""
+    from rich.table import Table
+
+    from mega_trading.ablation import load_ablation_config, run_ablation
+
+    cfg = load_ablation_config(config, overrides or [])
+    rows = run_ablation(cfg, force=force, console=console)
+    table = Table(title=f"ablation  ->  {cfg.out_dir}/ablation.{{json,csv,html}}")
+    for column in ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
+                   "realism_mean_ks_noise_floor"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in
+                        ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
+                         "realism_mean_ks_noise_floor")))
+    Console().print(table)
+
+
 # @@RUN@@
 
 # --- serve ------------------------------------------------------------------------------

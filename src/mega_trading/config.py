@@ -13,6 +13,7 @@ behaves the same way:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -34,7 +35,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             value = to_dict(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        elif isinstance(value, (dict, list)):
+            value = copy.deepcopy(value)  # overrides must never mutate the frozen original
         out[field.name] = value
     return out
 

@@ -20,9 +20,23 @@ from mega_trading.dataset import PrepareConfig
 from mega_trading.errors import ConfigError
 from mega_trading.facts import FactsConfig
 from mega_trading.generate import GenerateConfig
+from mega_trading.simulate import SimConfig
 from mega_trading.lineage import read_json, sha256_file
 from mega_trading.stages import Stage, run_stages, stamp_path
 from mega_trading.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class SimulateStage:
+    """Closed-loop execution episodes on the trained model (`simulate/`)."""
+
+    enabled: bool = True
+    policies: tuple[str, ...] = ("immediate", "twap", "participation")
+    side: str = "buy"
+    qty: float = 0.05  # base units
+    horizon_s: float = 30.0
+    seed: int = 0
+    scenario: SimConfig = field(default_factory=lambda: SimConfig(symbol="BTCUSDT", episodes=16))
 
 
 @dataclass(frozen=True)
@@ -36,8 +50,7 @@ class RunConfig:
     backtest_split: str = "backtest"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     facts: FactsConfig = field(default_factory=lambda: FactsConfig(on_degenerate="flag"))
-    simulate: bool = True  # closed-loop execution episodes on the trained model
-    simulate_episodes: int = 16
+    simulate: SimulateStage = field(default_factory=lambda: SimulateStage())
 
     @property
     def run_path(self) -> Path:
@@ -131,9 +144,14 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                   gen_cfg=cfg.generate)
 
     def do_simulate() -> None:
-        from mega_trading.simulate import run_simulation_stage
+        from mega_trading.backtest import resolve_device
+        from mega_trading.simulate import policy_configs, run_simulation
 
-        run_simulation_stage(run, data, run / "simulate.json", episodes=cfg.simulate_episodes)
+        sim = cfg.simulate
+        policies = policy_configs(",".join(sim.policies), side=sim.side, qty=sim.qty, horizon_s=sim.horizon_s)
+        run_simulation(data, policies, sim.scenario, seed=sim.seed, run_dir=run,
+                       device=resolve_device(cfg.train.device),
+                       out=run / "simulate.json", log=console.print)
 
     def do_report() -> None:
         from mega_trading.report import build_report
@@ -156,9 +174,9 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
               lambda: {"manifest": manifest_hash(), "rollouts": _file_identity(run / "rollouts.parquet"),
                        "facts": to_dict(cfg.facts)}),
     ]
-    if cfg.simulate:
+    if cfg.simulate.enabled:
         stages.append(Stage("simulate", do_simulate, (run / "simulate.json",),
-                            lambda: {"model": _checkpoint_identity(run), "episodes": cfg.simulate_episodes}))
+                            lambda: {"model": _checkpoint_identity(run), "simulate": to_dict(cfg.simulate)}))
     stages.append(Stage("report", do_report, (run / "report.html",),
                         lambda: {name: _file_identity(run / name) for name in (*artifacts, "metrics.jsonl")}))
     return stages

@@ -1,0 +1,961 @@
+"""HTTP rollout service: sample synthetic order flow from a trained run over a small JSON API.
+
+``create_app(run_dir, data_dir=None, settings=ServeSettings())`` builds a FastAPI app:
+
+* ``POST /v1/rollouts``  continue a prompt (token ids, events, or a named real window of
+  the prepared data) with ``n`` sampled rollouts of ``length`` tokens, decoded to events
+  and price / time paths, with the provenance needed to reproduce them;
+* ``GET /v1/model``      the model card (config, size, training data, backtest headline);
+* ``GET /healthz``       liveness plus batching counters;
+* ``GET /openapi.json``  the schema (committed as ``docs/openapi.json``; a test keeps the
+  two equal: regenerate with ``python -m mega_trading.serve docs/openapi.json``).
+
+Batching. Handlers never touch the model: they validate a request into a ``Job`` and put
+it on a queue. One worker task takes the oldest job, waits up to ``batch_window_ms`` for
+more jobs with the same prompt length (so every row shares one prefill and one sliding
+window schedule) until ``batch_rows`` rows or ``max_batch_requests`` requests are taken,
+and runs them together in a worker thread (``RolloutEngine.run_batch``); a job with a
+shorter ``length`` is answered as soon as its own tokens are done. Jobs of another prompt
+length wait in order for the next batch. ``max_batch_requests=1`` turns batching off.
+
+Determinism under batching: a request's rollouts depend only on the request (prompt,
+sampling settings, seed) and the server's run and ``batch_rows``, never on which other
+requests share its batch or on which rows it gets, because
+
+1. each request samples its rows with its OWN ``torch.Generator`` seeded with its seed,
+   through ``mega_trading.generate.sample``, so no other request draws from its stream;
+2. every forward pass has the same shape, ``[batch_rows, T]``: unused rows are padding.
+   Every op of the model is row-independent (embedding, per-row norms, per-sequence
+   attention, matmuls), but a BLAS kernel may reduce in another order for another batch
+   size (matrix-vector for one row, blocked matrix-matrix for several), which changes the
+   last bits of the logits; with a fixed shape, a row's arithmetic is the same whatever
+   the other rows hold (tests check that a request alone, with others, or at another row
+   offset gives the same tokens). The price: at low load a lone request pays for
+   ``batch_rows`` rows (on a CPU about 2.7x the time of one row for the micro preset; on
+   a GPU next to nothing), so ``batch_rows`` is a setting;
+3. the decode loop is the one of ``mega_trading.generate.generate`` (prefill, one token
+   per step, the same sliding window), so a request filling all ``batch_rows`` rows gets
+   exactly what ``generate`` gives with the same seed (tested).
+
+Limits. Bodies over ``max_body_bytes`` get 413 before any parsing; schema violations,
+tokens outside the vocabulary, prompts longer than the model's block size, ``n`` over
+``batch_rows`` and ``n * length`` over ``max_new_tokens`` get 422 with a message; a full
+queue, or a job not started within ``queue_timeout_s``, gets 503 and a job not done
+within ``request_timeout_s`` gets 504. The worker turns any failure of a batch into an
+error for the jobs in it, so a request never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mega_trading import __version__
+from mega_trading.errors import ConfigError, DataError, MegaTradingError
+
+log = logging.getLogger("mega_trading.serve")
+
+API_TITLE = "Mega-Trading rollout service"
+# Static bounds of the schema; a server may be stricter (ServeSettings, the model's block
+# size, its vocabulary), which is checked per request and answered with 422.
+MAX_PROMPT_TOKENS = 4096
+MAX_N = 256
+MAX_LENGTH = 4096
+DEFAULT_WINDOW = 128  # tokens of a named window whose length is not given
+MAX_MOVE_BPS = 1e4
+MAX_ABS_LOG_SIZE = 50.0
+MAX_DT_US = 10**13
+MAX_SEED = 2**63 - 1
+DEFAULT_START_PRICE = 1.0  # tokens / events prompts: the price path is an index from 1
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    batch_window_ms: float = 5.0  # how long the worker waits for more jobs to batch
+    max_batch_requests: int = 16  # requests per forward batch; 1 = batching off
+    batch_rows: int = 16  # rows of EVERY forward pass (fixed shape: see the docstring)
+    max_new_tokens: int = 8192  # n * length per request
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 256  # queued jobs before new ones get 503
+    queue_timeout_s: float = 30.0  # a job not started by then gets 503
+    request_timeout_s: float = 300.0  # a job not finished by then gets 504
+    step: int | None = None  # checkpoint step (default: latest)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_requests", "batch_rows", "max_new_tokens", "max_body_bytes",
+                     "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_window_ms", "queue_timeout_s", "request_timeout_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"serve.{name} must be a finite number >= 0, got {value}")
+
+
+class ServeError(MegaTradingError):
+    """A request the server refuses, with the HTTP status to answer."""
+
+    def __init__(self, message: str, status_code: int = 422,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.headers = headers
+
+
+# --- request / response bodies ---------------------------------------------------------------
+
+TokenId = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+
+
+class PromptEvent(BaseModel):
+    """One event, in the event table's units (docs/CONTRACTS.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    side: Literal[-1, 1] = Field(description="+1 taker buy, -1 taker sell")
+    move_bps: float = Field(ge=-MAX_MOVE_BPS, le=MAX_MOVE_BPS, allow_inf_nan=False,
+                            description="price move vs the previous trade, bps")
+    size: float = Field(ge=-MAX_ABS_LOG_SIZE, le=MAX_ABS_LOG_SIZE, allow_inf_nan=False,
+                        description="log_size: ln(notional) minus its causal rolling level")
+    dt_us: int = Field(ge=0, le=MAX_DT_US, description="µs since the previous trade")
+
+
+class WindowRef(BaseModel):
+    """A real window of the prepared data: tokens [start, start + length) of one shard."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: Literal["train", "validation", "backtest"]
+    symbol: str = Field(min_length=1, max_length=32, pattern=r"^[A-Z0-9]+$")
+    start: int | None = Field(None, ge=0, le=2**53,
+                              description="token position in the shard; null = latest window")
+    length: int | None = Field(None, ge=1, le=MAX_PROMPT_TOKENS,
+                               description=f"tokens; null = min({DEFAULT_WINDOW}, block size)")
+
+
+_ONE_PROMPT = {"oneOf": [{"required": ["tokens"]}, {"required": ["events"]},
+                         {"required": ["window"]}]}
+
+
+class RolloutRequest(BaseModel):
+    """Exactly one prompt (tokens, events or window) plus sampling settings."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_PROMPT)
+    tokens: Annotated[list[TokenId], Field(
+        min_length=1, max_length=MAX_PROMPT_TOKENS,
+        description="prompt token ids (each in [0, vocab_size))")] = None
+    events: Annotated[list[PromptEvent], Field(
+        min_length=1, max_length=MAX_PROMPT_TOKENS,
+        description="prompt events; encoded with the run's tokenizer after a "
+                    "segment-start token (the events open a segment, as in the data)")] = None
+    window: WindowRef = Field(None, description="a real window of the prepared data")
+    n: int = Field(1, ge=1, le=MAX_N, description="rollouts (at most the server's batch_rows)")
+    length: int = Field(64, ge=1, le=MAX_LENGTH, description="new tokens per rollout")
+    temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
+    top_k: int | None = Field(16, ge=1, le=1_000_000, description="null = off")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="1 = off")
+    forbid_seg: bool = Field(False, description="never sample a segment start")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = drawn by the server "
+                                                                   "(returned in provenance)")
+    start_price: float | None = Field(
+        None, gt=0, le=1e12, allow_inf_nan=False,
+        description=f"price before the first rollout event; default: the window's last "
+                    f"trade price, else {DEFAULT_START_PRICE}")
+    start_time_us: int | None = Field(
+        None, ge=0, le=2**62, description="time before the first rollout event; default: the "
+                                          "window's last trade time, else 0")
+
+    @model_validator(mode="after")
+    def _exactly_one_prompt(self) -> RolloutRequest:
+        given = [name for name in ("tokens", "events", "window") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one prompt: tokens, events or window "
+                             f"(got {', '.join(given) if given else 'none'})")
+        return self
+
+
+class Rollout(BaseModel):
+    """One rollout as parallel arrays, one entry per generated token (specials are null)."""
+
+    index: int
+    tokens: list[int]
+    is_event: list[bool]
+    segment_start: list[bool]
+    side: list[int | None]
+    move_bps: list[float | None]
+    log_size: list[float | None]
+    dt_us: list[int | None]
+    time_us: list[int]
+    price: list[float | None]
+    quote_qty: list[float | None]
+
+
+class PromptInfo(BaseModel):
+    source: Literal["tokens", "events", "window"]
+    n_tokens: int
+    tokens: list[int]
+    split: str | None = None
+    symbol: str | None = None
+    start: int | None = None
+    start_price: float
+    start_time_us: int
+    size_level: float | None = None
+
+
+class SamplingInfo(BaseModel):
+    temperature: float
+    top_k: int | None
+    top_p: float
+    forbid_seg: bool
+    forbid_pad: bool
+
+
+class Provenance(BaseModel):
+    run: str
+    checkpoint_step: int | None
+    model_sha256: str
+    tokenizer_hash: str
+    manifest_hash: str | None
+    git_commit: str
+    package_version: str
+    sampling: SamplingInfo
+    seed: int
+    n: int
+    length: int
+    batch_rows: int
+
+
+class RolloutResponse(BaseModel):
+    rollouts: list[Rollout]
+    prompt: PromptInfo
+    provenance: Provenance
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    queued: int
+    batches: int
+    requests: int
+    rows: int
+    max_requests_in_batch: int
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    run: str
+    checkpoint_step: int | None
+    model: dict[str, Any]
+    n_params: int
+    n_params_hidden: int
+    model_sha256: str
+    tokenizer: dict[str, Any]
+    training: dict[str, Any] | None
+    data: dict[str, Any] | None
+    backtest: dict[str, Any] | None
+    limits: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+# --- the model side: jobs and batched decoding -----------------------------------------------
+
+@dataclass(eq=False)
+class Job:
+    """One validated request on its way through the queue."""
+
+    prompt: np.ndarray  # int64 [T]
+    n: int
+    length: int
+    sampling: Any  # mega_trading.generate.SamplingConfig
+    seed: int
+    cancelled: bool = False  # read by the worker thread: the client is gone, skip the work
+    future: asyncio.Future | None = None
+    started: asyncio.Event | None = None
+
+
+class RolloutEngine:
+    """Runs batches of jobs through the model; every forward pass has `batch_rows` rows."""
+
+    def __init__(self, model, pad_id: int, seg_id: int, batch_rows: int):
+        self.model, self.pad_id, self.seg_id = model, pad_id, seg_id
+        self.batch_rows = batch_rows
+        self.device = model.tok_embeddings.weight.device
+
+    @torch.inference_mode()
+    def run_batch(self, jobs: list[Job], on_done: Callable[[Job, np.ndarray], None]) -> None:
+        """Decode jobs of equal prompt length together; on_done(job, new tokens [n, length])
+        is called (from this thread) as soon as a job's tokens are complete."""
+        from mega_trading.generate import banned_ids, decode_one, prefill
+
+        t0 = len(jobs[0].prompt)
+        if any(len(j.prompt) != t0 for j in jobs):
+            raise ValueError("a batch needs one prompt length")
+        if sum(j.n for j in jobs) > self.batch_rows:
+            raise ValueError(f"batch of {sum(j.n for j in jobs)} rows > {self.batch_rows}")
+        end = t0 + max(j.length for j in jobs)
+        tokens = torch.full((self.batch_rows, end), self.pad_id, dtype=torch.long,
+                            device=self.device)
+        plans, row = [], 0
+        for job in jobs:
+            rows = slice(row, row + job.n)
+            tokens[rows, :t0] = torch.from_numpy(job.prompt).to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(job.seed)
+            plans.append((job, rows, generator, banned_ids(job.sampling, self.pad_id, self.seg_id)))
+            row += job.n
+        # Same window schedule as generate.generate: cache_len = block, keep = half of it.
+        cache_len = self.model.cfg.block_size
+        keep = cache_len // 2
+        start = max(0, t0 - cache_len)
+        cache = self.model.new_cache(self.batch_rows, cache_len)
+        logits = prefill(self.model, cache, tokens[:, start:t0])
+        for t in range(t0, end):
+            live = [p for p in plans if not p[0].cancelled and t < t0 + p[0].length]
+            if not live:
+                break
+            for job, rows, generator, banned in live:
+                tokens[rows, t] = self._sample(logits[rows], job.sampling, banned, generator)
+                if t + 1 == t0 + job.length:
+                    on_done(job, tokens[rows, t0:t + 1].cpu().numpy())
+            if t + 1 == end:
+                break
+            if t + 1 - start > cache_len:  # token t has no free slot: slide the window
+                start = t + 1 - keep
+                logits = prefill(self.model, cache, tokens[:, start:t + 1])
+            else:
+                logits = decode_one(self.model, cache, tokens[:, t:t + 1], t - start)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, cfg, banned: tuple[int, ...],
+                generator: torch.Generator) -> torch.Tensor:
+        from mega_trading.generate import sample
+
+        if banned:
+            logits = logits.clone()
+            logits[:, list(banned)] = float("-inf")
+        return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    rows: int = 0
+    max_requests_in_batch: int = 0
+
+
+class Batcher:
+    """The request queue and the single worker task that batches jobs onto the engine."""
+
+    def __init__(self, engine: RolloutEngine, settings: ServeSettings):
+        self.engine, self.settings = engine, settings
+        self.stats = BatchStats()
+        self.queue: asyncio.Queue[Job] | None = None
+        self.pending: deque[Job] = deque()  # taken from the queue, another prompt length
+        self.running: list[Job] = []
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._run(), name="rollout-worker")
+
+    async def stop(self) -> None:
+        for job in self.running:  # the engine thread stops at its next token
+            job.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.task = None
+        waiting = list(self.pending)
+        while self.queue is not None and not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        for job in waiting:
+            _fail(job, ServeError("the server is shutting down", 503))
+
+    @property
+    def queued(self) -> int:
+        return (self.queue.qsize() if self.queue is not None else 0) + len(self.pending)
+
+    async def submit(self, job: Job) -> np.ndarray:
+        """Queue a job and wait for its tokens [n, length] (503 / 504 on the limits)."""
+        if self.task is None or self.task.done():
+            raise ServeError("the rollout worker is not running", 503)
+        if self.queued >= self.settings.max_queue:
+            raise ServeError(f"queue full ({self.settings.max_queue} requests waiting); "
+                             f"retry later", 503, {"Retry-After": "1"})
+        job.future = asyncio.get_running_loop().create_future()
+        job.started = asyncio.Event()
+        self.queue.put_nowait(job)
+        try:
+            try:
+                await asyncio.wait_for(job.started.wait(), self.settings.queue_timeout_s)
+            except TimeoutError:
+                raise ServeError(f"the request waited more than {self.settings.queue_timeout_s:g} s "
+                                 f"in the queue; retry later", 503, {"Retry-After": "1"}) from None
+            try:
+                return await asyncio.wait_for(asyncio.shield(job.future),
+                                              self.settings.request_timeout_s)
+            except TimeoutError:
+                raise ServeError(f"the rollouts took more than "
+                                 f"{self.settings.request_timeout_s:g} s", 504) from None
+        finally:
+            if not job.future.done():
+                job.cancelled = True  # timed out or client gone: the worker skips it
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect(await self._next_job())
+            batch = [job for job in batch if not job.cancelled and not job.future.done()]
+            if not batch:
+                continue
+            try:
+                await self._run_batch(batch)
+            except Exception as exc:  # never let one bad batch stop the worker
+                log.exception("rollout batch failed")
+                for job in batch:
+                    _fail(job, exc)
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        for job in batch:
+            job.started.set()
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.rows += sum(job.n for job in batch)
+        self.stats.max_requests_in_batch = max(self.stats.max_requests_in_batch, len(batch))
+
+        def on_done(job: Job, tokens: np.ndarray) -> None:
+            loop.call_soon_threadsafe(_resolve, job, tokens)
+
+        self.running = batch
+        try:
+            await asyncio.to_thread(self.engine.run_batch, batch, on_done)
+        finally:
+            self.running = []
+        await asyncio.sleep(0)  # let the results queued by on_done land first
+        for job in batch:  # a job left without a result would hang its request
+            if not job.future.done() and not job.cancelled:
+                _fail(job, RuntimeError("the batch ended without this request's tokens"))
+
+    async def _next_job(self) -> Job:
+        if self.pending:
+            return self.pending.popleft()
+        return await self.queue.get()
+
+    async def _collect(self, first: Job) -> list[Job]:
+        """`first` plus compatible jobs arriving within the batch window, up to the limits."""
+        batch, rows = [first], first.n
+        limit_requests, limit_rows = self.settings.max_batch_requests, self.engine.batch_rows
+
+        def take(job: Job) -> bool:
+            nonlocal rows
+            if len(job.prompt) == len(first.prompt) and rows + job.n <= limit_rows:
+                batch.append(job)
+                rows += job.n
+                return True
+            return False
+
+        for job in list(self.pending):
+            if len(batch) >= limit_requests or rows >= limit_rows:
+                return batch
+            if take(job):
+                self.pending.remove(job)
+        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
+        while len(batch) < limit_requests and rows < limit_rows:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining > 0:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                else:
+                    job = self.queue.get_nowait()
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            if not take(job):
+                self.pending.append(job)
+        return batch
+
+
+def _resolve(job: Job, tokens: np.ndarray) -> None:
+    if not job.future.done():
+        job.future.set_result(tokens)
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    if job.future is not None and not job.future.done():
+        job.future.set_exception(exc)
+
+
+# --- the run: model, tokenizer, data, prompts, answers ---------------------------------------
+
+@dataclass(frozen=True)
+class Anchor:
+    """Where a prompt leaves off: the rollout's price / time start and size level."""
+
+    source: str
+    price: float
+    time_us: int
+    size_level: float | None = None
+    split: str | None = None
+    symbol: str | None = None
+    start: int | None = None
+
+
+class RolloutService:
+    """Everything the handlers need: the loaded run, its hashes, prompts and the batcher."""
+
+    def __init__(self, run_dir: str | Path, data_dir: str | Path | None = None,
+                 settings: ServeSettings = ServeSettings()):
+        from mega_trading.checkpoint import checkpoint_path, load_model
+        from mega_trading.lineage import git_commit, sha256_file
+
+        self.run_dir, self.settings = Path(run_dir), settings
+        if not self.run_dir.is_dir():
+            raise DataError("run folder does not exist", self.run_dir)
+        self.shards = self._open_data(data_dir)
+        self.tokenizer = self._load_tokenizer()
+        weights = checkpoint_path(self.run_dir, settings.step) / "model.safetensors"
+        self.model, self.state = load_model(
+            self.run_dir, step=settings.step, expect_tokenizer_hash=self.tokenizer.hash,
+            expect_manifest_hash=self.shards.manifest_hash if self.shards else None,
+            device=settings.device)
+        if self.model.cfg.vocab_size != self.tokenizer.vocab_size:
+            raise DataError(f"model vocabulary {self.model.cfg.vocab_size} != tokenizer "
+                            f"vocabulary {self.tokenizer.vocab_size}", self.run_dir)
+        self.model_sha256 = sha256_file(weights)
+        self.git_commit = git_commit()
+        self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
+                                    settings.batch_rows)
+        self.batcher = Batcher(self.engine, settings)
+        self._windows: dict[tuple[str, str], tuple[np.ndarray, pl.DataFrame, np.ndarray]] = {}
+        self._windows_lock = threading.Lock()
+
+    # startup ---------------------------------------------------------------------------
+    def _run_config(self) -> dict[str, Any]:
+        from mega_trading.lineage import read_json
+
+        path = self.run_dir / "config.json"
+        return read_json(path) if path.is_file() else {}
+
+    def _open_data(self, data_dir: str | Path | None):
+        """The prepared data: as given (a mismatch is an error), else the run's own if it
+        still exists and matches (else None: named windows are then unavailable)."""
+        from mega_trading.dataset import ShardSet
+
+        if data_dir is not None:
+            return ShardSet.open(data_dir)
+        config = self._run_config()
+        recorded = config.get("data_dir")
+        if not recorded or not (Path(recorded) / "manifest.json").is_file():
+            return None
+        try:
+            shards = ShardSet.open(recorded)
+        except MegaTradingError:
+            return None
+        if shards.manifest_hash != config.get("manifest_hash"):
+            log.warning("%s has changed since training; serving without data", recorded)
+            return None
+        return shards
+
+    def _load_tokenizer(self):
+        from mega_trading.tokenizer import Tokenizer
+
+        path = self.run_dir / "tokenizer.json"
+        if path.is_file():
+            return Tokenizer.load(path)
+        if self.shards is not None:
+            return self.shards.tokenizer
+        raise DataError("run has no tokenizer.json and no data directory was given", self.run_dir)
+
+    # requests --------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.model.cfg.block_size
+
+    def build_job(self, req: RolloutRequest) -> tuple[Job, Anchor]:
+        """Validate a request against this run and the limits; 422 (ServeError) if not."""
+        from mega_trading.generate import SamplingConfig
+
+        if req.n > self.settings.batch_rows:
+            raise ServeError(f"n={req.n} rollouts is over this server's limit of "
+                             f"{self.settings.batch_rows} (batch_rows) per request")
+        if req.n * req.length > self.settings.max_new_tokens:
+            raise ServeError(f"n * length = {req.n * req.length} new tokens is over this "
+                             f"server's limit of {self.settings.max_new_tokens} per request")
+        prompt, anchor = self._prompt(req)
+        if len(prompt) > self.block_size:
+            raise ServeError(f"the prompt has {len(prompt)} tokens; the model's context "
+                             f"(block size) is {self.block_size}")
+        sampling = SamplingConfig(temperature=req.temperature, top_k=req.top_k or 0,
+                                  top_p=req.top_p, forbid_seg=req.forbid_seg)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        return Job(prompt=prompt, n=req.n, length=req.length, sampling=sampling, seed=seed), anchor
+
+    def _prompt(self, req: RolloutRequest) -> tuple[np.ndarray, Anchor]:
+        price = req.start_price if req.start_price is not None else DEFAULT_START_PRICE
+        time_us = req.start_time_us if req.start_time_us is not None else 0
+        if req.tokens is not None:
+            tokens = self.tokenizer.check_tokens(np.asarray(req.tokens, dtype=np.int64))
+            return tokens, Anchor("tokens", price, time_us)
+        if req.events is not None:
+            frame = pl.DataFrame({
+                "side": [e.side for e in req.events],
+                "move_bps": [e.move_bps for e in req.events],
+                "log_size": [e.size for e in req.events],
+                "dt_us": [e.dt_us for e in req.events],
+            }, schema={"side": pl.Int8, "move_bps": pl.Float64, "log_size": pl.Float64,
+                       "dt_us": pl.Int64})
+            tokens = np.concatenate([[self.tokenizer.seg_id], self.tokenizer.encode(frame)])
+            return tokens.astype(np.int64), Anchor("events", price, time_us)
+        tokens, anchor = self._window(req.window)
+        return tokens, dataclasses.replace(
+            anchor, price=req.start_price if req.start_price is not None else anchor.price,
+            time_us=req.start_time_us if req.start_time_us is not None else anchor.time_us)
+
+    def _shard(self, split: str, symbol: str) -> tuple[np.ndarray, pl.DataFrame, np.ndarray]:
+        if self.shards is None:
+            raise ServeError("this server has no prepared data (start it with --data DIR), "
+                             "so it cannot serve named windows")
+        symbols = self.shards.symbols(split)
+        if symbol not in symbols:
+            raise ServeError(f"the data has no {split} shard for {symbol} "
+                             f"(it has {', '.join(symbols) or 'none'})")
+        with self._windows_lock:
+            if (split, symbol) not in self._windows:
+                events = self.shards.events(split, symbol).sort("token_pos")
+                self._windows[split, symbol] = (np.asarray(self.shards.tokens(split, symbol)),
+                                                events, events["token_pos"].to_numpy())
+            return self._windows[split, symbol]
+
+    def _window(self, ref: WindowRef) -> tuple[np.ndarray, Anchor]:
+        """Tokens of a named window and the last real trade at or before its end (the same
+        anchor rule as generate.prompt_from_split)."""
+        from mega_trading.generate import _next_size_level, _size_window
+
+        tokens, events, token_pos = self._shard(ref.split, ref.symbol)
+        n_tokens = len(tokens)
+        length = ref.length or min(DEFAULT_WINDOW, self.block_size, n_tokens)
+        start = n_tokens - length if ref.start is None else ref.start
+        if start < 0 or start + length > n_tokens:
+            raise ServeError(f"window [{start}, {start + length}) does not fit in the "
+                             f"{ref.split} {ref.symbol} shard of {n_tokens} tokens")
+        last = int(np.searchsorted(token_pos, start + length, side="left")) - 1
+        if last < 0:
+            raise ServeError(f"window [{start}, {start + length}) holds no trade to start from")
+        anchor = Anchor("window", price=float(events["price"][last]),
+                        time_us=int(events["time_us"][last]),
+                        size_level=_next_size_level(events, last, _size_window(self.shards)),
+                        split=ref.split, symbol=ref.symbol, start=start)
+        return np.asarray(tokens[start:start + length], dtype=np.int64), anchor
+
+    def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
+        """The response body: decoded rollouts, the prompt, provenance."""
+        from mega_trading.generate import rollouts_to_events
+
+        frame = rollouts_to_events(new_tokens, self.tokenizer, anchor.price, anchor.time_us,
+                                   anchor.symbol, anchor.size_level)
+        columns = {name: frame[name].to_list() for name in Rollout.model_fields if name != "index"
+                   and name != "tokens"}
+        columns["tokens"] = frame["token"].to_list()
+        for name in ("move_bps", "log_size", "price", "quote_qty"):
+            columns[name] = [_finite(x) for x in columns[name]]
+        n, length = new_tokens.shape
+        rollouts = [{"index": i, **{k: v[i * length:(i + 1) * length] for k, v in columns.items()}}
+                    for i in range(n)]
+        cfg = job.sampling
+        return {
+            "rollouts": rollouts,
+            "prompt": {"source": anchor.source, "n_tokens": len(job.prompt),
+                       "tokens": job.prompt.tolist(), "split": anchor.split,
+                       "symbol": anchor.symbol, "start": anchor.start,
+                       "start_price": anchor.price, "start_time_us": anchor.time_us,
+                       "size_level": anchor.size_level},
+            "provenance": {
+                **self.identity(),
+                "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k or None,
+                             "top_p": cfg.top_p, "forbid_seg": cfg.forbid_seg,
+                             "forbid_pad": cfg.forbid_pad},
+                "seed": job.seed, "n": job.n, "length": job.length,
+                "batch_rows": self.settings.batch_rows,
+            },
+        }
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "run": self.run_dir.resolve().name,
+            "checkpoint_step": self.state.get("step"),
+            "model_sha256": self.model_sha256,
+            "tokenizer_hash": self.tokenizer.hash,
+            "manifest_hash": self.state.get("manifest_hash")
+            or (self.shards.manifest_hash if self.shards else None),
+            "git_commit": self.git_commit,
+            "package_version": __version__,
+        }
+
+    # model card ------------------------------------------------------------------------
+    def model_card(self) -> dict[str, Any]:
+        from mega_trading.config import to_dict
+
+        cfg = self.model.cfg
+        tok = self.tokenizer
+        return {
+            "run": self.run_dir.resolve().name,
+            "checkpoint_step": self.state.get("step"),
+            "model": to_dict(cfg),
+            "n_params": cfg.n_params(),
+            "n_params_hidden": cfg.n_params(include_embeddings=False),
+            "model_sha256": self.model_sha256,
+            "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size,
+                          "n_event_tokens": tok.n_event_tokens, "field_sizes": tok.field_sizes,
+                          "pad_id": tok.pad_id, "seg_id": tok.seg_id},
+            "training": self._training_summary(),
+            "data": self._data_summary(),
+            "backtest": self._backtest_headline(),
+            "limits": {**dataclasses.asdict(self.settings), "block_size": cfg.block_size,
+                       "max_prompt_tokens": min(cfg.block_size, MAX_PROMPT_TOKENS)},
+            "provenance": self.identity(),
+        }
+
+    def _training_summary(self) -> dict[str, Any] | None:
+        from mega_trading.lineage import read_json
+
+        config = self._run_config()
+        if not config:
+            return None
+        summary_path = self.run_dir / "train_summary.json"
+        summary = read_json(summary_path) if summary_path.is_file() else {}
+        train = config.get("train", {})
+        return {
+            "preset": train.get("preset"), "steps": train.get("steps"),
+            "batch_size": train.get("batch_size"), "lr": train.get("lr"),
+            "seed": train.get("seed"), "data_dir": config.get("data_dir"),
+            "final_loss": summary.get("loss"), "val_loss": summary.get("val_loss"),
+            "tokens_seen": summary.get("tokens_seen"),
+            "windows_seen": summary.get("windows_seen"),
+        }
+
+    def _data_summary(self) -> dict[str, Any] | None:
+        if self.shards is None:
+            return None
+        manifest = self.shards.manifest
+        splits = {}
+        for split, by_symbol in manifest["shards"].items():
+            splits[split] = {
+                symbol: {key: info.get(key) for key in
+                         ("n_events", "n_tokens", "n_windows", "start_time_us", "end_time_us")}
+                for symbol, info in sorted(by_symbol.items())}
+        return {"manifest_hash": self.shards.manifest_hash, "kind": manifest.get("kind"),
+                "splits": splits, "token_stats": manifest.get("token_stats"),
+                "data_dir": str(Path(self.shards.root).resolve())}
+
+    def _backtest_headline(self) -> dict[str, Any] | None:
+        from mega_trading.lineage import read_json
+
+        path = self.run_dir / "backtest.json"
+        if not path.is_file():
+            return None
+        doc = read_json(path)
+        keys = ("nll_nats", "nll_nats_ci95", "bits_per_event", "top1", "top5", "ece")
+        model = doc.get("model", {})
+        baselines = {name: s.get("nll_nats") for name, s in doc.get("baselines", {}).items()}
+        best = min((b for b in baselines if baselines[b] is not None),
+                   key=lambda b: baselines[b], default=None)
+        return {"split": doc.get("split"), "n_scored": doc.get("n_scored"),
+                "model": {k: model.get(k) for k in keys if k in model},
+                "baselines_nll_nats": baselines, "best_baseline": best,
+                "vs_best_baseline": model.get("vs_baselines", {}).get(best) if best else None}
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, before anything parses it.
+
+    A declared Content-Length is checked first; otherwise (chunked) the body is read up to
+    the limit and then handed on to the app unchanged.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._reject(int(declared), scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(size, scope, receive, send, at_least=True)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, size: int, scope, receive, send, at_least: bool = False) -> None:
+        over = "over " if at_least else ""
+        response = JSONResponse({"detail": f"request body is {over}{size} bytes; this server "
+                                           f"accepts at most {self.max_bytes} bytes"},
+                                status_code=413)
+        await response(scope, receive, send)
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {413: "body too large (checked before parsing)",
+            422: "invalid request: schema, vocabulary or limits",
+            503: "queue full or queue timeout", 504: "generation timeout"}
+    return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    clean = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+              "type": str(e.get("type", ""))} for e in errors]
+    if not clean:
+        return "invalid request", clean
+    first = clean[0]
+    where = ".".join(p for p in first["loc"] if p != "body") or "body"
+    more = f" (and {len(clean) - 1} more)" if len(clean) > 1 else ""
+    return f"{where}: {first['msg']}{more}", clean
+
+
+def build_app(service: RolloutService | None, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The FastAPI app around a service (None builds the routes only, for the schema)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if service is not None:
+            service.batcher.start()
+        try:
+            yield
+        finally:
+            if service is not None:
+                await service.batcher.stop()
+
+    app = FastAPI(title=API_TITLE, version=__version__, lifespan=lifespan,
+                  description="Synthetic Binance order flow sampled from a trained Mega-Trading "
+                              "decoder. Same request and seed, same rollouts.")
+    app.state.service = service
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, errors = _validation_message(list(exc.errors()))
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 for a body it cannot decode at all (not UTF-8) but 422 for
+        # malformed JSON; both are one kind of client error here: 422.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        detail = ("the body is not valid UTF-8 JSON" if exc.status_code == 400 else exc.detail)
+        return JSONResponse({"detail": str(detail)}, status_code=status,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(MegaTradingError)
+    async def on_refused(request: Request, exc: MegaTradingError) -> JSONResponse:
+        status = getattr(exc, "status_code", 422)
+        return JSONResponse({"detail": str(exc)}, status_code=status,
+                            headers=getattr(exc, "headers", None))
+
+    def running() -> RolloutService:
+        if service is None:
+            raise ServeError("no run is loaded", 503)
+        return service
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness and batching counters."""
+        svc = running()
+        return {"status": "ok", "queued": svc.batcher.queued,
+                **dataclasses.asdict(svc.batcher.stats)}
+
+    @app.get("/v1/model", response_model=ModelCard, tags=["model"])
+    async def model_card() -> dict[str, Any]:
+        """The model card: config, size, hashes, training data, backtest headline, limits."""
+        return running().model_card()
+
+    @app.post("/v1/rollouts", response_model=RolloutResponse, tags=["rollouts"],
+              responses=_error_responses(413, 422, 503, 504))
+    async def rollouts(body: RolloutRequest) -> dict[str, Any]:
+        """Sample `n` rollouts of `length` tokens continuing one prompt."""
+        svc = running()
+        job, anchor = await asyncio.to_thread(svc.build_job, body)
+        new_tokens = await svc.batcher.submit(job)
+        return await asyncio.to_thread(svc.payload, job, anchor, new_tokens)
+
+    return app
+
+
+def create_app(run_dir: str | Path, data_dir: str | Path | None = None,
+               settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """Load a run (and optionally its prepared data) and build the app serving it."""
+    return build_app(RolloutService(run_dir, data_dir, settings), settings)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The served OpenAPI schema (it does not depend on the run)."""
+    return build_app(None).openapi()
+
+
+def write_openapi(path: str | Path) -> Path:
+    import json
+
+    from mega_trading.lineage import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(openapi_document(), indent=2) + "\n")
+
+
+def serve_forever(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+                  log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+if __name__ == "__main__":  # python -m mega_trading.serve docs/openapi.json
+    import sys
+
+    print(write_openapi(sys.argv[1] if len(sys.argv) > 1 else "docs/openapi.json"))

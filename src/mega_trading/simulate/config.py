@@ -1,0 +1,179 @@
+"""Simulator configs: the market/scenario (`SimConfig`), the execution rule for market
+orders (`ImpactConfig`) and the parent order with its execution policy (`PolicyConfig`).
+
+A named scenario (``configs/scenarios/<name>.yaml``) mirrors `SimConfig` exactly: unknown
+keys are an error (`mega_trading.config.load_yaml`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mega_trading.errors import ConfigError
+from mega_trading.generate import SamplingConfig
+
+SIDES = {"buy": 1, "sell": -1}
+POLICY_KINDS = ("immediate", "twap", "twap_limit", "participation")
+SCENARIO_DIR = Path("configs") / "scenarios"
+
+
+@dataclass(frozen=True)
+class ImpactConfig:
+    """Cost of a market order of notional Q against the recent traded notional V.
+
+    ``impact_bps = coef_bps * (Q / V) ** 0.5`` (``model: sqrt``) or ``coef_bps * Q / V``
+    (``model: linear``); the whole order fills at ``last * (1 + side * impact_bps / 1e4)``.
+    V is the quote notional of the last ``window_events`` tape events, floored at
+    ``min_recent_notional``.
+    """
+
+    model: Literal["sqrt", "linear"] = "sqrt"
+    coef_bps: float = 10.0  # impact when Q equals the recent notional V
+    window_events: int = 200
+    min_recent_notional: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.coef_bps >= 0 and math.isfinite(self.coef_bps)):
+            raise ConfigError(f"impact.coef_bps must be >= 0, got {self.coef_bps}")
+        if self.window_events < 1:
+            raise ConfigError(f"impact.window_events must be >= 1, got {self.window_events}")
+        if not self.min_recent_notional > 0:
+            raise ConfigError("impact.min_recent_notional must be > 0")
+
+
+def _default_sampling() -> SamplingConfig:
+    # SEG means "a hole in the data or a pause > 60 s": no use to a continuous market.
+    return SamplingConfig(forbid_seg=True)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    name: str = "default"
+    description: str = ""
+    source: Literal["model", "replay"] = "model"
+    closed_loop: bool = True  # insert agent fills into the model's context (model source only)
+    split: str = "backtest"  # where episodes start (prompts / replayed flow)
+    symbol: str | None = None  # None: every symbol of the split
+    prompt_length: int = 128  # real tokens of context before the start (<= model block_size)
+    selection: Literal["random", "high_vol"] = "random"  # which real windows start episodes
+    vol_top_fraction: float = 0.1  # high_vol: draw from this top fraction by realized vol
+    replayable_starts: bool = True  # only starts whose real continuation covers the episode
+    episodes: int = 16
+    batch_size: int = 16  # episodes decoded together (model source: one row each)
+    impact_lags: int = 32  # market events after completion on the impact path
+    max_events: int = 20_000  # per episode; an episode still running then is truncated
+    queue: Literal["through", "touch"] = "through"  # when a resting limit order fills
+    keep: int | None = None  # tokens kept when the context window slides; None: half
+    bootstrap_samples: int = 1000
+    impact: ImpactConfig = field(default_factory=ImpactConfig)
+    sampling: SamplingConfig = field(default_factory=_default_sampling)
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_length", "episodes", "batch_size", "max_events", "bootstrap_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"simulate.{name} must be >= 1, got {getattr(self, name)}")
+        if self.impact_lags < 0:
+            raise ConfigError(f"simulate.impact_lags must be >= 0, got {self.impact_lags}")
+        if not 0 < self.vol_top_fraction <= 1:
+            raise ConfigError("simulate.vol_top_fraction must be in (0, 1], "
+                              f"got {self.vol_top_fraction}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """A parent order (side, qty in base units, horizon) and how to execute it.
+
+    * ``immediate``: one market order at the start.
+    * ``twap``: ``slices`` market orders at start + k * horizon / slices, k = 0..slices-1;
+      each buys up to the schedule (target * (k + 1) / slices), so the slices sum to qty.
+    * ``twap_limit``: each slice rests as a limit order ``limit_offset_bps`` inside the
+      last price (a buy below, a sell above); whatever is unfilled when the next slice
+      starts is sent as a market order (limit-then-market).
+    * ``participation``: after each market trade, buy ``rate`` x the market volume seen
+      since the start minus what is done already, once that deficit reaches
+      ``min_child_fraction`` x qty; a child order is at most ``max_child_fraction`` x qty.
+
+    At the horizon every policy cancels its resting orders and, with ``finish``, sends the
+    remainder as a market order (without it the remainder stays unfilled).
+    """
+
+    kind: Literal["immediate", "twap", "twap_limit", "participation"] = "twap"
+    side: Literal["buy", "sell"] = "buy"
+    qty: float = 1.0  # base units, e.g. BTC
+    horizon_s: float = 60.0
+    slices: int = 10
+    limit_offset_bps: float = 1.0
+    rate: float = 0.1
+    max_child_fraction: float = 0.1
+    min_child_fraction: float = 0.01
+    finish: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.qty > 0 and math.isfinite(self.qty)):
+            raise ConfigError(f"policy qty must be > 0, got {self.qty}")
+        if not (self.horizon_s >= 0 and math.isfinite(self.horizon_s)):
+            raise ConfigError(f"policy horizon must be >= 0 s, got {self.horizon_s}")
+        if self.slices < 1:
+            raise ConfigError(f"policy slices must be >= 1, got {self.slices}")
+        if self.limit_offset_bps < 0:
+            raise ConfigError("policy limit_offset_bps must be >= 0 "
+                              "(a limit rests inside the last price)")
+        if not 0 < self.rate <= 1:
+            raise ConfigError(f"participation rate must be in (0, 1], got {self.rate}")
+        if not 0 < self.max_child_fraction <= 1:
+            raise ConfigError(f"max_child_fraction must be in (0, 1], "
+                              f"got {self.max_child_fraction}")
+        if not 0 <= self.min_child_fraction <= self.max_child_fraction:
+            raise ConfigError("min_child_fraction must be in [0, max_child_fraction]")
+
+    @property
+    def sign(self) -> int:
+        return SIDES[self.side]
+
+    @property
+    def horizon_us(self) -> int:
+        return round(self.horizon_s * 1e6)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h)?\s*$", re.IGNORECASE)
+_UNIT_S = {None: 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float) -> float:
+    """'300s', '5m', '1.5h', '250ms' or a bare number of seconds -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if not match:
+            raise ConfigError(f"cannot read duration {text!r}; use e.g. 300s, 5m, 1h")
+        unit = match.group(2).lower() if match.group(2) else None
+        seconds = float(match.group(1)) * _UNIT_S[unit]
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ConfigError(f"duration must be >= 0, got {text!r}")
+    return seconds
+
+
+def scenario_path(name: str, search: tuple[Path, ...] | None = None) -> Path:
+    """A scenario YAML: `name` itself when it is a file, else <root>/configs/scenarios/
+    <name>.yaml under the working directory or the source checkout."""
+    direct = Path(name)
+    if direct.suffix in (".yaml", ".yml") and direct.is_file():
+        return direct
+    roots = search or (Path.cwd(), Path(__file__).resolve().parents[3])
+    for root in roots:
+        candidate = root / SCENARIO_DIR / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for root in roots for p in (root / SCENARIO_DIR).glob("*.yaml")})
+    raise ConfigError(f"unknown scenario {name!r}; known: {', '.join(known) or 'none found'}")
+
+
+def load_scenario(name: str, overrides: tuple[str, ...] | list[str] = ()) -> SimConfig:
+    from mega_trading.config import load_yaml
+
+    return load_yaml(SimConfig, scenario_path(name), overrides)

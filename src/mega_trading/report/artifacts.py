@@ -39,17 +39,18 @@ class Artifacts:
     checkpoint_params: int | None = None  # counted from the safetensors header
     problems: dict[str, str] = field(default_factory=dict)  # artifact -> why it was unreadable
 
+    _shards: Any = None
+
     def shards(self):
         """ShardSet of the data dir (real events for the charts), or None."""
-        if self.data_dir is None or self.manifest is None:
-            return None
-        from mega_trading.dataset import ShardSet
+        if self._shards is None and self.data_dir is not None and self.manifest is not None:
+            from mega_trading.dataset import ShardSet
 
-        try:
-            return ShardSet.open(self.data_dir)
-        except DataError as exc:
-            self.problems.setdefault("data events", str(exc))
-            return None
+            try:
+                self._shards = ShardSet.open(self.data_dir)
+            except DataError as exc:
+                self.problems.setdefault("data events", str(exc))
+        return self._shards
 
 
 def recorded_data_dir(run_dir: str | Path) -> Path | None:

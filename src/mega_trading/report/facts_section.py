@@ -37,7 +37,7 @@ HEADLINE_FACTS = (
     ("|r| ACF, lag 10", ("abs_return_acf", 9), FACT_FMT),
     ("sign ACF, lag 1", ("sign", "acf", 0), FACT_FMT),
     ("sign ACF power-law exponent γ", ("sign", "powerlaw", "gamma"), FACT_FMT),
-    ("share of buys − sells (mean sign)", ("sign", "mean"), FACT_FMT),
+    ("buy share − sell share (mean sign)", ("sign", "mean"), FACT_FMT),
     ("share of zero time gaps", ("inter_arrival", "share_zero"), FACT_FMT),
     ("time-gap coefficient of variation", ("inter_arrival", "cv"), FACT_FMT),
     ("median time gap (µs)", ("inter_arrival", "median_dt_us"), FACT_FMT),
@@ -147,10 +147,7 @@ def _distance_table(distances: dict) -> str:
         return ""
     first = next(iter(distances.values()))
     roles = [r for r in _roles(first) if r[2] is not None]
-    headers = ["distribution", "distance"]
-    for label, _, _ in roles:
-        headers += [label, "95% CI"]
-    headers.append("model vs noise floor")
+    headers = ["distribution", "distance", *[label for label, _, _ in roles], "model vs noise floor"]
     rows = []
     for dist, section in _ordered(distances, tuple(DISTRIBUTION_LABELS)):
         for i, (metric, metric_label) in enumerate(METRIC_LABELS.items()):
@@ -161,14 +158,14 @@ def _distance_table(distances: dict) -> str:
                 entry = _get(section, tuple(prefix.split("/"))) or {}
                 key = f"facts:distances/{dist}/{prefix}/{metric}"
                 value = entry.get(metric) or {}
-                row.append(num(value.get("value"), DIST_FMT, f"{key}/value"))
-                row.append(f'<span class="ci">[{num(value.get("ci_low"), DIST_FMT, f"{key}/ci_low")}, '
+                row.append(num(value.get("value"), DIST_FMT, f"{key}/value")
+                           + f'<br><span class="ci ci-sub">[{num(value.get("ci_low"), DIST_FMT, f"{key}/ci_low")}, '
                            f'{num(value.get("ci_high"), DIST_FMT, f"{key}/ci_high")}]</span>')
             row.append(_verdict(_get(section, ("model", metric)), _get(section, ("noise_floor", metric))))
             rows.append(row)
     return table(headers, rows, cls="distance-table", numeric_from=2,
                  caption="Distance of each source's distribution to the real backtest events "
-                         "(0 = identical; lower is better), bootstrap 95% CIs.")
+                         "(0 = identical; lower is better), with its bootstrap 95% CI below.")
 
 
 def _gap_table(gaps: dict) -> str:

@@ -26,6 +26,7 @@ from mega_trading.report.html import Section, esc, key_values, not_produced, not
 
 MAX_LINES = 64  # rollouts drawn individually; more would only blur the fan
 TARGET_CANDLES = 60
+MAX_SINGLE = 4  # prompts drawn side by side when each has a single continuation
 BUCKETS_US = [int(s * 1e6) for s in (0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600,
                                      900, 1800, 3600, 7200, 14400, 43200, 86400)]
 
@@ -132,7 +133,8 @@ def _candles(time_us: np.ndarray, price: np.ndarray, t0: int, width: int):
     return starts + width // 2, agg
 
 
-def _candle_chart(prompt: Prompt, inside, after, paths: dict) -> str:
+def _candle_chart(prompt: Prompt, inside, after, paths: dict, name: str = "candles",
+                  half: bool = False) -> str:
     import plotly.graph_objects as go
 
     t_first = int(inside["time_us"][0]) if inside is not None and inside.height else prompt.last_time_us
@@ -150,23 +152,28 @@ def _candle_chart(prompt: Prompt, inside, after, paths: dict) -> str:
                             close=agg["c"], name=label, opacity=opacity,
                             increasing={"line": {"color": colors[0]}, "fillcolor": colors[0]},
                             decreasing={"line": {"color": colors[1]}, "fillcolor": colors[1]})
+    few = len(paths) <= 3  # a lone path gets a strong line, a fan lighter ones
     for k, (rid, (t, p)) in enumerate(sorted(paths.items())[:MAX_LINES]):
         fig.add_scatter(x=times_to_iso(np.r_[prompt.last_time_us, t]), y=np.r_[prompt.last_price, p],
-                        mode="lines", line={"color": rgba(MODEL_COLOR, .55), "width": 1.3},
+                        mode="lines", line={"color": rgba(MODEL_COLOR, .9 if few else .5),
+                                            "width": 2 if few else 1.3},
                         name="generated continuations", legendgroup="gen", showlegend=k == 0,
                         hovertemplate=f"rollout {rid}<br>%{{x}}<br>%{{y:.2f}}<extra></extra>")
     boundary = times_to_iso([prompt.last_time_us])[0]
     fig.add_shape(type="line", x0=boundary, x1=boundary, y0=0, y1=1, yref="paper",
                   line={"color": "#667085", "dash": "dash", "width": 1})
-    fig.add_annotation(x=boundary, y=1, yref="paper", text="prompt ends", showarrow=False,
+    fig.add_annotation(x=boundary, y=0, yref="paper", text=" prompt ends", showarrow=False,
                        xanchor="left", yanchor="bottom", font={"size": 11, "color": "#667085"})
-    style(fig, height=460, xaxis_title="time (UTC)", yaxis_title=f"{prompt.symbol} price",
+    style(fig, height=400 if half else 460, half=half, xaxis_title="time (UTC)",
+          yaxis_title=f"{prompt.symbol} price",
           xaxis={"rangeslider": {"visible": False}})
     n = len(prompt.rollouts)
     caption = (f"{esc(prompt.symbol)}, {esc(prompt.split)} split, prompt of {prompt.length} tokens ending "
                f"{esc(utc(prompt.last_time_us))} at {prompt.last_price:g}; {n} generated "
                f"continuation{'s' if n != 1 else ''}; candles of {width / 1e6:g} s.")
-    return embed(fig, "candles", "Real prompt and continuation (candles) vs generated continuations (lines)", caption)
+    title = ("Real prompt and continuation (candles) vs generated continuations (lines)" if not half
+             else f"{prompt.symbol}: real (candles) vs generated (line)")
+    return embed(fig, name, title, caption)
 
 
 def _returns_bps(prices: np.ndarray, start: float, length: int) -> np.ndarray:
@@ -255,13 +262,20 @@ def generation_section(art: Artifacts) -> Section:
     if real is None:
         body.append(note("The prepared data directory is not available, so the real prompt and "
                          "continuation cannot be drawn; only generated paths are shown.", "warn"))
-    main = prompts[0]
-    if len(main.rollouts) == 1 and len(prompts) > 1:
-        body.append(note("Each rollout continues a different prompt, so the candle chart shows one "
-                         "continuation; the pooled chart below compares all of them.", "info"))
-    paths = _paths(art.rollouts, main.rollouts)
-    horizon = max((len(t) for t, _ in paths.values()), default=0)
-    inside, after = real.around(main, horizon) if real else (None, None)
-    body.append(_candle_chart(main, inside, after, paths))
+    # A fan needs several rollouts of one prompt; when every rollout has its own prompt,
+    # a few prompts are shown side by side instead.
+    shown = prompts[:1] if len(prompts[0].rollouts) > 1 or len(prompts) == 1 else prompts[:MAX_SINGLE]
+    if len(shown) > 1:
+        body.append(note(f"Each rollout continues a different prompt, so there is no fan of one prompt: "
+                         f"{len(shown)} prompts are shown with their single continuation; the pooled "
+                         f"chart below compares all {len(prompts)}.", "info"))
+    charts = []
+    for i, prompt in enumerate(shown):
+        paths = _paths(art.rollouts, prompt.rollouts)
+        horizon = max((len(t) for t, _ in paths.values()), default=0)
+        inside, after = real.around(prompt, horizon) if real else (None, None)
+        charts.append(_candle_chart(prompt, inside, after, paths, "candles" if i == 0 else f"candles-{i + 1}",
+                                    half=len(shown) > 1))
+    body.append(f'<div class="grid2">{"".join(charts)}</div>' if len(charts) > 1 else charts[0])
     body.append(_fan_chart(prompts, art.rollouts, real))
     return Section("generation", title, "".join(body), HOW)

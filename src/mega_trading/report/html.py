@@ -174,6 +174,7 @@ thead th { background: #f9fafb; font-weight: 600; color: #344054; white-space: n
            border-bottom: 2px solid var(--line); }
 td.r, th.r { text-align: right; }
 td .num, td .ci { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.ci-sub { font-size: 12px; color: var(--muted); }
 tr.model-row td { background: #eef4ff; font-weight: 600; }
 table.kv th { width: 30%; color: #344054; font-weight: 600; background: #fcfcfd; }
 code { font: 12.5px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;

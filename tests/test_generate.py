@@ -376,3 +376,19 @@ def test_cli_generate_refuses_other_data(run_dir, tmp_path, sample_trade_zips, c
     assert code != 0 and "Traceback" not in err
     assert "trained with tokenizer" in err
     assert not (tmp_path / "r.parquet").exists()
+
+
+def test_rollouts_per_prompt_make_a_fan(tmp_path):
+    """Several rollouts continue the same real prompt, so the report can draw a fan."""
+    from mega_trading.data import sample_files
+    from mega_trading.dataset import PrepareConfig, ShardSet, prepare
+    from mega_trading.generate import GenerateConfig, make_prompts
+
+    prepare(sample_files("trades"), tmp_path / "d", PrepareConfig(block_size=64, stride=32, workers=1))
+    shards = ShardSet.open(tmp_path / "d")
+    cfg = GenerateConfig(n=6, length=4, prompt_length=16, rollouts_per_prompt=3)
+    prompts, info = make_prompts(shards, cfg, np.random.default_rng(0))
+    assert prompts.shape == (6, 16)
+    assert (prompts[0] == prompts[2]).all() and (prompts[3] == prompts[5]).all()
+    assert info["prompt_id"].to_list() == [0, 0, 0, 1, 1, 1]
+    assert info["last_price"][0] == info["last_price"][2]

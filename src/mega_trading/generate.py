@@ -114,6 +114,7 @@ class GenerateConfig:
     symbol: str | None = None  # None: symbols drawn in proportion to their windows
     split: str = "backtest"  # where a "seg" prompt finds its anchor price / time / size
     seed: int = 0
+    rollouts_per_prompt: int = 1  # >1: several rollouts continue each prompt (a fan)
     batch_size: int = 32  # rollouts decoded together
     keep: int | None = None  # tokens kept when the window slides; None: half the cache
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -122,7 +123,7 @@ class GenerateConfig:
         if self.prompt_from not in PROMPT_SOURCES:
             raise ConfigError(f"generate.prompt_from must be one of {PROMPT_SOURCES}, "
                               f"got {self.prompt_from!r}")
-        for name in ("n", "length", "prompt_length", "batch_size"):
+        for name in ("n", "length", "prompt_length", "batch_size", "rollouts_per_prompt"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"generate.{name} must be positive, got {getattr(self, name)}")
 
@@ -435,9 +436,17 @@ def rollouts_to_events(tokens_new, tokenizer, start_price, start_time_us, symbol
 
 def make_prompts(shards, cfg: GenerateConfig,
                  rng: np.random.Generator) -> tuple[torch.Tensor, pl.DataFrame]:
+    """n prompts: ceil(n / rollouts_per_prompt) distinct ones, each repeated in a row."""
+    distinct = -(-cfg.n // cfg.rollouts_per_prompt)
     if cfg.prompt_from == "seg":
-        return seg_prompts(shards, cfg.split, cfg.symbol, cfg.n, rng)
-    return prompt_from_split(shards, cfg.prompt_from, cfg.symbol, cfg.prompt_length, cfg.n, rng)
+        prompts, info = seg_prompts(shards, cfg.split, cfg.symbol, distinct, rng)
+    else:
+        prompts, info = prompt_from_split(shards, cfg.prompt_from, cfg.symbol, cfg.prompt_length,
+                                          distinct, rng)
+    if cfg.rollouts_per_prompt == 1:
+        return prompts, info
+    rows = np.repeat(np.arange(distinct), cfg.rollouts_per_prompt)[:cfg.n]
+    return prompts[torch.from_numpy(rows)], info[rows].with_columns(prompt_id=pl.Series(rows))
 
 
 def generate_rollouts(model, shards, cfg: GenerateConfig,

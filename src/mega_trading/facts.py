@@ -590,7 +590,8 @@ _SUMMARY_FACTS = (
 )
 
 
-def _lookup(node: Any, path: tuple[Any, ...]) -> Any:
+def lookup(node: Any, path: tuple[Any, ...]) -> Any:
+    """node[p0][p1]... or None where any step is missing."""
     for part in path:
         if node is None:
             return None
@@ -625,15 +626,15 @@ def summary_table(card: Mapping[str, Any]) -> list[dict[str, str]]:
                **{b: facts["baselines"][b] for b in baselines}}
     rows = []
     for label, path in _SUMMARY_FACTS:
-        rows.append({"metric": label, **{s: _fmt(_lookup(f, path)) for s, f in sources.items()}})
+        rows.append({"metric": label, **{s: _fmt(lookup(f, path)) for s, f in sources.items()}})
     rows.append({"metric": "valid", **{s: _fmt(f["valid"]) if f else "—" for s, f in sources.items()}})
     for name, section in card["distances"].items():
         for stat in ("ks", "wasserstein"):
             row = {"metric": f"{stat} {name}", "real": "—"}
-            row["noise_floor"] = _fmt_distance(_lookup(section, ("noise_floor", stat)))
-            row["model"] = _fmt_distance(_lookup(section, ("model", stat)))
+            row["noise_floor"] = _fmt_distance(lookup(section, ("noise_floor", stat)))
+            row["model"] = _fmt_distance(lookup(section, ("model", stat)))
             for b in baselines:
-                row[b] = _fmt_distance(_lookup(section, ("baselines", b, stat)))
+                row[b] = _fmt_distance(lookup(section, ("baselines", b, stat)))
             rows.append(row)
     return rows
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mega_trading.facts import lookup
 from mega_trading.report.artifacts import Artifacts
 from mega_trading.report.charts import color_of, embed, style
 from mega_trading.report.html import Section, esc, not_produced, note, num, table
@@ -79,17 +80,6 @@ to quantizing trades into bins alone: the model, whose trades are decoded tokens
 expected to beat it.</p>"""
 
 
-def _get(node: Any, path: tuple) -> Any:
-    for part in path:
-        if node is None:
-            return None
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
-
-
 def display_name(name: str) -> str:
     return DISPLAY_NAMES.get(name, name)
 
@@ -128,7 +118,7 @@ def _facts_table(facts: dict) -> str:
         json_path = "/".join(str(p) for p in path)
         row = [esc(label)]
         for _, prefix, source in sources:
-            row.append(num(_get(source, path), spec, f"facts:facts/{prefix}/{json_path}"))
+            row.append(num(lookup(source, path), spec, f"facts:facts/{prefix}/{json_path}"))
         rows.append(row)
     return table(["fact", *[s[0] for s in sources]], rows, cls="facts-table",
                  caption="Headline facts of each source (returns in basis points, one event per trade).")
@@ -155,13 +145,13 @@ def _distance_table(distances: dict) -> str:
             for _, prefix, _ in _roles(section):
                 if prefix not in [r[1] for r in roles]:
                     continue
-                entry = _get(section, tuple(prefix.split("/"))) or {}
+                entry = lookup(section, tuple(prefix.split("/"))) or {}
                 key = f"facts:distances/{dist}/{prefix}/{metric}"
                 value = entry.get(metric) or {}
                 row.append(num(value.get("value"), DIST_FMT, f"{key}/value")
                            + f'<br><span class="ci ci-sub">[{num(value.get("ci_low"), DIST_FMT, f"{key}/ci_low")}, '
                            f'{num(value.get("ci_high"), DIST_FMT, f"{key}/ci_high")}]</span>')
-            row.append(_verdict(_get(section, ("model", metric)), _get(section, ("noise_floor", metric))))
+            row.append(_verdict(lookup(section, ("model", metric)), lookup(section, ("noise_floor", metric))))
             rows.append(row)
     return table(headers, rows, cls="distance-table", numeric_from=2,
                  caption="Distance of each source's distribution to the real backtest events "
@@ -177,7 +167,7 @@ def _gap_table(gaps: dict) -> str:
     for name, section in _ordered(gaps, GAP_ORDER):
         row = [esc(name.replace("_", " "))]
         for _, prefix, _ in roles:
-            row.append(num(_get(section, tuple(prefix.split("/"))), FACT_FMT, f"facts:fact_gaps/{name}/{prefix}"))
+            row.append(num(lookup(section, tuple(prefix.split("/"))), FACT_FMT, f"facts:fact_gaps/{name}/{prefix}"))
         floor, model = section.get("noise_floor"), section.get("model")
         if floor is None or model is None:
             ratio = '<span class="muted">—</span>'
@@ -198,7 +188,7 @@ def _curve_chart(facts: dict, name: str, title: str, path: tuple, ylabel: str) -
 
     fig = go.Figure()
     for label, prefix, source in _sources(facts):
-        curve = _get(source, path)
+        curve = lookup(source, path)
         if not curve:
             continue
         lags = source.get("lags") or list(range(1, len(curve) + 1))
@@ -220,7 +210,7 @@ def _aggregation_chart(facts: dict) -> str:
 
     fig = go.Figure()
     for label, prefix, source in _sources(facts):
-        agg = _get(source, ("aggregation", "event")) or {}
+        agg = lookup(source, ("aggregation", "event")) or {}
         points = sorted((int(h), v.get("excess_kurtosis")) for h, v in agg.items())
         if not points:
             continue
@@ -332,7 +322,7 @@ def _headline(facts: dict, distances: dict) -> str:
     within, total = 0, 0
     for section in distances.values():
         for metric in METRIC_LABELS:
-            model, floor = _get(section, ("model", metric)), _get(section, ("noise_floor", metric))
+            model, floor = lookup(section, ("model", metric)), lookup(section, ("noise_floor", metric))
             if model and floor and model.get("ci_low") is not None and floor.get("ci_high") is not None:
                 total += 1
                 within += model["ci_low"] <= floor["ci_high"]

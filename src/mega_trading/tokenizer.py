@@ -46,7 +46,7 @@ class TokenizerConfig:
     size_bins: int = 8
     dt_bins: int = 8  # including the zero bin
     tail_quantile: float = 0.995  # beyond it (and below 1 - it): the outlier bins
-    fit_sample: int = 2_000_000  # fit quantiles on at most this many training events
+    fit_sample: int = 500_000  # fit quantiles on at most this many training events (seeded sample)
 
 
 @dataclass(frozen=True)
@@ -109,16 +109,19 @@ def _quantile_edges(values: np.ndarray, n_bins: int, tail_quantile: float) -> tu
 def _representatives(bins: FieldBins, values: np.ndarray) -> tuple[float, ...]:
     """Training median inside each bin; for a bin no training value fell in, some value
     that the bin itself maps back to (so decode -> encode is the identity)."""
-    idx = bins.index(values)
+    # One sort gives every bin's values contiguous and ordered (bins are value intervals).
+    ordered = np.sort(values)
+    idx = bins.index(ordered)
+    starts = np.searchsorted(idx, np.arange(bins.n_bins), side="left")
+    ends = np.searchsorted(idx, np.arange(bins.n_bins), side="right")
     edges = np.array(sorted({*bins.neg_edges, *bins.pos_edges, 0.0}))
     candidates = np.concatenate([edges, edges + 1e-9 * (1 + abs(edges)),
                                  (edges[1:] + edges[:-1]) / 2, [edges[0] - 1.0, edges[-1] + 1.0]])
     candidate_bins = bins.index(candidates)
     reps = []
-    for b in range(bins.n_bins):
-        inside = values[idx == b]
-        if inside.size:
-            reps.append(float(np.median(inside)))
+    for b, (lo, hi) in enumerate(zip(starts, ends)):
+        if hi > lo:
+            reps.append(float(np.median(ordered[lo:hi])))
         else:
             reps.append(float(candidates[np.flatnonzero(candidate_bins == b)[0]]))
     return tuple(reps)

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from mega_trading.dataset import (
-    SPLITS, PrepareConfig, ShardSet, WindowSampler, prepare, sequential_windows, window_starts,
+    SPLITS,
+    PrepareConfig,
+    ShardSet,
+    WindowSampler,
+    prepare,
+    sequential_windows,
+    window_starts,
 )
 from mega_trading.errors import DataError
 from mega_trading.tokenizer import Tokenizer
@@ -104,7 +110,7 @@ def test_tokenizer_is_fitted_on_train_only(tmp_path, sample_trade_zips, prepared
 
 def test_sampler_sees_every_symbol_not_storage_order(prepared):
     sampler = WindowSampler(prepared, "train", block_size=64, batch_size=8, seed=0)
-    x, y, names = sampler.next_batch()
+    x, y, _ = sampler.next_batch()
     assert x.shape == (8, 64) and (x[:, 1:] == y[:, :-1]).all()
     for _ in range(49):
         sampler.next_batch()

@@ -124,7 +124,7 @@ def ingest(
     from mega_trading.ingest.partitions import expand_inputs, ingest_files
 
     def utc(time_us: int) -> str:
-        stamp = dt.datetime.fromtimestamp(time_us / 1e6, dt.timezone.utc)
+        stamp = dt.datetime.fromtimestamp(time_us / 1e6, dt.UTC)
         return stamp.strftime("%Y-%m-%d %H:%M:%S")
 
     lines: list[str] = []
@@ -162,10 +162,10 @@ def prepare(
     overrides: List[str] = typer.Option([], "--set", help="Dotted overrides, e.g. tokenizer.size_bins=6."),
 ) -> None:
     """Raw trades -> events -> tokenizer (train split only) -> chronological token shards."""
-    from mega_trading.config import apply_overrides
+    from mega_trading.config import apply_overrides, from_dict
     from mega_trading.data import sample_files
-    from mega_trading.dataset import PrepareConfig, prepare as run_prepare
-    from mega_trading.config import from_dict
+    from mega_trading.dataset import PrepareConfig
+    from mega_trading.dataset import prepare as run_prepare
 
     cfg = from_dict(PrepareConfig, {
         "block_size": block_size, "stride": stride, "splits": splits, "kind": kind,
@@ -187,7 +187,7 @@ def _print_manifest_summary(manifest: dict, out: Path) -> None:
     import datetime as dt
 
     def utc(us):
-        return dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if us else "-"
+        return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if us else "-"
 
     for split, by_symbol in manifest["shards"].items():
         for symbol, info in sorted(by_symbol.items()):
@@ -284,9 +284,8 @@ def backtest(
 
 
 def _print_backtest(doc: dict, path: Path) -> None:
-    from rich.table import Table
-
     from rich import box
+    from rich.table import Table
 
     def ci(lo: float, hi: float, signed: bool = False) -> str:
         fmt = "{:+.2f}" if signed else "{:.2f}"
@@ -344,8 +343,12 @@ def generate(
     from mega_trading.checkpoint import load_model
     from mega_trading.config import from_dict
     from mega_trading.dataset import ShardSet
-    from mega_trading.generate import (GenerateConfig, generate_rollouts, rollout_lineage,
-                                       write_rollouts)
+    from mega_trading.generate import (
+        GenerateConfig,
+        generate_rollouts,
+        rollout_lineage,
+        write_rollouts,
+    )
 
     cfg = from_dict(GenerateConfig, {
         "n": n, "length": length, "prompt_from": prompt_from, "prompt_length": prompt_length,
@@ -513,7 +516,13 @@ def simulate(
     from mega_trading.backtest import resolve_device
     from mega_trading.config import apply_overrides, from_dict, to_dict
     from mega_trading.errors import ConfigError
-    from mega_trading.simulate import SimConfig, load_scenario, parse_duration, policy_configs, run_simulation
+    from mega_trading.simulate import (
+        SimConfig,
+        load_scenario,
+        parse_duration,
+        policy_configs,
+        run_simulation,
+    )
     from mega_trading.simulate.config import scenario_path
 
     cfg = to_dict(load_scenario(scenario) if scenario else SimConfig())

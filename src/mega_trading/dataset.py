@@ -20,13 +20,11 @@ are assembled by appending part files.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -34,7 +32,14 @@ import polars as pl
 from mega_trading.config import to_dict
 from mega_trading.errors import DataError
 from mega_trading.events import EventConfig, compute_events
-from mega_trading.lineage import atomic_dir, json_hash, provenance, read_json, sha256_file, write_json_atomic
+from mega_trading.lineage import (
+    atomic_dir,
+    json_hash,
+    provenance,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+)
 from mega_trading.tokenizer import Tokenizer, TokenizerConfig
 
 SPLITS = ("train", "validation", "backtest")
@@ -370,7 +375,7 @@ def _encode_part(meta: dict, tokenizer_path: str, offset: int, cuts: dict, out_r
 def _parse_time_us(text: str) -> int:
     stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
+        stamp = stamp.replace(tzinfo=dt.UTC)
     return int(stamp.timestamp() * 1_000_000)
 
 
@@ -515,7 +520,7 @@ def _assemble_shards(tmp: Path, jobs: list, encoded: list, cfg: PrepareConfig) -
             shard["end_time_us"] = info["last_time_us"]
     for by_symbol in shards.values():
         for shard in by_symbol.values():
-            shard["n_windows"] = int(len(window_starts(shard["n_tokens"], cfg.block_size, cfg.stride)))
+            shard["n_windows"] = len(window_starts(shard["n_tokens"], cfg.block_size, cfg.stride))
     return shards
 
 

@@ -20,8 +20,8 @@ from mega_trading.dataset import PrepareConfig
 from mega_trading.errors import ConfigError
 from mega_trading.facts import FactsConfig
 from mega_trading.generate import GenerateConfig
-from mega_trading.simulate import SimConfig
 from mega_trading.lineage import read_json, sha256_file
+from mega_trading.simulate import SimConfig
 from mega_trading.stages import Stage, run_stages, stamp_path
 from mega_trading.train import TrainConfig
 
@@ -50,7 +50,7 @@ class RunConfig:
     backtest_split: str = "backtest"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     facts: FactsConfig = field(default_factory=lambda: FactsConfig(on_degenerate="flag"))
-    simulate: SimulateStage = field(default_factory=lambda: SimulateStage())
+    simulate: SimulateStage = field(default_factory=SimulateStage)
 
     @property
     def run_path(self) -> Path:

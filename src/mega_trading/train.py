@@ -34,7 +34,8 @@ VALIDATION_SEED_OFFSET = 1_000_003  # validation windows never share the trainin
 # Settings that may change when a run is resumed: they do not alter the trajectory of the
 # weights (steps extends or shortens the run; the cosine schedule follows the new total).
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                     "keep_last", "tracking", "compile", "fsdp", "peak_flops")
+                     "keep_last", "tracking", "compile", "fsdp", "peak_flops", "liger",
+                     "activation_checkpointing")
 
 
 class NonFiniteLossError(MegaTradingError):
@@ -65,6 +66,8 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA
     compile: str | bool = "auto"  # auto: torch.compile on CUDA only
     fsdp: str | bool = "auto"  # auto: FSDP2 for large models on several GPUs, else DDP
+    liger: str | bool = "auto"  # auto: Liger-Kernel fused ops on CUDA when installed (accel.py)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
     tracking: Literal["mlflow", "none"] = "mlflow"
     peak_flops: float | None = None  # per device, for MFU; default: table (CUDA) / measured (CPU)
 
@@ -84,7 +87,7 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.block_size is not None and self.block_size < 2:
             raise ConfigError(f"block_size must be >= 2, got {self.block_size}")
-        for name in ("compile", "fsdp"):
+        for name in ("compile", "fsdp", "liger"):
             if getattr(self, name) not in ("auto", "true", "false", True, False):
                 raise ConfigError(f"{name} must be auto, true or false, got {getattr(self, name)!r}")
 
@@ -215,8 +218,18 @@ def derived_numbers(model_cfg, cfg: TrainConfig, train_tokens: int) -> dict[str,
 
 # --- pieces of the loop --------------------------------------------------------------------------
 
-def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of a batch of windows."""
+def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 lm_head: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of a batch of windows.
+
+    With `lm_head` (the bare model's output weight) the model stops at its final hidden
+    states and head + loss run as one fused op (accel.fused_linear_cross_entropy: Liger's
+    kernel on CUDA never materializes the [B, T, V] logits).
+    """
+    if lm_head is not None:
+        from mega_trading.accel import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(model(x, return_hidden=True), lm_head, y)
     logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
@@ -410,10 +423,12 @@ class _Session:
     log: Callable[[str], None]
     start_step: int = 0
     tracker: Any = None
+    accel: Any = None  # accel.AccelPlan: Liger, fused CE, activation checkpointing, pinning
 
     @classmethod
     def start(cls, data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool, ctx,
               log_any: Callable[[str], None]) -> _Session:
+        from mega_trading.accel import apply_accel, resolve_accel
         from mega_trading.checkpoint import latest_step, list_checkpoints
         from mega_trading.dataset import ShardSet, WindowSampler
         from mega_trading.distributed import use_fsdp, wrap_model
@@ -447,6 +462,8 @@ class _Session:
             torch.set_float32_matmul_precision("high")
         raw = Transformer(model_cfg).to(device)
         fsdp = use_fsdp(cfg.fsdp, ctx, derived["n_params"])
+        accel = resolve_accel(cfg.liger, cfg.activation_checkpointing, device, fsdp)
+        apply_accel(raw, accel)  # module swaps come before wrapping and compiling
         wrapped = wrap_model(raw, ctx, fsdp)
         compiled = _want_compile(cfg.compile, device)
         optimizer = build_optimizer(raw, OptimConfig(muon_lr=cfg.muon_lr, adamw_lr=cfg.lr,
@@ -466,7 +483,8 @@ class _Session:
                       optimizer=optimizer, sampler=sampler,
                       val_batches=_validation_batches(shards, block, per_rank, cfg, ctx, log),
                       amp_dtype=amp_dtype, peak=peak, run_config=run_config,
-                      metrics=MetricsLog(run_dir / "metrics.jsonl", ctx.is_main), log=log)
+                      metrics=MetricsLog(run_dir / "metrics.jsonl", ctx.is_main), log=log,
+                      accel=accel)
         if resume_step is not None:
             session.restore(resume_step)
         session.open_outputs()
@@ -492,6 +510,8 @@ class _Session:
                  f"{'bf16 autocast' if self.amp_dtype else 'float32'}, "
                  f"compile {'on' if compiled else 'off'}, "
                  f"peak {f'{peak:.3g} FLOP/s' if peak else 'unknown'} ({peak_source})")
+        if self.accel is not None:
+            self.log(f"accelerators: {self.accel.describe()}")
         if self.start_step:
             self.log(f"resumed from checkpoint step {self.start_step}")
 
@@ -546,17 +566,21 @@ class _Session:
 
     def optimizer_step(self, step: int) -> tuple[float, float]:
         """One optimizer step (all micro-batches); returns (mean loss, gradient norm)."""
+        from mega_trading.accel import AccelPlan, to_device
         from mega_trading.distributed import gradient_sync, mean_across_ranks
 
         cfg, device = self.cfg, self.ctx.device
+        accel = self.accel or AccelPlan()
+        pin = accel.pin_memory
+        lm_head = self.raw.output.weight if accel.fused_cross_entropy else None
         self.optimizer.set_lr_scale(lr_scale(step - 1, cfg))
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y, _ = self.sampler.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device, pin), to_device(y, device, pin)
             with gradient_sync(self.wrapped, enabled=micro == cfg.grad_accum - 1):
                 with _autocast(device, self.amp_dtype):
-                    loss = compute_loss(self.model, x, y)
+                    loss = compute_loss(self.model, x, y, lm_head)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

@@ -247,28 +247,40 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _map(fn: Callable, items: list, workers: int, label: str, show: bool) -> list:
-    """Run fn over items in worker processes (inline for one worker), with a progress bar."""
-    from rich.progress import Progress
+class _Workers:
+    """One pool of worker processes for every parallel step of a `prepare` (started
+    lazily, once: spawning a Python with Polars costs about a second), or inline work."""
 
-    with Progress(disable=not show, transient=True) as progress:
-        task = progress.add_task(label, total=len(items))
-        if workers <= 1 or len(items) <= 1:
-            results = []
-            for item in items:
-                results.append(fn(*item))
-                progress.advance(task)
-            return results
-        import multiprocessing
+    def __init__(self, workers: int, show: bool):
+        self.workers, self.show, self._pool = workers, show, None
 
-        # spawn: Polars and Torch thread pools do not survive fork().
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(fn, *item) for item in items]
+    def map(self, fn: Callable, items: list, label: str) -> list:
+        from rich.progress import Progress
+
+        with Progress(disable=not self.show, transient=True) as progress:
+            task = progress.add_task(label, total=len(items))
+            if self.workers <= 1 or len(items) <= 1:
+                results = []
+                for item in items:
+                    results.append(fn(*item))
+                    progress.advance(task)
+                return results
+            if self._pool is None:
+                import multiprocessing
+
+                # spawn: Polars' thread pool does not survive fork().
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            futures = [self._pool.submit(fn, *item) for item in items]
             results = []
             for future in futures:
                 results.append(future.result())
                 progress.advance(task)
             return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 def _read_input(path: Path, kind: str, work: Path, event_cfg: EventConfig) -> dict:
@@ -407,11 +419,19 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, cfg: PrepareConfi
     """Raw trade files -> OUT/{manifest.json, tokenizer.json, shards/, events/}, atomically."""
     files = expand_inputs(inputs)
     out_dir = Path(out_dir)
+    pool = _Workers(cfg.workers, show_progress)
+    try:
+        return _prepare(files, inputs, out_dir, cfg, pool)
+    finally:
+        pool.close()
+
+
+def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareConfig, pool: _Workers) -> dict:
     with atomic_dir(out_dir) as tmp:
         work = tmp / "_work"
         work.mkdir()
         jobs = [(f, cfg.kind, work, cfg.events) for f in files]
-        read = _map(_read_input, jobs, cfg.workers, "reading + events", show_progress)
+        read = pool.map(_read_input, jobs, "reading + events")
         used = [r for r in read if "stem" in r and (not cfg.symbols or r["symbol"] in cfg.symbols)]
         if not used:
             raise DataError(f"no {cfg.kind} trades found in the inputs", ", ".join(map(str, inputs)))
@@ -434,7 +454,7 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, cfg: PrepareConfi
             for i, meta in enumerate(metas):
                 encode_jobs.append((meta, str(tokenizer_path), offset, cuts[symbol], str(tmp), i))
                 offset += meta["n"]
-        encoded = _map(_encode_part, encode_jobs, cfg.workers, "tokenizing", show_progress)
+        encoded = pool.map(_encode_part, encode_jobs, "tokenizing")
         shards = _assemble_shards(tmp, encode_jobs, encoded, cfg)
         shutil.rmtree(work)
 

@@ -192,6 +192,17 @@ def test_pad_never_sampled_and_seg_can_be_forbidden():
     assert not ((no_specials[:, 4:] == pad) | (no_specials[:, 4:] == seg)).any()
 
 
+def test_banning_leaves_the_callers_logits_alone():
+    from mega_trading.generate import _sample_step
+
+    logits = torch.zeros(500, VOCAB)
+    logits[:, TOK.pad_id] = 5.0  # PAD would win nearly every draw if it were not banned
+    kept = logits.clone()
+    drawn = _sample_step(logits, SamplingConfig(top_k=4), (TOK.pad_id,), seeded(0))
+    assert not (drawn == TOK.pad_id).any()
+    assert torch.equal(logits, kept)  # on_logits callers may still hold this tensor
+
+
 def test_invalid_settings_are_config_errors():
     model = tiny_model()
     with pytest.raises(ConfigError):

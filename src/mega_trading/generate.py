@@ -141,11 +141,15 @@ def banned_ids(cfg: SamplingConfig, pad_id: int, seg_id: int) -> tuple[int, ...]
 
 def prefill(model, cache, prompt: torch.Tensor) -> torch.Tensor:
     """Run prompt [B, T] from position 0, filling the cache; logits of its last token [B, V]."""
+    if hasattr(model, "last_logits"):  # the head on the last position only
+        return model.last_logits(prompt, cache=cache, start_pos=0)
     return model(prompt, cache=cache, start_pos=0)[:, -1]
 
 
 def decode_one(model, cache, token: torch.Tensor, pos: int) -> torch.Tensor:
     """Feed token [B, 1] at cache position pos; logits for the next token [B, V]."""
+    if hasattr(model, "decode_step"):  # the same logits on fused weights, in far fewer ops
+        return model.decode_step(token, cache, pos)
     return model(token, cache=cache, start_pos=pos)[:, -1]
 
 
@@ -167,7 +171,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 16, top_
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1:  # dividing by 1 changes nothing: skip a [B, V] pass per step
+        logits = logits / temperature
     indices = None
     if 0 < top_k < logits.shape[-1]:
         logits, indices = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
@@ -185,9 +190,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 16, top_
 
 def _sample_step(logits: torch.Tensor, cfg: SamplingConfig, banned: Sequence[int],
                  generator: torch.Generator | None) -> torch.Tensor:
-    if banned:
-        logits = logits.clone()
-        logits[:, list(banned)] = float("-inf")
+    if banned:  # out of place: the caller (and on_logits) may still hold these logits
+        ids = torch.tensor(banned, dtype=torch.long, device=logits.device)
+        logits = logits.index_fill(-1, ids, float("-inf"))
     return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
 
 

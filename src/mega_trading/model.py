@@ -190,12 +190,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
+    def rotate(self, q, k, cos, sin):
+        """RoPE on queries and keys; a method so accel.apply_liger can swap in a fused kernel."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -268,8 +272,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, 0.0, std)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        """idx: [B, T] token ids -> float32 logits [B, T, V]."""
+                start_pos: int = 0, return_hidden: bool = False) -> torch.Tensor:
+        """idx: [B, T] token ids -> float32 logits [B, T, V].
+
+        return_hidden=True stops before the output head and returns the final normed hidden
+        states [B, T, D], so a fused linear cross-entropy never materializes the logits.
+        """
         T = idx.shape[1]
         if start_pos + T > self.rope_cos.shape[0]:
             raise ValueError(f"positions up to {start_pos + T} exceed block_size "
@@ -279,7 +287,78 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)  # [B, T, D]
         for block in self.layers:
             x = block(x, cos, sin, cache, start_pos)
+        if return_hidden:
+            return self.norm(x)  # [B, T, D]
         return self.output(self.norm(x)).float()  # [B, T, V]
+
+    def last_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
+                    start_pos: int = 0) -> torch.Tensor:
+        """`forward(idx, cache, start_pos)[:, -1]` [B, V] without running the output head
+        on the other T - 1 positions (a prefill only needs the last token's logits)."""
+        T = idx.shape[1]
+        if start_pos + T > self.rope_cos.shape[0]:
+            raise ValueError(f"positions up to {start_pos + T} exceed block_size "
+                             f"{self.cfg.block_size}")
+        cos = self.rope_cos[start_pos:start_pos + T].to(self.tok_embeddings.weight.dtype)
+        sin = self.rope_sin[start_pos:start_pos + T].to(self.tok_embeddings.weight.dtype)
+        x = self.tok_embeddings(idx)  # [B, T, D]
+        for block in self.layers:
+            x = block(x, cos, sin, cache, start_pos)
+        return self.output(self.norm(x[:, -1])).float()  # [B, V]
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """`forward(token, cache, pos)[:, -1]` for one token per row, token [B, 1] -> [B, V].
+
+        A decode step on a small model is bound by per-op overhead, so outside autograd
+        and in float32 this runs the same maths in under half the ops, on [B, D] rows and
+        weights fused once (see `DecodeWeights`): q, k, v and the rotate_half of q and k
+        in one matmul (RoPE is then one multiply and one multiply-add), gate and up
+        projections in one, norm gains folded into the following matmul, and
+        grouped-query attention as G queries per key/value head (no repeated keys, no
+        mask). Anything else (autograd, another dtype, T > 1) takes the plain forward.
+        """
+        weight = self.tok_embeddings.weight
+        if (torch.is_grad_enabled() or weight.dtype != torch.float32 or token.ndim != 2
+                or token.shape[1] != 1):
+            return self(token, cache=cache, start_pos=pos)[:, -1]
+        if not 0 <= pos < min(cache.max_len, self.rope_cos.shape[0]):
+            raise ValueError(f"position {pos} outside the cache ({cache.max_len}) or "
+                             f"block_size ({self.cfg.block_size})")
+        fused = self._decode_weights()
+        cfg = self.cfg
+        B, H, K, Dh = token.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        n_qk = (H + K) * Dh
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [Dh]
+        x = F.embedding(token[:, 0], weight)  # [B, D]
+        for layer, w in enumerate(fused.layers):
+            y = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.qkv)
+            qk = y[:, :n_qk].view(B, H + K, Dh) * cos  # RoPE: x cos + rotate_half(x) sin
+            qk.addcmul_(y[:, n_qk:2 * n_qk].view(B, H + K, Dh), sin)
+            cache.k[layer, :, :, pos] = qk[:, H:]
+            cache.v[layer, :, :, pos] = y[:, 2 * n_qk:].view(B, K, Dh)
+            # A lone query sees every cached key, so no mask; the G query heads sharing a
+            # key/value head are G rows of one [B, K, G, Dh] query, so SDPA neither repeats
+            # the keys nor builds a mask. (Plain matmuls are ~10% faster here but round
+            # further from the full forward.)
+            att = F.scaled_dot_product_attention(
+                qk[:, :H].view(B, K, H // K, Dh),
+                cache.k[layer, :, :, :pos + 1], cache.v[layer, :, :, :pos + 1])
+            x = x + F.linear(att.view(B, H * Dh), w.wo)
+            gate_up = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.w13)
+            hidden = F.silu(gate_up[:, :cfg.ffn_hidden]).mul_(gate_up[:, cfg.ffn_hidden:])
+            x = x + F.linear(hidden, w.w2)
+        return F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), fused.output)
+
+    def _decode_weights(self) -> DecodeWeights:
+        """The fused decode weights, rebuilt whenever a parameter changed (in-place updates
+        bump a tensor's version, loading new storage changes its address)."""
+        params = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self.__dict__.get("_fused_decode")
+        if cached is None or cached.key != key:
+            cached = DecodeWeights.build(self, key)
+            self.__dict__["_fused_decode"] = cached  # a plain attribute: never in state_dict
+        return cached
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A KV cache on this model's device and dtype (max_len defaults to block_size)."""
@@ -303,6 +382,46 @@ class Transformer(nn.Module):
         assert len(seen) == len(set(seen)) == len(list(self.parameters())), \
             "every parameter must be in exactly one optimizer group"
         return groups
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One block's weights for `Transformer.decode_step`, [out, in] like nn.Linear's (the
+    same gemm layout as the plain forward, so the two round alike)."""
+
+    qkv: torch.Tensor  # rows: q, k, rotate_half(q), rotate_half(k), v; attention gain in
+    wo: torch.Tensor
+    w13: torch.Tensor  # rows: gate (w1), up (w3); ffn gain folded in
+    w2: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecodeWeights:
+    key: tuple
+    layers: tuple[FusedLayer, ...]
+    output: torch.Tensor  # final norm gain folded in
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: Transformer, key: tuple) -> DecodeWeights:
+        def rotated(weight: torch.Tensor, heads: int) -> torch.Tensor:
+            # rotate_half on a projection's outputs = the same on its weight rows.
+            first, second = weight.view(heads, 2, -1, weight.shape[-1]).unbind(1)
+            return torch.stack([-second, first], 1).view_as(weight)
+
+        cfg, layers = model.cfg, []
+        for block in model.layers:
+            attn, ffn = block.attention, block.feed_forward
+            qk = torch.cat([attn.wq.weight, attn.wk.weight])  # [(H + K) Dh, D]
+            qkv = torch.cat([qk, rotated(qk, cfg.n_head + cfg.n_kv_head), attn.wv.weight])
+            w13 = torch.cat([ffn.w1.weight, ffn.w3.weight])
+            layers.append(FusedLayer(
+                qkv=qkv * block.attention_norm.weight,
+                wo=attn.wo.weight,
+                w13=w13 * block.ffn_norm.weight,
+                w2=ffn.w2.weight))
+        output = model.output.weight * model.norm.weight
+        return cls(key, tuple(layers), output)
 
 
 def config_from_dict(data: dict) -> ModelConfig:

@@ -402,4 +402,6 @@ def test_rollouts_per_prompt_make_a_fan(tmp_path):
     assert prompts.shape == (6, 16)
     assert (prompts[0] == prompts[2]).all() and (prompts[3] == prompts[5]).all()
     assert info["prompt_id"].to_list() == [0, 0, 0, 1, 1, 1]
+    if "rollout" in info.columns:
+        assert info["rollout"].to_list() == list(range(6))
     assert info["last_price"][0] == info["last_price"][2]

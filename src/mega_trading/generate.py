@@ -451,7 +451,10 @@ def make_prompts(shards, cfg: GenerateConfig,
     if cfg.rollouts_per_prompt == 1:
         return prompts, info
     rows = np.repeat(np.arange(distinct), cfg.rollouts_per_prompt)[:cfg.n]
-    return prompts[torch.from_numpy(rows)], info[rows].with_columns(prompt_id=pl.Series(rows))
+    info = info[rows].with_columns(prompt_id=pl.Series(rows))
+    if "rollout" in info.columns:  # one row per rollout, numbered 0..n-1 like the rollouts
+        info = info.with_columns(rollout=pl.Series(np.arange(cfg.n, dtype=np.int64)))
+    return prompts[torch.from_numpy(rows)], info
 
 
 def generate_rollouts(model, shards, cfg: GenerateConfig,

@@ -1,0 +1,112 @@
+"""The whole pipeline from one config: every artifact, skip-if-done, resume, ablation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mega_trading.config import to_dict
+from mega_trading.lineage import write_json_atomic
+from mega_trading.pipeline import RunConfig, run_pipeline, with_overrides
+
+TINY = [
+    "prepare.block_size=32", "prepare.stride=16", "prepare.workers=1",
+    "train.steps=4", "train.batch_size=4", "train.block_size=32", "train.eval_every=2",
+    "train.eval_batches=1", "train.log_every=1", "train.ckpt_every=2", "train.tracking=none",
+    "train.warmup_steps=1", "train.device=cpu",
+    "train.model={n_layer: 1, d_model: 32, n_head: 4, n_kv_head: 2, ffn_hidden: 64}",
+    "generate.n=4", "generate.length=24", "generate.prompt_length=16", "generate.rollouts_per_prompt=2",
+    "facts.n_boot=10", "facts.min_events=10",
+    "simulate.scenario.episodes=2", "simulate.scenario.prompt_length=16", "simulate.scenario.max_events=200",
+    "simulate.scenario.bootstrap_samples=50", "simulate.horizon_s=2",
+]
+
+
+def tiny_config(run_dir) -> RunConfig:
+    return with_overrides(RunConfig(), [f"run_dir={run_dir}", *TINY])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("pipe") / "run")
+    summary = run_pipeline(cfg)
+    return cfg, summary
+
+
+def test_every_stage_runs_and_writes_its_artifact(finished):
+    cfg, summary = finished
+    assert list(summary) == ["prepare", "train", "backtest", "generate", "facts", "simulate", "report"]
+    assert all(s["status"] == "ran" for s in summary.values())
+    run = cfg.run_path
+    for name in ("backtest.json", "rollouts.parquet", "facts.json", "simulate.json", "report.html",
+                 "pipeline.yaml", "data/manifest.json"):
+        assert (run / name).is_file(), name
+    backtest = json.loads((run / "backtest.json").read_text())
+    assert set(backtest["baselines"]) == {"uniform", "unigram", "copy_previous", "markov1", "markov3"}
+
+
+def test_rerun_skips_finished_stages(finished):
+    cfg, _ = finished
+    summary = run_pipeline(cfg)
+    assert all(s["status"] == "skipped" for s in summary.values())
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(finished):
+    cfg, _ = finished
+    summary = run_pipeline(with_overrides(cfg, ["generate.seed=7"]))
+    status = {name: s["status"] for name, s in summary.items()}
+    assert status["prepare"] == status["train"] == status["backtest"] == status["simulate"] == "skipped"
+    assert status["generate"] == status["facts"] == status["report"] == "ran"
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
+    """A crash after a checkpoint: the re-run resumes training instead of starting over."""
+    from mega_trading.checkpoint import latest_step
+
+    cfg = tiny_config(tmp_path / "run")
+    crashing = with_overrides(cfg, ["train.steps=2"])  # stands for a run killed at step 2
+    run_pipeline(crashing)
+    # Make the run look like the 4-step run killed after its step-2 checkpoint: its
+    # "started" stamp names the full config, and the stage never stamped itself done.
+    manifest_hash = json.loads((cfg.data_path / "manifest.json").read_text())["manifest_hash"]
+    write_json_atomic(cfg.run_path / ".stages" / "train.started.json",
+                      {"manifest": manifest_hash, "train": to_dict(cfg.train)})
+    (cfg.run_path / ".stages" / "train.json").unlink()
+    assert latest_step(cfg.run_path) == 2
+    summary = run_pipeline(cfg)
+    assert summary["prepare"]["status"] == "skipped" and summary["train"]["status"] == "ran"
+    assert latest_step(cfg.run_path) == 4
+    steps = [json.loads(line)["step"] for line in (cfg.run_path / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps))  # resumed: no step was trained twice
+
+
+def test_force_redoes_everything(finished):
+    cfg, _ = finished
+    summary = run_pipeline(with_overrides(cfg, ["simulate.enabled=false"]), force=True)
+    assert "simulate" not in summary and all(s["status"] == "ran" for s in summary.values())
+
+
+def test_ablation_grid_writes_table_chart_and_mlflow_runs(tmp_path):
+    import mlflow
+
+    from mega_trading.ablation import AblationConfig, run_ablation
+    from mega_trading.config import dump_yaml
+
+    base = tmp_path / "base.yaml"
+    base.write_text(dump_yaml(tiny_config(tmp_path / "unused")))
+    cfg = AblationConfig(base_config=str(base), out_dir=str(tmp_path / "abl"),
+                         models=("micro:n_layer=1,d_model=32,n_head=4,n_kv_head=2,ffn_hidden=64",),
+                         symbol_sets=("BTCUSDT", "BTCUSDT,ETHUSDT"), steps=(2,), tracking="mlflow")
+    rows = run_ablation(cfg)
+    assert [r["symbols"] for r in rows] == ["BTCUSDT", "BTCUSDT,ETHUSDT"]
+    assert all(r["model_nll"] > 0 and r["markov3_nll"] > 0 for r in rows)
+    out = tmp_path / "abl"
+    assert (out / "ablation.csv").read_text().count("\n") == 3
+    assert "plotly" in (out / "ablation.html").read_text()[:5000].lower()
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("ablation")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["symbols"] for r in runs) == ["BTCUSDT", "BTCUSDT,ETHUSDT"]
+    assert all("model_nll" in r.data.metrics for r in runs)

@@ -56,7 +56,6 @@ def version() -> None:
 
 
 # --- ingest: download ---------------------------------------------------------------
-# (commands are added below, one section per stage, in pipeline order)
 @app.command()
 def download(
     symbols: str = typer.Option(..., "--symbols", help="Comma-separated, e.g. BTCUSDT,ETHUSDT."),
@@ -199,7 +198,6 @@ def _print_manifest_summary(manifest: dict, out: Path) -> None:
                     f"{manifest['vocab_size']}, effective vocab exp(H) = {stats['effective_vocab']:.1f}")
 
 
-# @@PREPARE@@
 
 # --- train ----------------------------------------------------------------------------
 @app.command("train")
@@ -398,7 +396,6 @@ def facts(
     Console().print(table)
 
 
-# @@FACTS@@
 
 # --- report -----------------------------------------------------------------------------
 @app.command()
@@ -458,7 +455,6 @@ def ablate(
     Console().print(table)
 
 
-# @@RUN@@
 
 # --- serve ------------------------------------------------------------------------------
 @app.command()

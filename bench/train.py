@@ -130,7 +130,10 @@ def main() -> None:
     contenders: dict[str, Callable] = {}
     if not args.no_hf:
         hf = hf_llama(ours)
-        hf_forward = lambda x: hf(input_ids=x, use_cache=False).logits
+
+        def hf_forward(x):
+            return hf(input_ids=x, use_cache=False).logits
+
         contenders["transformers Llama"] = make_step(
             hf_forward, make_optimizer(hf, hf_groups(hf), args.optimizer), autocast)
     opt = make_optimizer(ours, ours.param_groups(), args.optimizer)

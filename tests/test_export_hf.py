@@ -22,7 +22,7 @@ def random_model(seed: int, **overrides) -> Transformer:
             "d_model": 32, "ffn_hidden": 56, "rope_theta": 500.0, "norm_eps": 1e-6}
     model = Transformer(ModelConfig(**{**base, **overrides}))
     with torch.no_grad():  # norm gains away from 1 so a wrong mapping would show
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 1:
                 param.uniform_(0.5, 1.5)
     return model.eval()

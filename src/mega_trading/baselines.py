@@ -98,8 +98,8 @@ def _targets_and_contexts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """All training (target, context) pairs: positions >= 1 of every shard, pad excluded."""
     targets, contexts = [], []
-    for shard in shards:
-        shard = np.asarray(shard, dtype=np.int64)
+    for raw in shards:
+        shard = np.asarray(raw, dtype=np.int64)
         positions = np.arange(1, len(shard), dtype=np.int64)
         positions = positions[shard[positions] != pad_id]
         targets.append(shard[positions])

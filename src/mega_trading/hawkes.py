@@ -88,8 +88,8 @@ def _as_sequences(times_s: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray
     else:
         seqs = [np.asarray(s, dtype=np.float64) for s in times_s]
     out = []
-    for seq in seqs:
-        seq = np.asarray(seq, dtype=np.float64)
+    for raw in seqs:
+        seq = np.asarray(raw, dtype=np.float64)
         if seq.size == 0:
             continue
         if np.any(np.diff(seq) < 0) or not np.all(np.isfinite(seq)):

@@ -205,7 +205,7 @@ def _fan_chart(prompts: list[Prompt], rollouts, real: RealEvents | None) -> str:
         if not rows:
             continue
         mat = np.vstack(rows)
-        for k, row in enumerate(rows[:MAX_LINES]):
+        for row in rows[:MAX_LINES]:
             fig.add_scatter(x=steps, y=row, mode="lines", line={"color": rgba(color, .18), "width": 1},
                             legendgroup=label, showlegend=False, hoverinfo="skip")
         # summarize a step only while at least half of the paths still run, so the band

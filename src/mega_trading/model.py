@@ -278,23 +278,20 @@ class Transformer(nn.Module):
         return_hidden=True stops before the output head and returns the final normed hidden
         states [B, T, D], so a fused linear cross-entropy never materializes the logits.
         """
-        T = idx.shape[1]
-        if start_pos + T > self.rope_cos.shape[0]:
-            raise ValueError(f"positions up to {start_pos + T} exceed block_size "
-                             f"{self.cfg.block_size}")
-        cos = self.rope_cos[start_pos:start_pos + T].to(self.tok_embeddings.weight.dtype)
-        sin = self.rope_sin[start_pos:start_pos + T].to(self.tok_embeddings.weight.dtype)
-        x = self.tok_embeddings(idx)  # [B, T, D]
-        for block in self.layers:
-            x = block(x, cos, sin, cache, start_pos)
+        x = self.norm(self._blocks(idx, cache, start_pos))  # [B, T, D]
         if return_hidden:
-            return self.norm(x)  # [B, T, D]
-        return self.output(self.norm(x)).float()  # [B, T, V]
+            return x
+        return self.output(x).float()  # [B, T, V]
 
     def last_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
                     start_pos: int = 0) -> torch.Tensor:
         """`forward(idx, cache, start_pos)[:, -1]` [B, V] without running the output head
         on the other T - 1 positions (a prefill only needs the last token's logits)."""
+        x = self._blocks(idx, cache, start_pos)  # [B, T, D]
+        return self.output(self.norm(x[:, -1])).float()  # [B, V]
+
+    def _blocks(self, idx: torch.Tensor, cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        """Embedding and every block: idx [B, T] -> [B, T, D], before the final norm."""
         T = idx.shape[1]
         if start_pos + T > self.rope_cos.shape[0]:
             raise ValueError(f"positions up to {start_pos + T} exceed block_size "
@@ -304,7 +301,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)  # [B, T, D]
         for block in self.layers:
             x = block(x, cos, sin, cache, start_pos)
-        return self.output(self.norm(x[:, -1])).float()  # [B, V]
+        return x
 
     def decode_step(self, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
         """`forward(token, cache, pos)[:, -1]` for one token per row, token [B, 1] -> [B, V].

@@ -24,7 +24,6 @@ from mega_trading.checkpoint import (
     set_rng_state,
 )
 from mega_trading.config import to_dict
-from mega_trading.dataset import PrepareConfig, prepare
 from mega_trading.errors import ArtifactMismatchError
 from mega_trading.model import ModelConfig, Transformer
 from mega_trading.optim import build_optimizer
@@ -156,10 +155,8 @@ STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, sample_trade_zips):
-    out = tmp_path_factory.mktemp("ckpt_data") / "data"
-    prepare(sample_trade_zips, out, PrepareConfig(block_size=32, stride=16, workers=1))
-    return out
+def data_dir(tiny_data_dir):
+    return tiny_data_dir
 
 
 def cli(*args: str) -> list[str]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from mega_trading.config import apply_overrides
-from mega_trading.dataset import PrepareConfig, prepare
 from mega_trading.distributed import DistContext, mean_across_ranks, use_fsdp
 from mega_trading.errors import ConfigError
 from mega_trading.train import TrainConfig, train
@@ -26,10 +25,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, sample_trade_zips):
-    out = tmp_path_factory.mktemp("dist_data") / "data"
-    prepare(sample_trade_zips, out, PrepareConfig(block_size=32, stride=16, workers=1))
-    return out
+def data_dir(tiny_data_dir):
+    return tiny_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -261,10 +261,8 @@ def test_rollouts_to_events_refuses_tokens_outside_the_vocabulary():
 # --- prompts and whole runs on the real sample -----------------------------------------------
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, sample_trade_zips) -> ShardSet:
-    out = tmp_path_factory.mktemp("gen") / "data"
-    prepare(sample_trade_zips, out, PrepareConfig(block_size=32, stride=16, workers=1))
-    return ShardSet.open(out)
+def shards(tiny_data_dir) -> ShardSet:
+    return ShardSet.open(tiny_data_dir)
 
 
 def test_prompt_windows_come_from_the_named_split_only(shards):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mega_trading.config import apply_overrides, from_dict
-from mega_trading.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.dataset import ShardSet
 from mega_trading.errors import ConfigError
 from mega_trading.train import NonFiniteLossError, TrainConfig, lr_scale, resolve_config, train
 
@@ -30,10 +30,8 @@ def quiet(_message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, sample_trade_zips):
-    out = tmp_path_factory.mktemp("train_data") / "data"
-    prepare(sample_trade_zips, out, PrepareConfig(block_size=32, stride=16, workers=1))
-    return out
+def data_dir(tiny_data_dir):
+    return tiny_data_dir
 
 
 def read_metrics(run_dir):

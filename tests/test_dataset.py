@@ -76,6 +76,20 @@ def test_shards_hold_event_tokens_with_segment_starts(prepared):
             assert not (tokens == tok.pad_id).any()
 
 
+def test_events_are_stored_once_and_tail_reads_match(prepared):
+    """Events live once per input file whatever their split; a shard's tail read (the
+    report's) equals the end of its full read, token positions included."""
+    files = sorted(p.name for p in (prepared.root / "events").rglob("*.parquet"))
+    assert files and all(name.startswith("part-") for name in files)
+    assert not (prepared.root / "_work").exists()
+    for split in SPLITS:
+        for symbol in prepared.symbols(split):
+            events = prepared.events(split, symbol)
+            assert events.height == prepared.manifest["shards"][split][symbol]["n_events"]
+            assert prepared.events(split, symbol, tail=37).equals(events.tail(37))
+            assert events["token_pos"][-1] == prepared.n_tokens(split, symbol) - 1
+
+
 def test_tokenizer_is_fitted_on_train_only(tmp_path, sample_trade_zips, prepared):
     """Rewriting every held-out trade must not change the tokenizer (no look-ahead)."""
     tampered = []

@@ -221,6 +221,32 @@ def test_truncated_and_corrupt_zips(tmp_path, sample_dir):
         read_trades(corrupt)
 
 
+def test_zip_members_inflate_exactly_and_bad_crc_is_refused(tmp_path, sample_dir):
+    """Deflated members are inflated by ISA-L and checked against the zip's CRC-32; a
+    stored (uncompressed) member takes zipfile's own path. All read the same trades."""
+    source = sample_dir / "BTCUSDT-trades-2025-01-01.zip"
+    with zipfile.ZipFile(source) as zf:
+        name = zf.namelist()[0]
+        csv = zf.read(name)
+    expected = read_trades(source)
+    stored = tmp_path / "stored" / source.name
+    stored.parent.mkdir()
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, csv)
+    assert read_trades(stored).equals(expected)
+    bad_crc = tmp_path / "crc" / source.name
+    bad_crc.parent.mkdir()
+    with zipfile.ZipFile(bad_crc, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name, csv)
+    data = bytearray(bad_crc.read_bytes())
+    crc = zipfile.ZipFile(bad_crc).infolist()[0].CRC.to_bytes(4, "little")
+    at = data.rfind(crc)  # the central directory's copy, the one zipfile reads
+    data[at:at + 4] = (int.from_bytes(crc, "little") ^ 1).to_bytes(4, "little")
+    bad_crc.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="truncated or corrupt zip.*CRC"):
+        read_trades(bad_crc)
+
+
 def test_checksum_sidecar_mismatch(tmp_path, sample_dir):
     path = tmp_path / "BTCUSDT-trades-2025-01-01.zip"
     path.write_bytes((sample_dir / path.name).read_bytes())

@@ -116,3 +116,19 @@ def test_non_finite_feature_is_refused(tok, events):
     broken = events.head(5).with_columns(move_bps=pl.Series([0.0, float("nan"), 1.0, 2.0, 3.0]))
     with pytest.raises(DataError, match="row 1 .*move_bps"):
         tok.encode(broken)
+
+
+def test_bin_index_follows_the_documented_intervals():
+    """One searchsorted over all edges must give: negative bins [e_i, e_i+1), exactly 0
+    (either sign) its own bin, positive bins [e_i, e_i+1), tails open-ended."""
+    from mega_trading.tokenizer import FieldBins
+
+    signed = FieldBins("move", pos_edges=(1.0, 2.0), neg_edges=(-2.0, -1.0), zero_bin=True,
+                       has_negative=True)
+    values = [-9.0, -2.0, -1.5, -1.0, -1e-300, -0.0, 0.0, 5e-324, 0.5, 1.0, 1.5, 2.0, 9.0]
+    assert signed.index(values).tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    assert signed.n_bins == 7
+    gaps = FieldBins("dt", pos_edges=(3.0,), zero_bin=True)  # no negative bins
+    assert gaps.index([0.0, 1e-9, 3.0, 4.0]).tolist() == [0, 1, 2, 2]
+    plain = FieldBins("size", pos_edges=(-1.0, 1.0))
+    assert plain.index([-5.0, -1.0, 0.0, 1.0, 5.0]).tolist() == [0, 1, 1, 2, 2]

@@ -19,7 +19,9 @@ are assembled by appending part files.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,7 +45,7 @@ from mega_trading.lineage import (
 from mega_trading.tokenizer import Tokenizer, TokenizerConfig
 
 SPLITS = ("train", "validation", "backtest")
-MANIFEST_FORMAT = "mega-trading/shards@1"
+MANIFEST_FORMAT = "mega-trading/shards@2"
 TOKEN_DTYPE = np.uint16
 
 
@@ -148,13 +150,33 @@ class ShardSet:
             return np.zeros(0, dtype=TOKEN_DTYPE)
         return np.memmap(self.root / info["tokens"], dtype=TOKEN_DTYPE, mode="r")
 
-    def events(self, split: str, symbol: str) -> pl.DataFrame:
-        """The shard's event rows; ``token_pos`` indexes ``tokens(split, symbol)``."""
-        parts = self.manifest["shards"][split][symbol]["parts"]
-        return pl.concat([
-            pl.read_parquet(self.root / part["events"]).with_columns(pl.col("token_pos") + part["token_offset"])
-            for part in parts
-        ])
+    def events(self, split: str, symbol: str, tail: int | None = None) -> pl.DataFrame:
+        """The shard's event rows in time order (only the last `tail` when given), with
+        `token` and `token_pos`, its index in `tokens(split, symbol)`.
+
+        Events are stored once per input file (``manifest["events"]``), whatever split
+        they fall in; a shard is the row range ``rows`` of its symbol's files.
+        """
+        shard = self.manifest["shards"][split][symbol]
+        lo, hi = shard["rows"]
+        if tail is not None:
+            lo = max(lo, hi - tail)
+        frames, start = [], 0
+        for part in self.manifest["events"][symbol]:
+            end = start + part["n_events"]
+            first, last = max(lo, start), min(hi, end)
+            if last > first:
+                frames.append(_scan_part(self.root, part).slice(first - start, last - first))
+            start = end
+        events = pl.concat(frames).collect()
+        # The shard ends with its last event; before an event come the events after it and
+        # one SEG token before each segment start after it.
+        starts = events["segment_start"].to_numpy().astype(np.int64)
+        starts_after = starts[::-1].cumsum()[::-1] - starts
+        token_pos = shard["n_tokens"] - events.height + np.arange(events.height) - starts_after
+        tokens = np.asarray(self.tokens(split, symbol)[token_pos], dtype=np.int32)
+        return events.with_columns(token=pl.Series(tokens, dtype=pl.Int32),
+                                   token_pos=pl.Series(token_pos, dtype=pl.Int64))
 
     def all_events(self, split: str) -> pl.DataFrame:
         frames = [self.events(split, s) for s in self.symbols(split)]
@@ -270,7 +292,10 @@ class _Workers:
 
                 # spawn: Polars' thread pool does not survive fork().
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            futures = [self._pool.submit(fn, *item) for item in items]
+            # Workers start during the first submits and size Polars' thread pool at import:
+            # one thread each, since N workers x N threads would oversubscribe N cores.
+            with _environment_default("POLARS_MAX_THREADS", "1"):
+                futures = [self._pool.submit(fn, *item) for item in items]
             results = []
             for future in futures:
                 results.append(future.result())
@@ -283,12 +308,27 @@ class _Workers:
             self._pool = None
 
 
-def _read_input(path: Path, kind: str, work: Path, event_cfg: EventConfig) -> dict:
-    """Worker: one raw file -> its events (computed without context) and edge rows.
+@contextlib.contextmanager
+def _environment_default(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable (unless the user set it) for the duration of a block."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _read_input(path: Path, kind: str, out_root: Path, work: Path, event_cfg: EventConfig,
+                index: int) -> dict:
+    """Worker: one raw file -> its events, written once, where they stay, plus edge rows.
 
     Fusing read and feature computation avoids a scratch copy of the trades. The first
     ``size_window`` events of a file depend on the previous file's last trades; they are
-    recomputed later from the saved edge rows (``_patch_heads``), which is exact.
+    recomputed later from the saved edge rows (``_patch_heads``, exact) and stored beside
+    the file's events as its head, which readers put in place of the first rows.
     """
     from mega_trading.ingest.reader import read_trades_with_report
 
@@ -301,86 +341,92 @@ def _read_input(path: Path, kind: str, work: Path, event_cfg: EventConfig) -> di
     if trades.height == 0 or found_kind != kind:
         return {**info, "skipped": f"kind {found_kind} (preparing {kind})" if found_kind != kind else "empty"}
     symbol = trades["symbol"][0]
-    stem = work / "parts" / symbol / f"{trades['time_us'][0]:020d}_{info['sha256'][:8]}"
+    # Named by input index until the parts are ordered in time (then renamed part-NNNNN).
+    events_rel = f"events/{symbol}/input-{index:05d}.parquet"
+    stem = work / symbol / f"input-{index:05d}"
     stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(out_root, events_rel).parent.mkdir(parents=True, exist_ok=True)
     events = compute_events(trades, event_cfg)
-    events.write_parquet(f"{stem}.events.parquet", compression="uncompressed")  # scratch: speed over size
+    events.drop("segment").write_parquet(Path(out_root, events_rel), compression="lz4")
     edge = event_cfg.size_window + 1
     trades.head(edge).write_parquet(f"{stem}.head.parquet")
     trades.tail(edge).write_parquet(f"{stem}.tail.parquet")
-    return {**info, "symbol": symbol, "stem": str(stem), "n": events.height,
+    return {**info, "symbol": symbol, "stem": str(stem), "events": events_rel, "n": events.height,
             "n_segment_starts": int(events["segment_start"].sum()),
             "first_time_us": int(trades["time_us"][0]), "last_time_us": int(trades["time_us"][-1]),
             "first_id": int(trades["trade_id"][0]), "last_id": int(trades["trade_id"][-1])}
 
 
-def _patch_heads(parts: dict[str, list[dict]], event_cfg: EventConfig) -> None:
+def _name_parts(root: Path, parts: dict[str, list[dict]]) -> None:
+    """Rename each symbol's event files part-00000, part-00001, ... in time order."""
+    for symbol, metas in parts.items():
+        for i, meta in enumerate(metas):
+            final = f"events/{symbol}/part-{i:05d}.parquet"
+            Path(root, meta["events"]).rename(root / final)
+            meta["events"] = final
+
+
+def _patch_heads(root: Path, parts: dict[str, list[dict]], event_cfg: EventConfig) -> None:
     """Recompute each file's first events with the previous file's tail as causal context.
 
-    Writes ``<stem>.patch.parquet`` and updates the part's segment-start count; then numbers
-    segments across a symbol's files (``segment_offset``).
+    Writes them to ``part-NNNNN.head.parquet`` and updates the part's segment-start count;
+    then numbers segments across a symbol's files (``segment_offset``).
     """
     for metas in parts.values():
         offset = 0
         for i, meta in enumerate(metas):
+            meta["head"] = None
             if i:
                 head = pl.read_parquet(meta["stem"] + ".head.parquet")
                 context = pl.read_parquet(metas[i - 1]["stem"] + ".tail.parquet")
                 patch = compute_events(head, event_cfg, context=context).head(event_cfg.size_window)
-                unpatched = pl.read_parquet(meta["stem"] + ".events.parquet", n_rows=patch.height)
+                unpatched = pl.read_parquet(root / meta["events"], columns=["segment_start"],
+                                            n_rows=patch.height)
                 meta["n_segment_starts"] += int(patch["segment_start"].sum()) - int(unpatched["segment_start"].sum())
-                patch.write_parquet(meta["stem"] + ".patch.parquet")
+                meta["head"] = meta["events"].removesuffix(".parquet") + ".head.parquet"
+                meta["head_rows"] = patch.height
+                patch.drop("segment").write_parquet(root / meta["head"], compression="lz4")
             meta["segment_offset"] = offset
             offset += meta["n_segment_starts"]
 
 
-def _load_part_events(meta: dict) -> pl.DataFrame:
-    events = pl.read_parquet(meta["stem"] + ".events.parquet")
-    patch_path = Path(meta["stem"] + ".patch.parquet")
-    if patch_path.exists():
-        patch = pl.read_parquet(patch_path)
-        events = pl.concat([patch, events.slice(patch.height)])
-    # Global segment ids: starts counted across the symbol's earlier files.
-    return events.with_columns(
-        segment=(pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + meta["segment_offset"]).cast(pl.Int32))
+def _scan_part(root: Path, part: dict) -> pl.LazyFrame:
+    """One file's stored events with its patched head in place, and global segment ids
+    (segment starts counted across the symbol's earlier files)."""
+    events = pl.scan_parquet(root / part["events"])
+    if part.get("head"):
+        head = pl.scan_parquet(root / part["head"])
+        events = pl.concat([head, events.slice(part["head_rows"])])
+    segment = pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + part["segment_offset"]
+    return events.with_columns(segment=segment.cast(pl.Int32))
 
 
-def _encode_part(meta: dict, tokenizer_path: str, offset: int, cuts: dict, out_root: str, index: int) -> dict:
-    """Worker: one file's events -> per-split token arrays (SEG inserted) and event rows.
+def _encode_part(root: str, part: dict, tokenizer_path: str, offset: int, cuts: dict,
+                 bin_stem: str) -> dict:
+    """Worker: one file's events -> per-split token arrays, a SEG token before each segment.
 
     ``cuts`` maps split -> (lo, hi) global event indices of that split for this symbol;
-    ``offset`` is the global index of this file's first event. Event rows are written
-    straight into their final place, ``events/<split>/<SYMBOL>/part-<index>.parquet``, with
-    ``token_pos`` relative to this part (the manifest records each part's token offset).
+    ``offset`` is the global index of this file's first event.
     """
     tokenizer = Tokenizer.load(tokenizer_path)
-    events = _load_part_events(meta)
+    columns = ["time_us", "side", "move_bps", "log_size", "dt_us", "segment_start"]
+    events = _scan_part(Path(root), part).select(columns).collect()
     tokens = tokenizer.encode(events)
-    global_index = np.arange(offset, offset + events.height)
-    symbol, result = meta["symbol"], {}
+    result = {}
     for split, (lo, hi) in cuts.items():
-        mask = (global_index >= lo) & (global_index < hi)
-        if not mask.any():
+        first, last = max(lo - offset, 0), min(hi - offset, events.height)
+        if last <= first:
             continue
-        split_events = events.filter(pl.Series(mask))
-        split_tokens = tokens[mask]
         # A segment-start token opens every shard and every segment inside it.
-        opens = split_events["segment_start"].to_numpy().copy()
-        if offset + int(np.flatnonzero(mask)[0]) == lo:
+        opens = events["segment_start"].slice(first, last - first).to_numpy().copy()
+        if offset + first == lo:
             opens[0] = True
-        with_seg = np.insert(split_tokens, np.flatnonzero(opens), tokenizer.seg_id).astype(TOKEN_DTYPE)
-        local_pos = np.arange(len(split_tokens)) + np.cumsum(opens)
-        split_events = split_events.with_columns(token=pl.Series(split_tokens, dtype=pl.Int32),
-                                                 token_pos=pl.Series(local_pos, dtype=pl.Int64))
-        rel = f"events/{split}/{symbol}/part-{index:05d}.parquet"
-        Path(out_root, rel).parent.mkdir(parents=True, exist_ok=True)
-        split_events.write_parquet(Path(out_root, rel), compression="lz4")
-        bin_path = Path(meta["stem"] + f".{split}.bin")
-        with_seg.tofile(bin_path)
-        result[split] = {"bin": str(bin_path), "events": rel, "n_tokens": len(with_seg),
-                         "n_events": len(split_tokens),
-                         "first_time_us": int(split_events["time_us"][0]),
-                         "last_time_us": int(split_events["time_us"][-1])}
+        with_seg = np.insert(tokens[first:last], np.flatnonzero(opens), tokenizer.seg_id)
+        bin_path = f"{bin_stem}.{split}.bin"
+        with_seg.astype(TOKEN_DTYPE).tofile(bin_path)
+        result[split] = {"bin": bin_path, "n_tokens": len(with_seg), "n_events": last - first,
+                         "first_time_us": int(events["time_us"][first]),
+                         "last_time_us": int(events["time_us"][last - 1])}
     return result
 
 
@@ -391,25 +437,48 @@ def _parse_time_us(text: str) -> int:
     return int(stamp.timestamp() * 1_000_000)
 
 
-def _split_cuts(times: np.ndarray, cfg: PrepareConfig) -> tuple[dict, dict]:
+class _SymbolTimes:
+    """Event times of one symbol's parts, read a part at a time (never all in memory)."""
+
+    def __init__(self, root: Path, metas: list[dict]):
+        self.root, self.metas = root, metas
+        self.n = sum(m["n"] for m in metas)
+
+    def _times(self, meta: dict) -> np.ndarray:
+        return pl.read_parquet(self.root / meta["events"], columns=["time_us"])["time_us"].to_numpy()
+
+    def at(self, i: int) -> int:
+        for meta in self.metas:
+            if i < meta["n"]:
+                return int(self._times(meta)[i])
+            i -= meta["n"]
+        raise IndexError(i)
+
+    def index_of(self, time_us: int) -> int:
+        """Global index of the first event at or after time_us."""
+        offset = 0
+        for meta in self.metas:
+            if meta["last_time_us"] >= time_us:
+                return offset + int(np.searchsorted(self._times(meta), time_us, side="left"))
+            offset += meta["n"]
+        return offset
+
+
+def _split_cuts(times: _SymbolTimes, cfg: PrepareConfig) -> tuple[dict, dict]:
     """Global (lo, hi) event indices per split and the boundary timestamps, for one symbol."""
-    n = len(times)
+    n = times.n
     if cfg.split_times:
-        i_val, i_bt = (int(np.searchsorted(times, _parse_time_us(t), side="left")) for t in cfg.split_times)
+        i_val, i_bt = (times.index_of(_parse_time_us(t)) for t in cfg.split_times)
     else:
         i_val = int(n * cfg.splits[0])
         i_bt = int(n * (cfg.splits[0] + cfg.splits[1]))
     gap = cfg.gap
     cuts = {"train": (0, i_val), "validation": (min(i_val + gap, i_bt), i_bt),
             "backtest": (min(i_bt + gap, n), n)}
-
-    def stamp(i: int) -> int | None:
-        return int(times[i]) if 0 <= i < n else None
-
     bounds = {}
     for split, (lo, hi) in cuts.items():
-        bounds[f"{split}_start_us"] = stamp(lo) if hi > lo else None
-        bounds[f"{split}_end_us"] = stamp(hi - 1) if hi > lo else None
+        bounds[f"{split}_start_us"] = times.at(lo) if hi > lo else None
+        bounds[f"{split}_end_us"] = times.at(hi - 1) if hi > lo else None
     bounds["gap_events"] = gap
     return cuts, bounds
 
@@ -430,35 +499,40 @@ def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareCon
     with atomic_dir(out_dir) as tmp:
         work = tmp / "_work"
         work.mkdir()
-        jobs = [(f, cfg.kind, work, cfg.events) for f in files]
+        jobs = [(f, cfg.kind, tmp, work, cfg.events, i) for i, f in enumerate(files)]
         read = pool.map(_read_input, jobs, "reading + events")
         used = [r for r in read if "stem" in r and (not cfg.symbols or r["symbol"] in cfg.symbols)]
         if not used:
             raise DataError(f"no {cfg.kind} trades found in the inputs", ", ".join(map(str, inputs)))
         parts = _order_parts(used)
-        _patch_heads(parts, cfg.events)
+        kept = {id(m) for metas in parts.values() for m in metas}
+        for r in read:  # other symbols, repeated files
+            if "events" in r and id(r) not in kept:
+                Path(tmp, r["events"]).unlink()
+        _name_parts(tmp, parts)
+        _patch_heads(tmp, parts, cfg.events)
+        events_index = {symbol: [_part_entry(m) for m in metas] for symbol, metas in parts.items()}
 
         cuts, boundaries = {}, {}
         for symbol, metas in parts.items():
-            times = np.concatenate([pl.read_parquet(m["stem"] + ".events.parquet", columns=["time_us"])
-                                    ["time_us"].to_numpy() for m in metas])
-            cuts[symbol], boundaries[symbol] = _split_cuts(times, cfg)
+            cuts[symbol], boundaries[symbol] = _split_cuts(_SymbolTimes(tmp, metas), cfg)
 
-        tokenizer = Tokenizer.fit(_training_sample(parts, cuts, cfg), cfg.tokenizer)
+        tokenizer = Tokenizer.fit(_training_sample(tmp, events_index, cuts, cfg), cfg.tokenizer)
         tokenizer_path = tmp / "tokenizer.json"
         tokenizer.save(tokenizer_path, fitted_on="train split only", inputs=[r["sha256"] for r in used])
 
         encode_jobs = []
-        for symbol, metas in parts.items():
+        for symbol, entries in events_index.items():
             offset = 0
-            for i, meta in enumerate(metas):
-                encode_jobs.append((meta, str(tokenizer_path), offset, cuts[symbol], str(tmp), i))
-                offset += meta["n"]
+            for meta, entry in zip(parts[symbol], entries):
+                encode_jobs.append((str(tmp), entry, str(tokenizer_path), offset, cuts[symbol], meta["stem"]))
+                offset += entry["n_events"]
         encoded = pool.map(_encode_part, encode_jobs, "tokenizing")
-        shards = _assemble_shards(tmp, encode_jobs, encoded, cfg)
+        shards = _assemble_shards(tmp, parts, encoded, cuts, cfg)
         shutil.rmtree(work)
 
-        inputs_info = [{k: v for k, v in r.items() if k not in ("stem", "segment_offset")} for r in read]
+        private = ("stem", "events", "head", "segment_offset")
+        inputs_info = [{k: v for k, v in r.items() if k not in private} for r in read]
         manifest = {
             "format": MANIFEST_FORMAT,
             "kind": cfg.kind,
@@ -468,6 +542,7 @@ def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareCon
             "inputs": inputs_info,
             "boundaries": boundaries,
             "shards": shards,
+            "events": events_index,
             "token_stats": _token_stats(tmp, shards, tokenizer),
         }
         manifest["manifest_hash"] = _content_hash(manifest)
@@ -499,42 +574,48 @@ def _order_parts(metas: list[dict]) -> dict[str, list[dict]]:
     return by_symbol
 
 
-def _training_sample(parts: dict, cuts: dict, cfg: PrepareConfig) -> pl.DataFrame:
+def _part_entry(meta: dict) -> dict:
+    """A part as the manifest lists it under ``events`` (see `ShardSet.events`)."""
+    return {"events": meta["events"], "head": meta["head"], "head_rows": meta.get("head_rows", 0),
+            "n_events": meta["n"], "segment_offset": meta["segment_offset"],
+            "first_time_us": meta["first_time_us"], "last_time_us": meta["last_time_us"]}
+
+
+def _training_sample(root: Path, events_index: dict, cuts: dict, cfg: PrepareConfig) -> pl.DataFrame:
     """A bounded, seeded sample of TRAINING events (never a held-out row) to fit bins on."""
     n_train = sum(cuts[s]["train"][1] for s in cuts)
     keep = min(1.0, cfg.tokenizer.fit_sample / max(n_train, 1))
     frames = []
-    for symbol, metas in parts.items():
+    for symbol, entries in events_index.items():
         offset, (lo, hi) = 0, cuts[symbol]["train"]
-        for meta in metas:
-            take_lo, take_hi = max(lo - offset, 0), min(hi - offset, meta["n"])
+        for entry in entries:
+            take_lo, take_hi = max(lo - offset, 0), min(hi - offset, entry["n_events"])
             if take_hi > take_lo:
-                frame = _load_part_events(meta).select("move_bps", "log_size", "dt_us", "side")
-                frame = frame.slice(take_lo, take_hi - take_lo)
+                frame = (_scan_part(root, entry).select("move_bps", "log_size", "dt_us", "side")
+                         .slice(take_lo, take_hi - take_lo).collect())
                 if keep < 1.0:
                     frame = frame.sample(fraction=keep, seed=len(frames))
                 frames.append(frame)
-            offset += meta["n"]
+            offset += entry["n_events"]
     if not frames:
         raise DataError("the train split is empty; give more data or change `splits`")
     return pl.concat(frames)
 
 
-def _assemble_shards(tmp: Path, jobs: list, encoded: list, cfg: PrepareConfig) -> dict:
+def _assemble_shards(tmp: Path, parts: dict, encoded: list, cuts: dict, cfg: PrepareConfig) -> dict:
     """Concatenate each file's token arrays, in time order, into one shard per (split, symbol)."""
     shards: dict[str, dict] = {split: {} for split in SPLITS}
-    for job, result in zip(jobs, encoded):
-        symbol = job[0]["symbol"]
+    symbols = [symbol for symbol, metas in parts.items() for _ in metas]
+    for symbol, result in zip(symbols, encoded):
         for split, info in result.items():
             shard = shards[split].setdefault(symbol, {
-                "tokens": f"shards/{split}/{symbol}.bin", "events": f"events/{split}/{symbol}",
-                "parts": [], "n_tokens": 0, "n_events": 0,
+                "tokens": f"shards/{split}/{symbol}.bin", "rows": list(cuts[symbol][split]),
+                "n_tokens": 0, "n_events": 0,
                 "start_time_us": info["first_time_us"], "end_time_us": None})
             path = tmp / shard["tokens"]
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "ab") as handle:
                 handle.write(Path(info["bin"]).read_bytes())
-            shard["parts"].append({"events": info["events"], "token_offset": shard["n_tokens"]})
             shard["n_tokens"] += info["n_tokens"]
             shard["n_events"] += info["n_events"]
             shard["end_time_us"] = info["last_time_us"]

@@ -24,6 +24,7 @@ by every downstream artifact and checked when a checkpoint is loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -74,15 +75,20 @@ class FieldBins:
 
     def index(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
-        pos = np.searchsorted(self.pos_edges, values, side="right")
+        return np.searchsorted(self._all_edges, values, side="right")
+
+    @functools.cached_property
+    def _all_edges(self) -> np.ndarray:
+        """Every bin's lower edge but the first, in bin order, so one `searchsorted` (the
+        count of edges <= value) is the bin index: negative edges, then 0 (the zero bin
+        holds exactly 0, after the negative bins), then the smallest positive double (the
+        first positive bin), then the positive edges. Without negative bins, values <= 0
+        all land in the zero bin."""
         if not self.zero_bin:
-            return pos.astype(np.int64)
-        offset = self.n_neg + 1
-        out = np.where(values > 0, offset + pos, self.n_neg)
-        if self.has_negative:
-            neg = np.searchsorted(self.neg_edges, values, side="right")
-            out = np.where(values < 0, neg, out)
-        return out.astype(np.int64)
+            return np.asarray(self.pos_edges, dtype=np.float64)
+        smallest_positive = np.nextafter(0.0, 1.0)
+        lower = [*self.neg_edges, 0.0] if self.has_negative else []
+        return np.asarray([*lower, smallest_positive, *self.pos_edges], dtype=np.float64)
 
 
 def _quantile_edges(values: np.ndarray, n_bins: int, tail_quantile: float) -> tuple[float, ...]:

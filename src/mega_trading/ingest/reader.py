@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import struct
 import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from isal import isal_zlib
 
 from mega_trading.errors import ConfigError, DataError
 from mega_trading.lineage import sha256_file
@@ -258,12 +260,39 @@ def _read_csv_bytes(path: Path) -> bytes:
 def _read_zip_member(path: Path) -> bytes:
     try:
         with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.namelist() if not m.endswith("/")]
+            members = [m for m in archive.infolist() if not m.is_dir()]
             if len(members) != 1:
                 raise DataError(f"a Binance zip holds one CSV, this one holds {len(members)}", path)
-            return archive.read(members[0])
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            member = members[0]
+            if member.compress_type != zipfile.ZIP_DEFLATED or member.flag_bits & 0x1:
+                return archive.read(member)
+            return _inflate_member(archive, member)
+    except (zipfile.BadZipFile, zlib.error, isal_zlib.error, EOFError, OSError) as exc:
         raise DataError(f"truncated or corrupt zip ({exc})", path) from exc
+
+
+def _inflate_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
+    """A deflated member's bytes, inflated by ISA-L (about 2x faster than zlib, which
+    `zipfile` uses, on the archive's monthly files) and checked against the zip's CRC-32
+    and size, as `zipfile` checks them."""
+    handle = archive.fp
+    handle.seek(member.header_offset)
+    local = handle.read(_LOCAL_HEADER.size)
+    if len(local) != _LOCAL_HEADER.size or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local file header")
+    name_len, extra_len = _LOCAL_HEADER.unpack(local)[-2:]
+    handle.seek(member.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+    compressed = handle.read(member.compress_size)
+    if len(compressed) != member.compress_size:
+        raise EOFError(f"member {member.filename} is cut short")
+    data = isal_zlib.decompress(compressed, -15, member.file_size or 1)
+    if len(data) != member.file_size or isal_zlib.crc32(data) != member.CRC:
+        raise zipfile.BadZipFile(f"bad CRC-32 or size for {member.filename}")
+    return data
+
+
+# Zip local file header: signature ... file name length, extra field length (APPNOTE 4.3.7).
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
 def _first_line(data: bytes) -> str:

@@ -247,19 +247,7 @@ def _samples(art: Artifacts) -> dict[str, dict[str, np.ndarray]]:
 
 def _tail_events(shards, split: str, symbol: str, max_rows: int):
     """The last `max_rows` events of a shard (nearest the backtest), reading only needed parts."""
-    import polars as pl
-
-    parts = shards.manifest["shards"][split][symbol]["parts"]
-    frames, total = [], 0
-    for part in reversed(parts):
-        frame = pl.read_parquet(shards.root / part["events"],
-                                columns=["symbol", "side", "move_bps", "log_size", "dt_us",
-                                         "time_us", "segment", "segment_start"])
-        frames.insert(0, frame)
-        total += frame.height
-        if total >= max_rows:
-            break
-    return pl.concat(frames).tail(max_rows) if frames else None
+    return shards.events(split, symbol, tail=max_rows)
 
 
 def _histogram_chart(samples: dict, dist: str) -> str:

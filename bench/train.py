@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from mega_trading.export_hf import hf_state_dict, llama_config
 from mega_trading.model import ModelConfig, Transformer
 from mega_trading.optim import OptimConfig, build_optimizer
+from mega_trading.train import ModelWithLoss
 
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32,
@@ -77,11 +78,11 @@ def make_optimizer(model, groups, kind: str):
     return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), foreach=True)
 
 
-def make_step(forward: Callable, optimizer, autocast: torch.dtype | None = None) -> Callable:
+def make_step(loss_fn: Callable, optimizer, autocast: torch.dtype | None = None) -> Callable:
+    """A training step around loss_fn(x, y) -> mean cross-entropy."""
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
-            logits = forward(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss = loss_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast for both models, peak measured in bf16")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    parser.add_argument("--compile-hf", action="store_true",
+                        help="also time torch.compile(transformers' model), loss outside")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this process's CPU time, a contention-proof proxy on a shared "
@@ -131,19 +134,32 @@ def main() -> None:
     if not args.no_hf:
         hf = hf_llama(ours)
 
-        def hf_forward(x):
-            return hf(input_ids=x, use_cache=False).logits
+        def hf_loss(x, y):
+            return F.cross_entropy(hf(input_ids=x, use_cache=False).logits.flatten(0, 1),
+                                   y.flatten())
 
         contenders["transformers Llama"] = make_step(
-            hf_forward, make_optimizer(hf, hf_groups(hf), args.optimizer), autocast)
+            hf_loss, make_optimizer(hf, hf_groups(hf), args.optimizer), autocast)
+        if args.compile_hf:
+            hf_twin = hf_llama(ours)
+            compiled_hf = torch.compile(hf_twin)
+
+            def compiled_hf_loss(x, y):
+                logits = compiled_hf(input_ids=x, use_cache=False).logits
+                return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+            contenders["transformers, compiled"] = make_step(
+                compiled_hf_loss, make_optimizer(hf_twin, hf_groups(hf_twin), args.optimizer),
+                autocast)
+    # What `mega-trading train` runs: ModelWithLoss, compiled as one graph with --compile.
     opt = make_optimizer(ours, ours.param_groups(), args.optimizer)
-    contenders["ours (eager)"] = make_step(ours, opt, autocast)
+    contenders["ours (eager)"] = make_step(ModelWithLoss(ours), opt, autocast)
     if args.compile:
         twin = Transformer(cfg)
         twin.load_state_dict(ours.state_dict())
-        compiled = torch.compile(twin)
         contenders["ours (torch.compile)"] = make_step(
-            compiled, make_optimizer(twin, twin.param_groups(), args.optimizer), autocast)
+            torch.compile(ModelWithLoss(twin)),
+            make_optimizer(twin, twin.param_groups(), args.optimizer), autocast)
 
     gen = torch.Generator().manual_seed(1)
     batches = []

@@ -175,3 +175,20 @@ def test_mlflow_store_in_run_folder_is_readable(tmp_path, data_dir):
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "tokenizer.json", "train_summary.json"} <= artifacts
     assert (run / "mlartifacts").is_dir()
+
+
+def test_compiled_training_matches_eager_on_cpu(data_dir, tmp_path):
+    """compile=true takes model + loss as one torch.compile graph (one process); it must
+    train exactly like eager, step for step, within float rounding."""
+    runs = {}
+    for mode in (False, True):
+        out = tmp_path / f"compile-{mode}"
+        train(data_dir, out, tiny_config(compile=mode, steps=3, eval_every=3, ckpt_every=0),
+              log=quiet)
+        runs[mode] = read_metrics(out)
+    for key in ("loss", "val_loss"):
+        eager = [(r["step"], r[key]) for r in runs[False] if key in r]
+        compiled = [(r["step"], r[key]) for r in runs[True] if key in r]
+        assert [s for s, _ in eager] == [s for s, _ in compiled] and len(eager) >= 2
+        for (_, a), (_, b) in zip(eager, compiled):
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-5), key

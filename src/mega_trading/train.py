@@ -234,6 +234,35 @@ def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+class ModelWithLoss(torch.nn.Module):
+    """`compute_loss` as a module, (x, y) -> mean cross-entropy, so that `torch.compile`
+    takes model, output head and loss as ONE graph: the head's log-softmax and the loss
+    then fuse with the model's ops, forward and backward (on CPU the step runs ~1.15x
+    faster than with the model compiled alone; bench/train.py)."""
+
+    def __init__(self, model: torch.nn.Module, fused_head: bool = False):
+        super().__init__()
+        self.model, self.fused_head = model, fused_head
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from mega_trading.optim import _unwrap
+
+        lm_head = _unwrap(self.model).output.weight if self.fused_head else None
+        return compute_loss(self.model, x, y, lm_head)
+
+
+def _loss_module(raw: torch.nn.Module, wrapped: torch.nn.Module, compiled: bool,
+                 fused_head: bool) -> torch.nn.Module:
+    """What a training step calls. One process: model and loss compiled together. Under
+    DDP/FSDP the wrapper itself is compiled (that is what lets Dynamo split the graph at
+    gradient buckets) and the loss stays outside."""
+    if not compiled:
+        return ModelWithLoss(wrapped, fused_head)
+    if wrapped is raw:
+        return torch.compile(ModelWithLoss(raw, fused_head))
+    return ModelWithLoss(torch.compile(wrapped), fused_head)
+
+
 def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "bfloat16" or (setting == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -282,18 +311,19 @@ def _validation_batches(shards, block: int, batch: int, cfg: TrainConfig, ctx, l
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, amp_dtype, ctx) -> float | None:
+def evaluate(loss_module, batches, device, amp_dtype, ctx) -> float | None:
+    """Mean validation loss; `loss_module(x, y)` is a `ModelWithLoss` (maybe compiled)."""
     from mega_trading.distributed import mean_across_ranks
 
     if not batches:
         return None
-    was_training = model.training
-    model.eval()
+    was_training = loss_module.training
+    loss_module.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in batches:
         with _autocast(device, amp_dtype):
-            total += compute_loss(model, x.to(device), y.to(device)).double()
-    model.train(was_training)
+            total += loss_module(x.to(device), y.to(device)).double()
+    loss_module.train(was_training)
     return mean_across_ranks([total.item() / len(batches)], ctx)[0]
 
 
@@ -412,7 +442,7 @@ class _Session:
     derived: dict[str, Any]
     raw: torch.nn.Module  # the bare (maybe FSDP2-sharded) model: optimizer and checkpoints
     wrapped: torch.nn.Module  # DDP wrapper or `raw`: owns gradient sync
-    model: torch.nn.Module  # what forward calls (maybe torch.compile'd `wrapped`)
+    loss: torch.nn.Module  # what a step calls: (x, y) -> loss (`_loss_module`)
     optimizer: Any
     sampler: Any  # dataset.WindowSampler over the train split
     val_batches: list
@@ -479,7 +509,7 @@ class _Session:
                       "derived": derived}
         session = cls(cfg=cfg, ctx=ctx, run_dir=run_dir, shards=shards, model_cfg=model_cfg,
                       derived=derived, raw=raw, wrapped=wrapped,
-                      model=torch.compile(wrapped) if compiled else wrapped,
+                      loss=_loss_module(raw, wrapped, compiled, accel.fused_cross_entropy),
                       optimizer=optimizer, sampler=sampler,
                       val_batches=_validation_batches(shards, block, per_rank, cfg, ctx, log),
                       amp_dtype=amp_dtype, peak=peak, run_config=run_config,
@@ -551,7 +581,7 @@ class _Session:
         self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
 
     def evaluate(self) -> float | None:
-        return evaluate(self.model, self.val_batches, self.ctx.device, self.amp_dtype, self.ctx)
+        return evaluate(self.loss, self.val_batches, self.ctx.device, self.amp_dtype, self.ctx)
 
     def save(self, step: int) -> None:
         from mega_trading.checkpoint import save_checkpoint
@@ -572,7 +602,6 @@ class _Session:
         cfg, device = self.cfg, self.ctx.device
         accel = self.accel or AccelPlan()
         pin = accel.pin_memory
-        lm_head = self.raw.output.weight if accel.fused_cross_entropy else None
         self.optimizer.set_lr_scale(lr_scale(step - 1, cfg))
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
@@ -580,7 +609,7 @@ class _Session:
             x, y = to_device(x, device, pin), to_device(y, device, pin)
             with gradient_sync(self.wrapped, enabled=micro == cfg.grad_accum - 1):
                 with _autocast(device, self.amp_dtype):
-                    loss = compute_loss(self.model, x, y, lm_head)
+                    loss = self.loss(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -619,7 +648,7 @@ class _Session:
         cfg = self.cfg
         last: dict[str, Any] = {}
         interval_time, interval_steps, run_time = 0.0, 0, 0.0
-        self.model.train()
+        self.loss.train()
         with _progress(show_progress and self.ctx.is_main) as progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.start_step,
                                      loss=float("nan"), tok_s=0.0)

@@ -33,7 +33,7 @@ import polars as pl
 
 from mega_trading.config import to_dict
 from mega_trading.errors import DataError
-from mega_trading.events import EventConfig, compute_events
+from mega_trading.events import EVENT_COLUMNS, EventConfig, compute_events
 from mega_trading.lineage import (
     atomic_dir,
     json_hash,
@@ -166,7 +166,7 @@ class ShardSet:
             end = start + part["n_events"]
             first, last = max(lo, start), min(hi, end)
             if last > first:
-                frames.append(_scan_part(self.root, part).slice(first - start, last - first))
+                frames.append(_scan_part(self.root, part, symbol).slice(first - start, last - first))
             start = end
         events = pl.concat(frames).collect()
         # The shard ends with its last event; before an event come the events after it and
@@ -347,7 +347,8 @@ def _read_input(path: Path, kind: str, out_root: Path, work: Path, event_cfg: Ev
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(out_root, events_rel).parent.mkdir(parents=True, exist_ok=True)
     events = compute_events(trades, event_cfg)
-    events.drop("segment").write_parquet(Path(out_root, events_rel), compression="lz4")
+    # Stored without what the manifest already knows (symbol) or readers number (segment).
+    events.drop("segment", "symbol").write_parquet(Path(out_root, events_rel), compression="lz4")
     edge = event_cfg.size_window + 1
     trades.head(edge).write_parquet(f"{stem}.head.parquet")
     trades.tail(edge).write_parquet(f"{stem}.tail.parquet")
@@ -385,20 +386,21 @@ def _patch_heads(root: Path, parts: dict[str, list[dict]], event_cfg: EventConfi
                 meta["n_segment_starts"] += int(patch["segment_start"].sum()) - int(unpatched["segment_start"].sum())
                 meta["head"] = meta["events"].removesuffix(".parquet") + ".head.parquet"
                 meta["head_rows"] = patch.height
-                patch.drop("segment").write_parquet(root / meta["head"], compression="lz4")
+                patch.drop("segment", "symbol").write_parquet(root / meta["head"], compression="lz4")
             meta["segment_offset"] = offset
             offset += meta["n_segment_starts"]
 
 
-def _scan_part(root: Path, part: dict) -> pl.LazyFrame:
-    """One file's stored events with its patched head in place, and global segment ids
-    (segment starts counted across the symbol's earlier files)."""
+def _scan_part(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
+    """One file's stored events with its patched head in place, its symbol, and global
+    segment ids (segment starts counted across the symbol's earlier files)."""
     events = pl.scan_parquet(root / part["events"])
     if part.get("head"):
         head = pl.scan_parquet(root / part["head"])
         events = pl.concat([head, events.slice(part["head_rows"])])
     segment = pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + part["segment_offset"]
-    return events.with_columns(segment=segment.cast(pl.Int32))
+    return events.with_columns(symbol=pl.lit(symbol, dtype=pl.Utf8),
+                               segment=segment.cast(pl.Int32)).select(EVENT_COLUMNS)
 
 
 def _encode_part(root: str, part: dict, tokenizer_path: str, offset: int, cuts: dict,
@@ -410,7 +412,7 @@ def _encode_part(root: str, part: dict, tokenizer_path: str, offset: int, cuts: 
     """
     tokenizer = Tokenizer.load(tokenizer_path)
     columns = ["time_us", "side", "move_bps", "log_size", "dt_us", "segment_start"]
-    events = _scan_part(Path(root), part).select(columns).collect()
+    events = _scan_part(Path(root), part, "").select(columns).collect()
     tokens = tokenizer.encode(events)
     result = {}
     for split, (lo, hi) in cuts.items():
@@ -591,7 +593,7 @@ def _training_sample(root: Path, events_index: dict, cuts: dict, cfg: PrepareCon
         for entry in entries:
             take_lo, take_hi = max(lo - offset, 0), min(hi - offset, entry["n_events"])
             if take_hi > take_lo:
-                frame = (_scan_part(root, entry).select("move_bps", "log_size", "dt_us", "side")
+                frame = (_scan_part(root, entry, symbol).select("move_bps", "log_size", "dt_us", "side")
                          .slice(take_lo, take_hi - take_lo).collect())
                 if keep < 1.0:
                     frame = frame.sample(fraction=keep, seed=len(frames))

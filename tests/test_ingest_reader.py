@@ -177,6 +177,11 @@ BAD_FILES = {
     "not a timestamp": (_with_line(0, "11,100.0,0.5,50.0,1700000,True,True"), 1, "timestamp"),
     "empty file": ("", None, "empty"),
     "header only": ("id,price,qty,quote_qty,time,is_buyer_maker,is_best_match\n", None, "empty"),
+    "header, blank lines": ("id,price,qty,quote_qty,time,is_buyer_maker,is_best_match\n \n\n",
+                            None, "empty"),
+    # A clean parse is trusted to hold a row per line: these must not vanish silently.
+    "whitespace line": (_with_line(2, "   "), 3, "empty line"),
+    "two blank lines": ("\n".join([*GOOD[:2], "", "", *GOOD[2:]]) + "\n", 3, "empty line"),
 }
 
 

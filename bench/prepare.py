@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,7 @@ def measure(rows: int, symbols: int, months: int, workers: int) -> dict:
         root = Path(tmp)
         (root / "raw").mkdir()
         files = [str(p) for p in write_synthetic_archive(root / "raw", rows, symbols, months)]
+        os.sync()  # the kernel flushing the files just written must not land in a timing
         bare = run_measured(BARE_READ, files)
         prep = run_measured(PREPARE, [str(root / "prepared"), str(workers), *files])
     return {"rows": bare["rows"], "files": len(files), "workers": workers, "bare_read": bare, "prepare": prep,

@@ -403,8 +403,8 @@ def _scan_part(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
                                segment=segment.cast(pl.Int32)).select(EVENT_COLUMNS)
 
 
-def _encode_part(root: str, part: dict, tokenizer_path: str, offset: int, cuts: dict,
-                 bin_stem: str) -> dict:
+def _encode_part(root: str, symbol: str, part: dict, tokenizer_path: str, offset: int,
+                 cuts: dict, bin_stem: str) -> dict:
     """Worker: one file's events -> per-split token arrays, a SEG token before each segment.
 
     ``cuts`` maps split -> (lo, hi) global event indices of that split for this symbol;
@@ -412,7 +412,7 @@ def _encode_part(root: str, part: dict, tokenizer_path: str, offset: int, cuts: 
     """
     tokenizer = Tokenizer.load(tokenizer_path)
     columns = ["time_us", "side", "move_bps", "log_size", "dt_us", "segment_start"]
-    events = _scan_part(Path(root), part, "").select(columns).collect()
+    events = _scan_part(Path(root), part, symbol).select(columns).collect()
     tokens = tokenizer.encode(events)
     result = {}
     for split, (lo, hi) in cuts.items():
@@ -527,13 +527,14 @@ def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareCon
         for symbol, entries in events_index.items():
             offset = 0
             for meta, entry in zip(parts[symbol], entries):
-                encode_jobs.append((str(tmp), entry, str(tokenizer_path), offset, cuts[symbol], meta["stem"]))
+                encode_jobs.append((str(tmp), symbol, entry, str(tokenizer_path), offset,
+                                    cuts[symbol], meta["stem"]))
                 offset += entry["n_events"]
         encoded = pool.map(_encode_part, encode_jobs, "tokenizing")
         shards = _assemble_shards(tmp, parts, encoded, cuts, cfg)
         shutil.rmtree(work)
 
-        private = ("stem", "events", "head", "segment_offset")
+        private = ("stem", "events", "head", "head_rows", "segment_offset")
         inputs_info = [{k: v for k, v in r.items() if k not in private} for r in read]
         manifest = {
             "format": MANIFEST_FORMAT,

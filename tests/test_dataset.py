@@ -90,6 +90,18 @@ def test_events_are_stored_once_and_tail_reads_match(prepared):
             assert events["token_pos"][-1] == prepared.n_tokens(split, symbol) - 1
 
 
+def test_data_prepared_by_another_version_is_refused_with_a_hint(tmp_path, prepared):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(prepared.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format"] = "mega-trading/shards@1"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="shards@1.*prepare` again"):
+        ShardSet.open(copy)
+
+
 def test_tokenizer_is_fitted_on_train_only(tmp_path, sample_trade_zips, prepared):
     """Rewriting every held-out trade must not change the tokenizer (no look-ahead)."""
     tampered = []

@@ -119,8 +119,12 @@ class ShardSet:
         if not manifest_path.is_file():
             raise DataError("not a prepared data directory (no manifest.json); run `mega-trading prepare`", root)
         manifest = read_json(manifest_path)
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise DataError(f"unknown manifest format {manifest.get('format')!r}", manifest_path)
+        found = manifest.get("format")
+        if found != MANIFEST_FORMAT:
+            hint = ("; it was prepared by another version of mega-trading: run `mega-trading "
+                    "prepare` again" if str(found).startswith("mega-trading/shards@") else "")
+            raise DataError(f"manifest format {found!r}, expected {MANIFEST_FORMAT!r}{hint}",
+                            manifest_path)
         tokenizer = Tokenizer.load(root / "tokenizer.json")
         if tokenizer.hash != manifest["tokenizer_hash"]:
             raise DataError("tokenizer.json does not match the manifest's tokenizer hash", root)

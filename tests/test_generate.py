@@ -103,7 +103,9 @@ def test_cached_and_nocache_agree_while_sliding_past_block_size(cache_len, keep)
     assert torch.equal(with_cache[:, :8], prompt)
     assert sorted(seen["cached"]) == sorted(seen["nocache"]) == list(range(8, 8 + n_new))
     for t in range(8, 8 + n_new):
-        torch.testing.assert_close(seen["cached"][t], seen["nocache"][t], atol=1e-5, rtol=0)
+        # Logits reach ~6 here; the decode step's matmuls and the full forward's SDPA sum in
+        # different orders: a few float32 ulps, far below any change in the sampled tokens.
+        torch.testing.assert_close(seen["cached"][t], seen["nocache"][t], atol=3e-5, rtol=0)
     assert torch.equal(with_cache, without)
 
 

@@ -87,6 +87,7 @@ def test_events_are_stored_once_and_tail_reads_match(prepared):
             events = prepared.events(split, symbol)
             assert events.height == prepared.manifest["shards"][split][symbol]["n_events"]
             assert prepared.events(split, symbol, tail=37).equals(events.tail(37))
+            assert prepared.events(split, symbol, tail=0).equals(events.head(0))
             assert events["token_pos"][-1] == prepared.n_tokens(split, symbol) - 1
 
 

@@ -164,9 +164,10 @@ class ShardSet:
         shard = self.manifest["shards"][split][symbol]
         lo, hi = shard["rows"]
         if tail is not None:
-            lo = max(lo, hi - tail)
-        frames, start = [], 0
-        for part in self.manifest["events"][symbol]:
+            lo = max(lo, hi - max(tail, 0))
+        parts = self.manifest["events"][symbol]
+        frames, start = [_scan_part(self.root, parts[0], symbol).head(0)], 0
+        for part in parts:
             end = start + part["n_events"]
             first, last = max(lo, start), min(hi, end)
             if last > first:

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -177,6 +178,8 @@ def test_mlflow_store_in_run_folder_is_readable(tmp_path, data_dir):
     assert (run / "mlartifacts").is_dir()
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_training_matches_eager_on_cpu(data_dir, tmp_path):
     """compile=true takes model + loss as one torch.compile graph (one process); it must
     train exactly like eager, step for step, within float rounding."""

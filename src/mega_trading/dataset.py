@@ -450,9 +450,13 @@ class _SymbolTimes:
     def __init__(self, root: Path, metas: list[dict]):
         self.root, self.metas = root, metas
         self.n = sum(m["n"] for m in metas)
+        self._last: tuple[str, np.ndarray] | None = None  # split edges cluster in one part
 
     def _times(self, meta: dict) -> np.ndarray:
-        return pl.read_parquet(self.root / meta["events"], columns=["time_us"])["time_us"].to_numpy()
+        if self._last is None or self._last[0] != meta["events"]:
+            times = pl.read_parquet(self.root / meta["events"], columns=["time_us"])["time_us"]
+            self._last = (meta["events"], times.to_numpy())
+        return self._last[1]
 
     def at(self, i: int) -> int:
         for meta in self.metas:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from mega_trading.config import apply_overrides, from_dict, to_dict
 from mega_trading.errors import ConfigError, MegaTradingError
 from mega_trading.lineage import provenance, read_json, write_json_atomic
+from mega_trading.optim import _unwrap
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation windows never share the training RNG stream
 
@@ -245,8 +246,6 @@ class ModelWithLoss(torch.nn.Module):
         self.model, self.fused_head = model, fused_head
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from mega_trading.optim import _unwrap
-
         lm_head = _unwrap(self.model).output.weight if self.fused_head else None
         return compute_loss(self.model, x, y, lm_head)
 

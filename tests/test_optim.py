@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from mega_trading.model import ModelConfig, Transformer
-from mega_trading.optim import Muon, MuonAdamW, OptimConfig, build_optimizer, newton_schulz
+from mega_trading.optim import (
+    Muon,
+    MuonAdamW,
+    OptimConfig,
+    build_optimizer,
+    newton_schulz,
+    newton_schulz_grouped,
+)
 
 VOCAB = 37
 
@@ -47,9 +54,29 @@ def test_newton_schulz_is_nearly_orthogonal(shape, dtype):
 
 def test_newton_schulz_rejects_non_matrices():
     with pytest.raises(ValueError):
-        newton_schulz(torch.randn(3, 4, 5))
+        newton_schulz(torch.randn(4))
+    with pytest.raises(ValueError):
+        newton_schulz(torch.randn(2, 3, 4, 5))
     with pytest.raises(ValueError):
         Muon([torch.nn.Parameter(torch.ones(4))])
+
+
+def test_grouped_newton_schulz_matches_one_matrix_at_a_time():
+    """Muon stacks same-shape matrices (tall ones transposed) into one batched iteration;
+    each must come out as if orthogonalized alone, in its own orientation (the last
+    matrix is over the stacking size, so it goes alone)."""
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 24), (16, 16), (24, 8), (16, 16), (8, 8), (5, 7), (300, 260)]
+    grads = [torch.randn(shape) * (i + 1) for i, shape in enumerate(shapes)]
+    grouped = newton_schulz_grouped(grads, steps=5, dtype=torch.float32)
+    for grad, out in zip(grads, grouped):
+        alone = newton_schulz(grad, steps=5, dtype=torch.float32)
+        assert out.shape == grad.shape and out.dtype == grad.dtype
+        torch.testing.assert_close(out, alone, atol=2e-5, rtol=1e-4)
+    # A stack is a batch of independent matrices, not one big one.
+    stack = torch.stack([grads[2], 3 * grads[4]])
+    torch.testing.assert_close(newton_schulz(stack, 5, torch.float32)[1],
+                               newton_schulz(grads[4], 5, torch.float32), atol=2e-5, rtol=1e-4)
 
 
 def test_optimizer_groups_each_parameter_once():

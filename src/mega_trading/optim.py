@@ -20,6 +20,10 @@ from torch import nn
 # Quintic iteration X <- a X + (b A + c A^2) X with A = X X^T. These coefficients maximize
 # the slope at 0 (fast growth of small singular values) while staying bounded near 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Matrices up to this size are orthogonalized stacked by shape: their iterations are short
+# enough that per-op overhead dominates. Larger ones are iterated one by one, which was as
+# fast or faster on CPU (BENCHMARKS.md) and needs no stacked copy.
+STACK_MAX_NUMEL = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -58,38 +62,68 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximately U V^T for grad = U S V^T (singular values mapped into ~[0.7, 1.2]).
 
-    Computes in `dtype` (default: `ns_dtype(grad.device)`), returns grad's dtype.
+    grad is one matrix [m, n] or a stack of same-shape matrices [s, m, n], each
+    orthogonalized on its own. Computes in `dtype` (default: `ns_dtype(grad.device)`),
+    returns grad's dtype.
     """
-    if grad.ndim != 2:
-        raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(grad.shape)}")
+    if grad.ndim not in (2, 3):
+        raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, "
+                         f"got shape {tuple(grad.shape)}")
     x = grad.to(dtype or ns_dtype(grad.device))
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # Frobenius >= spectral norm, so all singular values <= 1
+        x = x.mT
+    # Frobenius >= spectral norm, so all singular values <= 1
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
+    mul_add = torch.addmm if x.ndim == 2 else torch.baddbmm  # beta * input + alpha * a @ b
     a, b, c = NS_COEFFS
     for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
-        x = torch.addmm(x, poly, x, beta=a)  # a X + poly X
+        gram = x @ x.mT
+        poly = mul_add(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        x = mul_add(x, poly, x, beta=a)  # a X + poly X
     if tall:
-        x = x.T
+        x = x.mT
     return x.to(grad.dtype)
 
 
-def _orthogonalize(update: torch.Tensor, steps: int, dtype: str) -> torch.Tensor:
-    """Newton-Schulz on the whole matrix. Under FSDP2 the update is a row-sharded DTensor:
-    gather it (orthogonality couples all rows), iterate, and keep this rank's rows."""
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor, distribute_tensor
+def newton_schulz_grouped(updates: list[torch.Tensor], steps: int,
+                          dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """`newton_schulz` of every matrix in `updates`. Small matrices of one shape (up to a
+    transpose: the iteration runs on the wide side anyway) are stacked into one batched
+    iteration, since a small model's dozens of tiny matrices would otherwise cost a dozen
+    short ops each; larger ones go one at a time (see STACK_MAX_NUMEL)."""
+    out: list[torch.Tensor] = list(updates)
+    stacks: dict[tuple, list[int]] = {}
+    for i, update in enumerate(updates):
+        if update.numel() > STACK_MAX_NUMEL:
+            out[i] = newton_schulz(update, steps, dtype)
+            continue
+        wide = tuple(sorted(update.shape))
+        stacks.setdefault((wide, update.dtype, update.device), []).append(i)
+    for indices in stacks.values():
+        tall = [updates[i].shape[0] > updates[i].shape[1] for i in indices]
+        stack = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(indices, tall)])
+        for i, t, matrix in zip(indices, tall, newton_schulz(stack, steps, dtype).unbind(0)):
+            out[i] = matrix.mT if t else matrix
+    return out
 
-        if isinstance(update, DTensor):
-            full = update.full_tensor()
-            full = newton_schulz(full, steps, ns_dtype(full.device, dtype))
-            # every rank computed the same full matrix, so slicing locally is enough
-            return distribute_tensor(full, update.device_mesh, update.placements,
-                                     src_data_rank=None)
-    return newton_schulz(update, steps, ns_dtype(update.device, dtype))
+
+def _orthogonalize_all(updates: list[torch.Tensor], steps: int,
+                       setting: str) -> list[torch.Tensor]:
+    """Newton-Schulz of every update. Under FSDP2 an update is a row-sharded DTensor:
+    gather it (orthogonality couples all rows), iterate, and keep this rank's rows."""
+    if not updates:
+        return []
+    if not torch.distributed.is_available():
+        return newton_schulz_grouped(updates, steps, ns_dtype(updates[0].device, setting))
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = [isinstance(update, DTensor) for update in updates]
+    full = [update.full_tensor() if is_dt else update for update, is_dt in zip(updates, sharded)]
+    results = newton_schulz_grouped(full, steps, ns_dtype(full[0].device, setting))
+    # every rank computed the same full matrices, so slicing locally is enough
+    return [distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
+            if is_dt else result for result, update, is_dt in zip(results, updates, sharded)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -109,6 +143,15 @@ class Muon(torch.optim.Optimizer):
                 if param.ndim != 2:
                     raise ValueError(f"Muon takes 2-D weights only, got {tuple(param.shape)}")
 
+    def _momentum_update(self, param: nn.Parameter, momentum: float,
+                         nesterov: bool) -> torch.Tensor:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param.grad)
+        buf = state["momentum_buffer"]
+        buf.lerp_(param.grad, 1 - momentum)  # EMA of gradients
+        return param.grad.lerp(buf, momentum) if nesterov else buf
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -117,18 +160,11 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - momentum)  # EMA of gradients
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = _orthogonalize(update, group["ns_steps"],
-                                        group.get("ns_dtype", "auto"))
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = [self._momentum_update(p, momentum, group["nesterov"]) for p in params]
+            orthogonal = _orthogonalize_all(updates, group["ns_steps"],
+                                            group.get("ns_dtype", "auto"))
+            for param, update in zip(params, orthogonal):
                 scale = max(1.0, param.shape[0] / param.shape[1]) ** 0.5
                 if group["weight_decay"]:
                     param.mul_(1 - lr * group["weight_decay"])

@@ -166,66 +166,6 @@ def test_param_groups_cover_every_parameter_once(model):
     assert total == len(list(model.parameters()))
 
 
-# --- fused single-token decode (the sampler's fast path) -----------------------------------
-
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
-def test_decode_step_matches_forward_logits_and_cache(n_kv_head):
-    torch.manual_seed(2)
-    net = Transformer(tiny_config(n_kv_head=n_kv_head, block_size=24)).eval()
-    for param in net.parameters():  # non-trivial norm gains: they are folded into matmuls
-        if param.ndim == 1:
-            param.data.uniform_(0.5, 1.5)
-    idx = torch.randint(0, VOCAB, (3, 24))
-    fast, slow = net.new_cache(batch=3), net.new_cache(batch=3)
-    with torch.inference_mode():
-        full = net(idx)
-        net(idx[:, :5], cache=fast, start_pos=0)
-        net(idx[:, :5], cache=slow, start_pos=0)
-        for pos in range(5, 24):
-            step = net.decode_step(idx[:, pos:pos + 1], fast, pos)
-            reference = net(idx[:, pos:pos + 1], cache=slow, start_pos=pos)[:, -1]
-            torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
-            torch.testing.assert_close(step, reference, rtol=0, atol=1e-5)
-    assert full.std() > 0.1
-    torch.testing.assert_close(fast.k, slow.k, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.v, slow.v, rtol=0, atol=1e-5)
-
-
-def test_decode_step_follows_weight_updates_and_stays_out_of_checkpoints(model):
-    torch.manual_seed(3)
-    net = Transformer(tiny_config()).eval()
-    idx = torch.randint(0, VOCAB, (2, 6))
-
-    def step_vs_forward():
-        cache = net.new_cache(batch=2)
-        with torch.no_grad():
-            net(idx[:, :5], cache=cache, start_pos=0)
-            step = net.decode_step(idx[:, 5:], cache, 5)
-            return step, net(idx)[:, -1]
-
-    before, _ = step_vs_forward()
-    with torch.no_grad():  # an optimizer step: in place, same storage
-        net.layers[0].feed_forward.w1.weight.mul_(3.0)
-        net.norm.weight.add_(0.5)
-    after, reference = step_vs_forward()
-    assert (after - before).abs().max() > 1e-3  # the fused weights were rebuilt
-    torch.testing.assert_close(after, reference, rtol=0, atol=1e-5)
-    net.load_state_dict(model.state_dict())  # a checkpoint load
-    after_load, reference = step_vs_forward()
-    torch.testing.assert_close(after_load, reference, rtol=0, atol=1e-5)
-    assert set(net.state_dict()) == set(model.state_dict())  # no fused tensors saved
-
-
-def test_decode_step_with_grad_or_bad_position_takes_the_checked_forward(model):
-    idx = torch.randint(0, VOCAB, (1, 4))
-    cache = model.new_cache(batch=1, max_len=8)
-    model(idx[:, :3], cache=cache, start_pos=0)
-    logits = model.decode_step(idx[:, 3:], cache, 3)  # grad enabled: the autograd forward
-    assert logits.requires_grad and logits.shape == (1, VOCAB)
-    with torch.no_grad(), pytest.raises(ValueError):
-        model.decode_step(idx[:, 3:], cache, 8)
-
-
 def test_last_logits_equal_the_forward_last_position(model):
     idx = torch.randint(0, VOCAB, (2, 11))
     cache = model.new_cache(batch=2)
@@ -234,6 +174,3 @@ def test_last_logits_equal_the_forward_last_position(model):
         full = model(idx)
     assert last.shape == (2, VOCAB)
     torch.testing.assert_close(last, full[:, -1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(model.decode_step(idx[:, :1], cache, 11),
-                               model(torch.cat([idx, idx[:, :1]], 1))[:, -1].detach(),
-                               rtol=0, atol=1e-5)

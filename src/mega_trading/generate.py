@@ -4,7 +4,8 @@ Decoding is a handful of small pure functions around the model's preallocated KV
 (in the spirit of gpt-fast):
 
 * ``prefill(model, cache, prompt)`` runs a whole context once and fills the cache;
-* ``decode_one(model, cache, token, pos)`` feeds one token per rollout;
+* ``decode_one(model, cache, token, pos)`` feeds one token per rollout (on fused weights:
+  ``decode.decode_step``);
 * ``sample(logits, temperature, top_k, top_p, generator)`` draws the next token
   (temperature -> top-k -> top-p, the order Hugging Face applies them in);
 * ``generate`` / ``generate_nocache`` loop them over a batch of rollouts.
@@ -81,6 +82,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from mega_trading.decode import decode_step
 from mega_trading.errors import ConfigError, DataError
 
 LINEAGE_KEY = b"mega_trading"
@@ -148,9 +150,7 @@ def prefill(model, cache, prompt: torch.Tensor) -> torch.Tensor:
 
 def decode_one(model, cache, token: torch.Tensor, pos: int) -> torch.Tensor:
     """Feed token [B, 1] at cache position pos; logits for the next token [B, V]."""
-    if hasattr(model, "decode_step"):  # the same logits on fused weights, in far fewer ops
-        return model.decode_step(token, cache, pos)
-    return model(token, cache=cache, start_pos=pos)[:, -1]
+    return decode_step(model, token, cache, pos)  # fused weights, in far fewer ops
 
 
 def top_p_keep(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -303,64 +303,6 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, start_pos)
         return x
 
-    def decode_step(self, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """`forward(token, cache, pos)[:, -1]` for one token per row, token [B, 1] -> [B, V].
-
-        A decode step on a small model is bound by per-op overhead, so outside autograd
-        and in float32 this runs the same maths in under half the ops, on [B, D] rows and
-        weights fused once (see `DecodeWeights`): q, k, v and the rotate_half of q and k
-        in one matmul (RoPE is then one multiply and one multiply-add), gate and up
-        projections in one, norm gains folded into the following matmul, and
-        grouped-query attention as G queries per key/value head (no repeated keys, no
-        mask). Anything else (autograd, another dtype, T > 1) takes the plain forward.
-        """
-        weight = self.tok_embeddings.weight
-        if (torch.is_grad_enabled() or weight.dtype != torch.float32 or token.ndim != 2
-                or token.shape[1] != 1):
-            return self(token, cache=cache, start_pos=pos)[:, -1]
-        if not 0 <= pos < min(cache.max_len, self.rope_cos.shape[0]):
-            raise ValueError(f"position {pos} outside the cache ({cache.max_len}) or "
-                             f"block_size ({self.cfg.block_size})")
-        fused = self._decode_weights()
-        cfg = self.cfg
-        B, H, K, Dh = token.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        n_qk = (H + K) * Dh
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [Dh]
-        scale = Dh ** -0.5
-        x = F.embedding(token[:, 0], weight)  # [B, D]
-        for layer, w in enumerate(fused.layers):
-            y = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.qkv)
-            qk = y[:, :n_qk].view(B, H + K, Dh) * cos  # RoPE: x cos + rotate_half(x) sin
-            qk.addcmul_(y[:, n_qk:2 * n_qk].view(B, H + K, Dh), sin)
-            cache.k[layer, :, :, pos] = qk[:, H:]
-            cache.v[layer, :, :, pos] = y[:, 2 * n_qk:].view(B, K, Dh)
-            # A lone query sees every cached key, so no mask; the G query heads sharing a
-            # key/value head are G rows of one [B*K, G, Dh] query: two batched matmuls,
-            # no repeated keys. Reading the cache is most of a decode step, and these
-            # read it ~1.4x faster than SDPA's CPU kernel (BENCHMARKS.md); they round a
-            # little differently from the full forward's SDPA (~1e-5 on the logits).
-            keys = cache.k[layer, :, :, :pos + 1].flatten(0, 1)  # [B*K, L, Dh]
-            values = cache.v[layer, :, :, :pos + 1].flatten(0, 1)
-            query = qk[:, :H].reshape(B * K, H // K, Dh) * scale
-            scores = torch.bmm(query, keys.transpose(1, 2))  # [B*K, G, L]
-            att = torch.bmm(torch.softmax(scores, dim=-1), values)  # [B*K, G, Dh]
-            x = x + F.linear(att.view(B, H * Dh), w.wo)
-            gate_up = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.w13)
-            hidden = F.silu(gate_up[:, :cfg.ffn_hidden]).mul_(gate_up[:, cfg.ffn_hidden:])
-            x = x + F.linear(hidden, w.w2)
-        return F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), fused.output)
-
-    def _decode_weights(self) -> DecodeWeights:
-        """The fused decode weights, rebuilt whenever a parameter changed (in-place updates
-        bump a tensor's version, loading new storage changes its address)."""
-        params = list(self.parameters())
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = self.__dict__.get("_fused_decode")
-        if cached is None or cached.key != key:
-            cached = DecodeWeights.build(self, key)
-            self.__dict__["_fused_decode"] = cached  # a plain attribute: never in state_dict
-        return cached
-
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A KV cache on this model's device and dtype (max_len defaults to block_size)."""
         weight = self.tok_embeddings.weight
@@ -383,46 +325,6 @@ class Transformer(nn.Module):
         assert len(seen) == len(set(seen)) == len(list(self.parameters())), \
             "every parameter must be in exactly one optimizer group"
         return groups
-
-
-@dataclass(frozen=True)
-class FusedLayer:
-    """One block's weights for `Transformer.decode_step`, [out, in] like nn.Linear's (the
-    same gemm layout as the plain forward, so the two round alike)."""
-
-    qkv: torch.Tensor  # rows: q, k, rotate_half(q), rotate_half(k), v; attention gain in
-    wo: torch.Tensor
-    w13: torch.Tensor  # rows: gate (w1), up (w3); ffn gain folded in
-    w2: torch.Tensor
-
-
-@dataclass(frozen=True)
-class DecodeWeights:
-    key: tuple
-    layers: tuple[FusedLayer, ...]
-    output: torch.Tensor  # final norm gain folded in
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model: Transformer, key: tuple) -> DecodeWeights:
-        def rotated(weight: torch.Tensor, heads: int) -> torch.Tensor:
-            # rotate_half on a projection's outputs = the same on its weight rows.
-            first, second = weight.view(heads, 2, -1, weight.shape[-1]).unbind(1)
-            return torch.stack([-second, first], 1).view_as(weight)
-
-        cfg, layers = model.cfg, []
-        for block in model.layers:
-            attn, ffn = block.attention, block.feed_forward
-            qk = torch.cat([attn.wq.weight, attn.wk.weight])  # [(H + K) Dh, D]
-            qkv = torch.cat([qk, rotated(qk, cfg.n_head + cfg.n_kv_head), attn.wv.weight])
-            w13 = torch.cat([ffn.w1.weight, ffn.w3.weight])
-            layers.append(FusedLayer(
-                qkv=qkv * block.attention_norm.weight,
-                wo=attn.wo.weight,
-                w13=w13 * block.ffn_norm.weight,
-                w2=ffn.w2.weight))
-        output = model.output.weight * model.norm.weight
-        return cls(key, tuple(layers), output)
 
 
 def config_from_dict(data: dict) -> ModelConfig:

@@ -1,0 +1,122 @@
+"""The sampler's fast path: one decode step of `model.Transformer` on fused weights.
+
+A decode step of a small model feeds one token per rollout, [B, 1], and is bound by per-op
+overhead and by reading the KV cache, not by arithmetic. Outside autograd and in float32,
+`decode_step` runs the same maths as `Transformer.forward(token, cache, pos)[:, -1]` in
+under half the ops, on [B, D] rows and on weights fused once per weight version
+(`DecodeWeights`):
+
+* q, k, v and the rotate_half of q and k come out of one matmul, so RoPE is one multiply
+  and one multiply-add;
+* gate and up projections are one matmul;
+* each RMSNorm gain is folded into the matmul that follows it;
+* grouped-query attention treats the G query heads that share a key/value head as G rows
+  of one query: two batched matmuls, no repeated keys, no mask (a lone query sees every
+  cached key).
+
+Anything else (autograd, another dtype, several tokens per row, another model class)
+takes the model's plain forward. The fused weights live beside the model (never in its
+state_dict) and are rebuilt whenever a parameter changes: an optimizer step bumps a
+tensor's version, a checkpoint load changes its storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mega_trading.model import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """One block's weights, [out, in] like nn.Linear's (the same gemm layout as the plain
+    forward, so the two round alike)."""
+
+    qkv: torch.Tensor  # rows: q, k, rotate_half(q), rotate_half(k), v; attention gain in
+    wo: torch.Tensor
+    w13: torch.Tensor  # rows: gate (w1), up (w3); ffn gain folded in
+    w2: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecodeWeights:
+    key: tuple  # (data_ptr, version) of every parameter they were built from
+    layers: tuple[FusedLayer, ...]
+    output: torch.Tensor  # final norm gain folded in
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: Transformer, key: tuple) -> DecodeWeights:
+        def rotated(weight: torch.Tensor, heads: int) -> torch.Tensor:
+            # rotate_half on a projection's outputs = the same on its weight rows.
+            first, second = weight.view(heads, 2, -1, weight.shape[-1]).unbind(1)
+            return torch.stack([-second, first], 1).view_as(weight)
+
+        cfg, layers = model.cfg, []
+        for block in model.layers:
+            attn, ffn = block.attention, block.feed_forward
+            qk = torch.cat([attn.wq.weight, attn.wk.weight])  # [(H + K) Dh, D]
+            qkv = torch.cat([qk, rotated(qk, cfg.n_head + cfg.n_kv_head), attn.wv.weight])
+            w13 = torch.cat([ffn.w1.weight, ffn.w3.weight])
+            layers.append(FusedLayer(
+                qkv=qkv * block.attention_norm.weight,
+                wo=attn.wo.weight,
+                w13=w13 * block.ffn_norm.weight,
+                w2=ffn.w2.weight))
+        output = model.output.weight * model.norm.weight
+        return cls(key, tuple(layers), output)
+
+
+def decode_weights(model: Transformer) -> DecodeWeights:
+    """The model's fused decode weights, rebuilt whenever a parameter changed."""
+    key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    cached = model.__dict__.get("_fused_decode")
+    if cached is None or cached.key != key:
+        cached = DecodeWeights.build(model, key)
+        model.__dict__["_fused_decode"] = cached  # a plain attribute: never in state_dict
+    return cached
+
+
+def decode_step(model, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    """`model(token, cache=cache, start_pos=pos)[:, -1]` for token [B, 1] -> logits [B, V],
+    writing the token's keys and values into the cache at pos."""
+    if not isinstance(model, Transformer) or not _fusable(model, token):
+        return model(token, cache=cache, start_pos=pos)[:, -1]
+    cfg = model.cfg
+    if not 0 <= pos < min(cache.max_len, cfg.block_size):
+        raise ValueError(f"position {pos} outside the cache ({cache.max_len}) or "
+                         f"block_size ({cfg.block_size})")
+    fused = decode_weights(model)
+    B, H, K, Dh = token.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    n_qk = (H + K) * Dh
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # [Dh]
+    scale = Dh ** -0.5
+    x = F.embedding(token[:, 0], model.tok_embeddings.weight)  # [B, D]
+    for layer, w in enumerate(fused.layers):
+        y = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.qkv)
+        qk = y[:, :n_qk].view(B, H + K, Dh) * cos  # RoPE: x cos + rotate_half(x) sin
+        qk.addcmul_(y[:, n_qk:2 * n_qk].view(B, H + K, Dh), sin)
+        cache.k[layer, :, :, pos] = qk[:, H:]
+        cache.v[layer, :, :, pos] = y[:, 2 * n_qk:].view(B, K, Dh)
+        # Reading the cache is most of a decode step, and these two batched matmuls read
+        # it ~1.4x faster than SDPA's CPU kernel (BENCHMARKS.md); they round a little
+        # differently from the full forward's SDPA (~1e-5 on the logits).
+        keys = cache.k[layer, :, :, :pos + 1].flatten(0, 1)  # [B*K, L, Dh]
+        values = cache.v[layer, :, :, :pos + 1].flatten(0, 1)
+        query = qk[:, :H].reshape(B * K, H // K, Dh) * scale  # [B*K, G, Dh]
+        scores = torch.bmm(query, keys.transpose(1, 2))  # [B*K, G, L]
+        att = torch.bmm(torch.softmax(scores, dim=-1), values)  # [B*K, G, Dh]
+        x = x + F.linear(att.view(B, H * Dh), w.wo)
+        gate_up = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.w13)
+        hidden = F.silu(gate_up[:, :cfg.ffn_hidden]).mul_(gate_up[:, cfg.ffn_hidden:])
+        x = x + F.linear(hidden, w.w2)
+    return F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), fused.output)
+
+
+def _fusable(model: Transformer, token: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled()
+            and model.tok_embeddings.weight.dtype == torch.float32
+            and token.ndim == 2 and token.shape[1] == 1)

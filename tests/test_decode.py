@@ -1,0 +1,116 @@
+"""The fused single-token decode step (the sampler's fast path) against the plain forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mega_trading.decode import decode_step
+from mega_trading.model import ModelConfig, Transformer
+
+VOCAB = 61
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = {"vocab_size": VOCAB, "block_size": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+            "d_model": 32, "ffn_hidden": 48}
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny_config()).eval()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
+def test_decode_step_matches_forward_logits_and_cache(n_kv_head):
+    torch.manual_seed(2)
+    net = Transformer(tiny_config(n_kv_head=n_kv_head, block_size=24)).eval()
+    for param in net.parameters():  # non-trivial norm gains: they are folded into matmuls
+        if param.ndim == 1:
+            param.data.uniform_(0.5, 1.5)
+    idx = torch.randint(0, VOCAB, (3, 24))
+    fast, slow = net.new_cache(batch=3), net.new_cache(batch=3)
+    with torch.inference_mode():
+        full = net(idx)
+        net(idx[:, :5], cache=fast, start_pos=0)
+        net(idx[:, :5], cache=slow, start_pos=0)
+        for pos in range(5, 24):
+            step = decode_step(net, idx[:, pos:pos + 1], fast, pos)
+            reference = net(idx[:, pos:pos + 1], cache=slow, start_pos=pos)[:, -1]
+            torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
+            torch.testing.assert_close(step, reference, rtol=0, atol=1e-5)
+    assert full.std() > 0.1
+    assert "_fused_decode" in net.__dict__  # the fused path ran, not the plain fallback
+    torch.testing.assert_close(fast.k, slow.k, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.v, slow.v, rtol=0, atol=1e-5)
+
+
+def test_decode_step_follows_weight_updates_and_stays_out_of_checkpoints(model):
+    torch.manual_seed(3)
+    net = Transformer(tiny_config()).eval()
+    idx = torch.randint(0, VOCAB, (2, 6))
+
+    def step_vs_forward():
+        cache = net.new_cache(batch=2)
+        with torch.no_grad():
+            net(idx[:, :5], cache=cache, start_pos=0)
+            step = decode_step(net, idx[:, 5:], cache, 5)
+            return step, net(idx)[:, -1]
+
+    before, _ = step_vs_forward()
+    with torch.no_grad():  # an optimizer step: in place, same storage
+        net.layers[0].feed_forward.w1.weight.mul_(3.0)
+        net.norm.weight.add_(0.5)
+    after, reference = step_vs_forward()
+    assert (after - before).abs().max() > 1e-3  # the fused weights were rebuilt
+    torch.testing.assert_close(after, reference, rtol=0, atol=1e-5)
+    net.load_state_dict(model.state_dict())  # a checkpoint load
+    after_load, reference = step_vs_forward()
+    torch.testing.assert_close(after_load, reference, rtol=0, atol=1e-5)
+    assert set(net.state_dict()) == set(model.state_dict())  # no fused tensors saved
+
+
+def test_decode_step_with_grad_or_bad_position_takes_the_checked_forward(model):
+    idx = torch.randint(0, VOCAB, (1, 4))
+    cache = model.new_cache(batch=1, max_len=8)
+    model(idx[:, :3], cache=cache, start_pos=0)
+    logits = decode_step(model, idx[:, 3:], cache, 3)  # grad enabled: the autograd forward
+    assert logits.requires_grad and logits.shape == (1, VOCAB)
+    with torch.no_grad(), pytest.raises(ValueError):
+        decode_step(model, idx[:, 3:], cache, 8)
+
+
+def test_decode_step_after_a_last_logits_prefill(model):
+    idx = torch.randint(0, VOCAB, (2, 11))
+    cache = model.new_cache(batch=2)
+    with torch.no_grad():
+        model.last_logits(idx, cache=cache, start_pos=0)
+        step = decode_step(model, idx[:, :1], cache, 11)
+        full = model(torch.cat([idx, idx[:, :1]], 1))[:, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+def test_other_models_take_their_plain_forward():
+    """Not a Transformer (here a compiled-style wrapper): decode_step calls the model."""
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, idx, cache=None, start_pos=0):
+            calls.append(start_pos)
+            return self.inner(idx, cache=cache, start_pos=start_pos)
+
+    torch.manual_seed(4)
+    inner = Transformer(tiny_config()).eval()
+    idx = torch.randint(0, VOCAB, (2, 6))
+    cache = inner.new_cache(batch=2)
+    with torch.no_grad():
+        inner(idx[:, :5], cache=cache, start_pos=0)
+        step = decode_step(Wrapper(inner), idx[:, 5:], cache, 5)
+        torch.testing.assert_close(step, inner(idx)[:, -1], rtol=0, atol=1e-5)
+    assert calls == [5]

@@ -6,20 +6,13 @@ import pytest
 import torch
 
 from mega_trading.decode import decode_step
-from mega_trading.model import ModelConfig, Transformer
-
-VOCAB = 61
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = {"vocab_size": VOCAB, "block_size": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
-            "d_model": 32, "ffn_hidden": 48}
-    return ModelConfig(**{**base, **overrides})
+from mega_trading.model import Transformer
+from tests.test_model import VOCAB, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     return Transformer(tiny_config()).eval()
 
 

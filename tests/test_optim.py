@@ -159,16 +159,14 @@ def test_state_dict_round_trip_gives_identical_next_step():
                            expected["layers.0.attention.wq.weight"])
 
 
-def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
+def _sharded_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous, not a TCP port: no race with other tests for a free port.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         model = tiny_model()
@@ -189,15 +187,10 @@ def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_muon_on_fsdp2_sharded_weights_matches_unsharded(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "sharded.pt"
-    mp.spawn(_sharded_worker, args=(2, port, str(out)), nprocs=2)
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
     sharded = torch.load(out)
 
     model = tiny_model()

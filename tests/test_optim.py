@@ -181,6 +181,7 @@ def _sharded_worker(rank: int, world: int, store: str, out: str) -> None:
         weights = {name: p.full_tensor().detach() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save(weights, out)
+        dist.barrier()  # a rank leaving while its peer still works can abort the peer's gloo
     finally:
         dist.destroy_process_group()
 

@@ -63,8 +63,8 @@ def test_newton_schulz_rejects_non_matrices():
 
 def test_grouped_newton_schulz_matches_one_matrix_at_a_time():
     """Muon stacks same-shape matrices (tall ones transposed) into one batched iteration;
-    each must come out as if orthogonalized alone, in its own orientation (the last
-    matrix is over the stacking size, so it goes alone)."""
+    each must come out as if orthogonalized alone, in its own orientation (the last one
+    has no twin, so it is a stack of one)."""
     torch.manual_seed(0)
     shapes = [(24, 8), (8, 24), (16, 16), (24, 8), (16, 16), (8, 8), (5, 7), (300, 260)]
     grads = [torch.randn(shape) * (i + 1) for i, shape in enumerate(shapes)]

@@ -88,18 +88,14 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5,
 
 def newton_schulz_grouped(updates: list[torch.Tensor], steps: int,
                           dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """`newton_schulz` of every matrix in `updates`. Small matrices of one shape (up to a
-    transpose: the iteration runs on the wide side anyway) are stacked into one batched
-    iteration, since a small model's dozens of tiny matrices would otherwise cost a dozen
-    short ops each; larger ones go one at a time (see STACK_MAX_NUMEL)."""
-    out: list[torch.Tensor] = list(updates)
+    """`newton_schulz` of every matrix in `updates`, the matrices of one shape (up to a
+    transpose: the iteration runs on the wide side anyway) stacked into one batched
+    iteration: a small model's dozens of tiny matrices would otherwise cost a dozen short
+    ops each."""
     stacks: dict[tuple, list[int]] = {}
     for i, update in enumerate(updates):
-        if update.numel() > STACK_MAX_NUMEL:
-            out[i] = newton_schulz(update, steps, dtype)
-            continue
-        wide = tuple(sorted(update.shape))
-        stacks.setdefault((wide, update.dtype, update.device), []).append(i)
+        stacks.setdefault((tuple(sorted(update.shape)), update.dtype, update.device), []).append(i)
+    out: list[torch.Tensor] = list(updates)
     for indices in stacks.values():
         tall = [updates[i].shape[0] > updates[i].shape[1] for i in indices]
         stack = torch.stack([updates[i].mT if t else updates[i] for i, t in zip(indices, tall)])
@@ -110,20 +106,46 @@ def newton_schulz_grouped(updates: list[torch.Tensor], steps: int,
 
 def _orthogonalize_all(updates: list[torch.Tensor], steps: int,
                        setting: str) -> list[torch.Tensor]:
-    """Newton-Schulz of every update. Under FSDP2 an update is a row-sharded DTensor:
-    gather it (orthogonality couples all rows), iterate, and keep this rank's rows."""
+    """Newton-Schulz of every update: small ones stacked by shape, large ones one at a time
+    (STACK_MAX_NUMEL). Under FSDP2 an update is a row-sharded DTensor: gather it
+    (orthogonality couples all rows), iterate, and keep this rank's rows; a large one is
+    gathered only when its turn comes, so at most one full large matrix is held."""
     if not updates:
         return []
-    if not torch.distributed.is_available():
-        return newton_schulz_grouped(updates, steps, ns_dtype(updates[0].device, setting))
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    dtype = ns_dtype(updates[0].device, setting)
+    out: list[torch.Tensor] = list(updates)
+    small = []
+    for i, update in enumerate(updates):
+        if update.numel() <= STACK_MAX_NUMEL:
+            small.append(i)
+        else:
+            out[i] = _reshard(newton_schulz(_gather(update), steps, dtype), update)
+    grouped = newton_schulz_grouped([_gather(updates[i]) for i in small], steps, dtype)
+    for i, result in zip(small, grouped):
+        out[i] = _reshard(result, updates[i])
+    return out
 
-    sharded = [isinstance(update, DTensor) for update in updates]
-    full = [update.full_tensor() if is_dt else update for update, is_dt in zip(updates, sharded)]
-    results = newton_schulz_grouped(full, steps, ns_dtype(full[0].device, setting))
-    # every rank computed the same full matrices, so slicing locally is enough
-    return [distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
-            if is_dt else result for result, update, is_dt in zip(results, updates, sharded)]
+
+def _is_sharded(update: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(update, DTensor)
+
+
+def _gather(update: torch.Tensor) -> torch.Tensor:
+    return update.full_tensor() if _is_sharded(update) else update
+
+
+def _reshard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """full, laid out as `like` (a DTensor) is; every rank computed the same full matrix,
+    so slicing locally is enough."""
+    if not _is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
 class Muon(torch.optim.Optimizer):

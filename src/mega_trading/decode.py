@@ -9,7 +9,9 @@ under half the ops, on [B, D] rows and on weights fused once per weight version
 * q, k, v and the rotate_half of q and k come out of one matmul, so RoPE is one multiply
   and one multiply-add;
 * gate and up projections are one matmul;
-* each RMSNorm gain is folded into the matmul that follows it;
+* each RMSNorm gain is folded into the matmul that follows it, and the norm itself is a
+  per-row scale computed in four tiny ops (`_inv_rms`) where `F.rms_norm` takes ten;
+* each residual add happens inside its output matmul (`addmm`);
 * grouped-query attention treats the G query heads that share a key/value head as G rows
   of one query: two batched matmuls, no repeated keys, no mask (a lone query sees every
   cached key).
@@ -96,7 +98,7 @@ def decode_step(model, token: torch.Tensor, cache: KVCache, pos: int) -> torch.T
     scale = Dh ** -0.5
     x = F.embedding(token[:, 0], model.tok_embeddings.weight)  # [B, D]
     for layer, w in enumerate(fused.layers):
-        y = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.qkv)
+        y = F.linear(x * _inv_rms(x, cfg.norm_eps), w.qkv)
         qk = y[:, :n_qk].view(B, H + K, Dh) * cos  # RoPE: x cos + rotate_half(x) sin
         qk.addcmul_(y[:, n_qk:2 * n_qk].view(B, H + K, Dh), sin)
         cache.k[layer, :, :, pos] = qk[:, H:]
@@ -109,11 +111,19 @@ def decode_step(model, token: torch.Tensor, cache: KVCache, pos: int) -> torch.T
         query = qk[:, :H].reshape(B * K, H // K, Dh) * scale  # [B*K, G, Dh]
         scores = torch.bmm(query, keys.transpose(1, 2))  # [B*K, G, L]
         att = torch.bmm(torch.softmax(scores, dim=-1), values)  # [B*K, G, Dh]
-        x = x + F.linear(att.view(B, H * Dh), w.wo)
-        gate_up = F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), w.w13)
+        x = torch.addmm(x, att.view(B, H * Dh), w.wo.t())
+        gate_up = F.linear(x * _inv_rms(x, cfg.norm_eps), w.w13)
         hidden = F.silu(gate_up[:, :cfg.ffn_hidden]).mul_(gate_up[:, cfg.ffn_hidden:])
-        x = x + F.linear(hidden, w.w2)
-    return F.linear(F.rms_norm(x, (cfg.d_model,), eps=cfg.norm_eps), fused.output)
+        x = torch.addmm(x, hidden, w.w2.t())
+    return F.linear(x * _inv_rms(x, cfg.norm_eps), fused.output)
+
+
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) per row of x [B, D] -> [B, 1]: RMSNorm without its gain,
+    as sqrt(D) / sqrt(||x||^2 + D eps)."""
+    dim = x.shape[-1]
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return norm.square_().add_(dim * eps).rsqrt_().mul_(dim ** 0.5)
 
 
 def _fusable(model: Transformer, token: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ the logits) and the same optimizer (our Muon + AdamW recipe, or plain AdamW with
 backward + optimizer step. Contenders run alternately, several rounds, in one process;
 the table shows the median round. Achieved FLOP/s uses `ModelConfig.flops_per_token`
 (6N + causal attention) against the best of a few large fp32 matmuls on this machine.
+"vs HF" compares the medians; "rounds" is the range of the same ratio within each round.
 
     .venv/bin/python bench/train.py --preset micro --batch 16 --seq 256 --compile
     .venv/bin/python bench/train.py --preset small --batch 8 --seq 256 --optimizer adamw
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="override n_layer")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -196,8 +197,11 @@ def main() -> None:
     rows = []
     for name in names:
         tps = tokens_per_step * args.steps / statistics.median(seconds[name])
+        # Paired: each round times every contender back to back, so the ratio within a
+        # round cancels the machine's slow drifts that the medians above still carry.
+        paired = [b / t for b, t in zip(seconds[baseline], seconds[name])]
         rows.append((name, tps, tps / base_tps, tps * flops_per_token / 1e9,
-                     tps * flops_per_token / peak))
+                     tps * flops_per_token / peak, min(paired), max(paired)))
 
     print(f"\npreset {args.preset} ({cfg.n_params():,} params, {cfg.n_layer} layers, "
           f"d={cfg.d_model}), vocab {args.vocab}, batch {args.batch} x seq {args.seq}, "
@@ -206,14 +210,17 @@ def main() -> None:
           f"torch {torch.__version__}")
     print(f"measured {args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s; "
           f"{flops_per_token / 1e6:.2f} MFLOP per token")
-    header = f"{'step':<22}{'tokens/s':>10}{'vs HF':>8}{'GFLOP/s':>10}{'of peak':>9}"
+    header = (f"{'step':<22}{'tokens/s':>10}{'vs HF':>8}{'rounds':>13}{'GFLOP/s':>10}"
+              f"{'of peak':>9}")
     print(header + "\n" + "-" * len(header))
-    for name, tps, ratio, gflops, frac in rows:
-        print(f"{name:<22}{tps:>10.0f}{ratio:>7.2f}x{gflops:>10.1f}{frac:>8.0%}")
-    print("\n| train step | tokens/s | vs transformers | GFLOP/s | of matmul peak |")
-    print("|---|---:|---:|---:|---:|")
-    for name, tps, ratio, gflops, frac in rows:
-        print(f"| {name} | {tps:,.0f} | {ratio:.2f}x | {gflops:.1f} | {frac:.0%} |")
+    for name, tps, ratio, gflops, frac, low, high in rows:
+        print(f"{name:<22}{tps:>10.0f}{ratio:>7.2f}x{low:>7.2f}-{high:.2f}x{gflops:>10.1f}"
+              f"{frac:>8.0%}")
+    print("\n| train step | tokens/s | vs transformers | per round | GFLOP/s | of matmul peak |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, tps, ratio, gflops, frac, low, high in rows:
+        print(f"| {name} | {tps:,.0f} | {ratio:.2f}x | {low:.2f}-{high:.2f}x | {gflops:.1f} "
+              f"| {frac:.0%} |")
 
 
 if __name__ == "__main__":

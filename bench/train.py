@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mega_trading.accel import apply_accel, resolve_accel
 from mega_trading.export_hf import hf_state_dict, llama_config
 from mega_trading.model import ModelConfig, Transformer
 from mega_trading.optim import OptimConfig, build_optimizer
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--compile-hf", action="store_true",
                         help="also time torch.compile(transformers' model), loss outside")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--cpu-attention", choices=("auto", "true", "false"), default="auto",
+                        help="our CPU attention kernel, as `train cpu_attention=` (auto: "
+                             "where it builds)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this process's CPU time, a contention-proof proxy on a shared "
                              "machine, meaningful with --threads 1 only")
@@ -152,12 +156,18 @@ def main() -> None:
             contenders["transformers, compiled"] = make_step(
                 compiled_hf_loss, make_optimizer(hf_twin, hf_groups(hf_twin), args.optimizer),
                 autocast)
-    # What `mega-trading train` runs: ModelWithLoss, compiled as one graph with --compile.
+    # What `mega-trading train` runs: the same accelerator plan (on CPU: our attention
+    # kernel where it builds), ModelWithLoss, compiled as one graph with --compile.
+    plan = resolve_accel("false", False, torch.device("cpu"), cpu_attention=args.cpu_attention,
+                         head_dim=cfg.head_dim)
+    print(f"ours: {plan.describe()}")
+    apply_accel(ours, plan)
     opt = make_optimizer(ours, ours.param_groups(), args.optimizer)
     contenders["ours (eager)"] = make_step(ModelWithLoss(ours), opt, autocast)
     if args.compile:
         twin = Transformer(cfg)
         twin.load_state_dict(ours.state_dict())
+        apply_accel(twin, plan)
         contenders["ours (torch.compile)"] = make_step(
             torch.compile(ModelWithLoss(twin)),
             make_optimizer(twin, twin.param_groups(), args.optimizer), autocast)

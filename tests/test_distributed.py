@@ -18,9 +18,13 @@ from mega_trading.distributed import DistContext, mean_across_ranks, use_fsdp
 from mega_trading.errors import ConfigError
 from mega_trading.train import TrainConfig, train
 
+# Newton-Schulz in float32: in bf16 (the default on CPUs with native bf16) a 1e-7 difference
+# between the batch splits can flip one rounding and move the loss by ~1e-5 a few steps
+# later, which would test luck, not DDP/FSDP. With float32 they agree within ~5e-7.
 TINY_ARGS = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=1",
              "model.ffn_hidden=64", "block_size=16", "batch_size=4", "warmup_steps=2",
-             "log_every=1", "eval_every=3", "eval_batches=2", "ckpt_every=3", "grad_accum=2"]
+             "log_every=1", "eval_every=3", "eval_batches=2", "ckpt_every=3", "grad_accum=2",
+             "muon_ns_dtype=float32"]
 STEPS = 6
 
 

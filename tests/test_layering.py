@@ -17,7 +17,7 @@ STAGES: list[tuple[str, ...]] = [
     ("events",),
     ("tokenizer",),
     ("dataset",),
-    ("model",),
+    ("model", "kernels"),
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
     ("baselines", "scoring", "backtest"),
     ("decode", "generate", "hawkes"),

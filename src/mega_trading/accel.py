@@ -1,6 +1,7 @@
-"""GPU training accelerators: Liger-Kernel fused ops, fused linear cross-entropy, activation
-checkpointing, pinned host memory. Every piece has a plain PyTorch path, and CPU stays the
-default: nothing here imports `liger_kernel` or `triton` until a CUDA run asks for them.
+"""Training accelerators: Liger-Kernel fused ops, fused linear cross-entropy, activation
+checkpointing, pinned host memory (GPU), and our causal-attention kernel (CPU). Every piece
+has a plain PyTorch path: nothing here imports `liger_kernel` or `triton` until a CUDA run
+asks for them, and the CPU kernel falls back to SDPA where it cannot be built.
 
 What each does for `train.py`:
 
@@ -12,6 +13,8 @@ What each does for `train.py`:
   checkpoints stay exactly as they were.
 * `fused_linear_cross_entropy(hidden, weight, targets)` is head + loss in one op (Liger's
   chunked kernel never holds the [B*T, V] logits); without Liger it is the plain head + loss.
+* `apply_cpu_attention(model)` routes the training forward's causal attention through
+  `kernels.causal_attention` (float32 CPU tensors; anything else stays on SDPA).
 * `to_device(tensor, device, pin_memory)` copies a host batch through pinned memory so the
   copy does not block the CPU.
 """
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mega_trading import kernels
 from mega_trading.errors import ConfigError
 from mega_trading.model import Attention, Block, FeedForward, RMSNorm, apply_rope
 
@@ -190,6 +194,30 @@ def apply_liger(model: nn.Module, kernels: Kernels | None = None) -> dict[str, i
     return {kind: counts[kind] for kind, _ in _FUSED.values()}
 
 
+# --- CPU attention kernel ------------------------------------------------------------------------
+
+class CPUKernelAttention(Attention):
+    """Attention whose whole-window path runs `kernels.causal_attention` on float32 CPU
+    tensors (the training forward); under autocast, on CUDA and with a KV cache it is the
+    plain module."""
+
+    def attend(self, q, k, v):
+        if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32:
+            return kernels.causal_attention(q, k, v)
+        return super().attend(q, k, v)
+
+
+def apply_cpu_attention(model: nn.Module) -> int:
+    """Swap every plain Attention of `model` for CPUKernelAttention, in place (parameters and
+    state dicts unchanged); returns how many. Check `kernels.attention_kernel_error` first."""
+    count = 0
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = CPUKernelAttention
+            count += 1
+    return count
+
+
 # --- activation checkpointing ----------------------------------------------------------------------
 
 class CheckpointedBlock(Block):
@@ -225,6 +253,7 @@ class AccelPlan:
     fused_cross_entropy: bool = False  # Liger's fused head + loss (needs the whole head weight)
     activation_checkpointing: bool = False
     pin_memory: bool = False  # batches go host -> pinned -> device, non-blocking
+    cpu_attention: bool = False  # kernels.causal_attention for float32 CPU training
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -233,22 +262,47 @@ class AccelPlan:
 
         text = (f"liger {onoff(self.liger)}, fused linear cross-entropy "
                 f"{onoff(self.fused_cross_entropy)}, activation checkpointing "
-                f"{onoff(self.activation_checkpointing)}, pinned batches {onoff(self.pin_memory)}")
+                f"{onoff(self.activation_checkpointing)}, pinned batches {onoff(self.pin_memory)}, "
+                f"CPU attention kernel {onoff(self.cpu_attention)}")
         return text + (f" ({'; '.join(self.notes)})" if self.notes else "")
 
 
-def check_liger_setting(value: object) -> None:
+def check_liger_setting(value: object, name: str = "liger") -> None:
     if value not in ("auto", "true", "false", True, False):
-        raise ConfigError(f"liger must be auto, true or false, got {value!r}")
+        raise ConfigError(f"{name} must be auto, true or false, got {value!r}")
+
+
+def resolve_cpu_attention(setting: str | bool, device: torch.device, head_dim: int | None
+                          ) -> tuple[bool, str | None]:
+    """(use the CPU attention kernel, a note on why not). 'auto': on for CPU runs when the
+    kernel builds for this head dim; 'true' where it cannot is a ConfigError."""
+    check_liger_setting(setting, "cpu_attention")
+    if setting in (False, "false") or head_dim is None:
+        return False, None
+    wanted = setting in (True, "true")
+    if device.type != "cpu":
+        if wanted:
+            raise ConfigError(f"cpu_attention=true needs a CPU run, not {device.type}")
+        return False, None
+    error = kernels.attention_kernel_error(head_dim)
+    if error is None:
+        return True, None
+    if wanted:
+        raise ConfigError(f"cpu_attention=true but the kernel cannot be built: {error}")
+    return False, f"CPU attention kernel: {error}; using SDPA"
 
 
 def resolve_accel(liger: str | bool, activation_checkpointing: bool, device: torch.device,
                   fsdp: bool = False,
-                  available: Callable[[], bool] = liger_available) -> AccelPlan:
+                  available: Callable[[], bool] = liger_available,
+                  cpu_attention: str | bool = "false",
+                  head_dim: int | None = None) -> AccelPlan:
     """The plan for `device`. liger 'auto': on for CUDA when liger_kernel imports (checked only
-    on CUDA, so CPU runs never import it); 'true' without CUDA or Liger is a ConfigError."""
+    on CUDA, so CPU runs never import it); 'true' without CUDA or Liger is a ConfigError.
+    cpu_attention: see `resolve_cpu_attention` (needs the model's head_dim)."""
     check_liger_setting(liger)
-    notes: list[str] = []
+    use_cpu_attention, note = resolve_cpu_attention(cpu_attention, device, head_dim)
+    notes: list[str] = [note] if note else []
     wanted = liger in (True, "true")
     use_liger = False
     if liger in (False, "false"):
@@ -271,11 +325,14 @@ def resolve_accel(liger: str | bool, activation_checkpointing: bool, device: tor
         notes.append("fused cross-entropy off under FSDP2")
     return AccelPlan(liger=use_liger, fused_cross_entropy=fused_ce,
                      activation_checkpointing=bool(activation_checkpointing),
-                     pin_memory=device.type == "cuda", notes=tuple(notes))
+                     pin_memory=device.type == "cuda", cpu_attention=use_cpu_attention,
+                     notes=tuple(notes))
 
 
 def apply_accel(model: nn.Module, plan: AccelPlan) -> None:
     """Apply a plan's module changes to the bare model (before wrapping and compiling)."""
+    if plan.cpu_attention:
+        apply_cpu_attention(model)
     if plan.liger:
         apply_liger(model)
     if plan.activation_checkpointing:

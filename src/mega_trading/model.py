@@ -194,6 +194,10 @@ class Attention(nn.Module):
         """RoPE on queries and keys; a method so accel.apply_liger can swap in a fused kernel."""
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+    def attend(self, q, k, v):
+        """Causal attention over a whole window; a method so accel can swap in a kernel."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
@@ -201,7 +205,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = self.rotate(q, k, cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = self.attend(q, k, v)  # [B, H, T, Dh]
         else:
             k, v = cache.update(self.layer, start_pos, k, v)  # [B, K, start_pos + T, Dh]
             # Query i sits at start_pos + i and sees keys 0..start_pos + i; a lone query

@@ -36,7 +36,7 @@ VALIDATION_SEED_OFFSET = 1_000_003  # validation windows never share the trainin
 # weights (steps extends or shortens the run; the cosine schedule follows the new total).
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
                      "keep_last", "tracking", "compile", "fsdp", "peak_flops", "liger",
-                     "activation_checkpointing")
+                     "activation_checkpointing", "cpu_attention")
 
 
 class NonFiniteLossError(MegaTradingError):
@@ -53,6 +53,8 @@ class TrainConfig:
     block_size: int | None = None  # default: the preset's; capped by the data
     lr: float = 3e-3  # AdamW (embeddings, head, norm gains)
     muon_lr: float = 0.02  # Muon (hidden matrices)
+    # Newton-Schulz precision; auto: bf16 on CUDA and on CPUs that multiply bf16 natively
+    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     weight_decay: float = 0.0
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
@@ -68,6 +70,7 @@ class TrainConfig:
     compile: str | bool = "auto"  # auto: torch.compile on CUDA only
     fsdp: str | bool = "auto"  # auto: FSDP2 for large models on several GPUs, else DDP
     liger: str | bool = "auto"  # auto: Liger-Kernel fused ops on CUDA when installed (accel.py)
+    cpu_attention: str | bool = "auto"  # auto: our causal-attention kernel on CPU if it builds
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     tracking: Literal["mlflow", "none"] = "mlflow"
     peak_flops: float | None = None  # per device, for MFU; default: table (CUDA) / measured (CPU)
@@ -88,7 +91,7 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.block_size is not None and self.block_size < 2:
             raise ConfigError(f"block_size must be >= 2, got {self.block_size}")
-        for name in ("compile", "fsdp", "liger"):
+        for name in ("compile", "fsdp", "liger", "cpu_attention"):
             if getattr(self, name) not in ("auto", "true", "false", True, False):
                 raise ConfigError(f"{name} must be auto, true or false, got {getattr(self, name)!r}")
 
@@ -496,11 +499,13 @@ class _Session:
             torch.set_float32_matmul_precision("high")
         raw = Transformer(model_cfg).to(device)
         fsdp = use_fsdp(cfg.fsdp, ctx, derived["n_params"])
-        accel = resolve_accel(cfg.liger, cfg.activation_checkpointing, device, fsdp)
+        accel = resolve_accel(cfg.liger, cfg.activation_checkpointing, device, fsdp,
+                              cpu_attention=cfg.cpu_attention, head_dim=model_cfg.head_dim)
         apply_accel(raw, accel)  # module swaps come before wrapping and compiling
         wrapped = wrap_model(raw, ctx, fsdp)
         compiled = _want_compile(cfg.compile, device)
         optimizer = build_optimizer(raw, OptimConfig(muon_lr=cfg.muon_lr, adamw_lr=cfg.lr,
+                                                     muon_ns_dtype=cfg.muon_ns_dtype,
                                                      weight_decay=cfg.weight_decay))
         per_rank = cfg.batch_size // ctx.world_size
         block = model_cfg.block_size

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mega_trading import kernels
 from mega_trading.checkpoint import (
     latest_step,
     list_checkpoints,
@@ -195,6 +196,8 @@ def test_sigkill_right_after_a_checkpoint_then_resume_is_exact(tmp_path, data_di
                              text=True, timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from checkpoint step {killed_at}" in resumed.stderr
+    if kernels.attention_kernel_error(16) is None:  # head dim 16: our CPU attention kernel ran
+        assert "CPU attention kernel on" in " ".join(resumed.stderr.split())
     expected, got = losses(reference), losses(run)
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(expected)
     for step in expected:

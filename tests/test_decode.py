@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mega_trading.decode import decode_step
-from mega_trading.model import Transformer
+from mega_trading import decode, kernels
+from mega_trading.decode import decode_step, decode_weights
+from mega_trading.model import ModelConfig, Transformer
 from tests.test_model import VOCAB, tiny_config
 
 
@@ -107,3 +108,51 @@ def test_other_models_take_their_plain_forward():
         step = decode_step(Wrapper(inner), idx[:, 5:], cache, 5)
         torch.testing.assert_close(step, inner(idx)[:, -1], rtol=0, atol=1e-5)
     assert calls == [5]
+
+
+NATIVE = pytest.mark.skipif(kernels.decode_kernel_error() is not None,
+                            reason="the C decode step cannot be built here (no compiler)")
+
+
+@NATIVE
+@pytest.mark.parametrize("heads, head_dim", [((4, 4), 16), ((4, 2), 32), ((4, 1), 32),
+                                             ((8, 1), 16)], ids=["mha", "gqa", "mqa", "g8"])
+def test_the_c_decode_step_matches_the_forward_and_follows_every_prefill(heads, head_dim):
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=90, block_size=40, n_layer=2, n_head=heads[0],
+                      n_kv_head=heads[1], d_model=heads[0] * head_dim, ffn_hidden=48)
+    net = Transformer(cfg).eval()
+    for param in net.parameters():
+        if param.ndim == 1:
+            param.data.uniform_(0.5, 1.5)
+    assert decode_weights(net).native is not None
+    cache = net.new_cache(batch=3)
+    with torch.inference_mode():
+        for trial in range(2):  # the same cache again, after a new prefill (stale key copy)
+            idx = torch.randint(0, 90, (3, 40), generator=torch.Generator().manual_seed(trial))
+            full = net(idx)
+            prefix = 5 + 11 * trial
+            net(idx[:, :prefix], cache=cache, start_pos=0)
+            for pos in range(prefix, 40):
+                step = decode_step(net, idx[:, pos:pos + 1], cache, pos)
+                torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
+            reference = net.new_cache(batch=3)
+            net(idx, cache=reference, start_pos=0)
+            torch.testing.assert_close(cache.k, reference.k, rtol=0, atol=1e-5)
+            torch.testing.assert_close(cache.v, reference.v, rtol=0, atol=1e-5)
+
+
+@NATIVE
+def test_without_the_c_step_decoding_takes_the_pytorch_path(monkeypatch):
+    cfg = ModelConfig(vocab_size=90, block_size=16, n_layer=1, n_head=2, n_kv_head=1,
+                      d_model=32, ffn_hidden=32)
+    net = Transformer(cfg).eval()
+    idx = torch.randint(0, 90, (2, 16))
+    monkeypatch.setattr(kernels, "decode_kernel_error", lambda: "no C compiler found")
+    monkeypatch.setattr(kernels, "decode_layers", None)  # would fail if called
+    assert decode.decode_weights(net).native is None
+    cache = net.new_cache(batch=2)
+    with torch.inference_mode():
+        net(idx[:, :8], cache=cache, start_pos=0)
+        step = decode_step(net, idx[:, 8:9], cache, 8)
+        torch.testing.assert_close(step, net(idx[:, :9])[:, -1], rtol=0, atol=1e-5)

@@ -9,7 +9,9 @@ import polars as pl
 import pytest
 import torch
 
+from mega_trading import kernels
 from mega_trading.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.decode import decode_weights
 from mega_trading.errors import ConfigError, DataError
 from mega_trading.generate import (
     GenerateConfig,
@@ -89,8 +91,13 @@ def test_cached_logits_equal_full_forward_at_every_step():
 
 
 @pytest.mark.parametrize("cache_len, keep", [(None, None), (20, 7), (BLOCK, BLOCK)])
-def test_cached_and_nocache_agree_while_sliding_past_block_size(cache_len, keep):
-    model = tiny_model()
+@pytest.mark.parametrize("heads", [(4, 2), (2, 1)], ids=["head-dim-8", "head-dim-16"])
+def test_cached_and_nocache_agree_while_sliding_past_block_size(cache_len, keep, heads):
+    """Head dim 16 decodes through the C step (decode_step.c) where it builds: each slide
+    re-prefills through the plain forward, so its transposed key copy must follow."""
+    model = tiny_model(n_head=heads[0], n_kv_head=heads[1])
+    native = decode_weights(model).native is not None
+    assert native == (heads[1] == 1 and kernels.decode_kernel_error() is None)
     prompt = random_prompt(4, 8)
     n_new = 3 * BLOCK
     seen = {"cached": {}, "nocache": {}}

@@ -82,8 +82,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from mega_trading.decode import decode_step
+from mega_trading.decode import decode_step, decode_weights
 from mega_trading.errors import ConfigError, DataError
+from mega_trading.model import Transformer
 
 LINEAGE_KEY = b"mega_trading"
 PROMPT_SOURCES = ("train", "validation", "backtest", "seg")
@@ -148,9 +149,10 @@ def prefill(model, cache, prompt: torch.Tensor) -> torch.Tensor:
     return model(prompt, cache=cache, start_pos=0)[:, -1]
 
 
-def decode_one(model, cache, token: torch.Tensor, pos: int) -> torch.Tensor:
-    """Feed token [B, 1] at cache position pos; logits for the next token [B, V]."""
-    return decode_step(model, token, cache, pos)  # fused weights, in far fewer ops
+def decode_one(model, cache, token: torch.Tensor, pos: int, weights=None) -> torch.Tensor:
+    """Feed token [B, 1] at cache position pos; logits for the next token [B, V].
+    `weights`: the model's `decode.decode_weights`, fetched once per rollout batch."""
+    return decode_step(model, token, cache, pos, weights)  # fused weights, far fewer ops
 
 
 def top_p_keep(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -188,10 +190,10 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 16, top_
     return indices.gather(-1, choice[:, None]).squeeze(-1)
 
 
-def _sample_step(logits: torch.Tensor, cfg: SamplingConfig, banned: Sequence[int],
+def _sample_step(logits: torch.Tensor, cfg: SamplingConfig, banned: Sequence[int] | torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
-    if banned:  # out of place: the caller (and on_logits) may still hold these logits
-        ids = torch.tensor(banned, dtype=torch.long, device=logits.device)
+    if len(banned):  # out of place: the caller (and on_logits) may still hold these logits
+        ids = torch.as_tensor(banned, dtype=torch.long, device=logits.device)
         logits = logits.index_fill(-1, ids, float("-inf"))
     return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
 
@@ -239,6 +241,9 @@ def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = Samp
     t0 = prompt.shape[1]
     start = max(0, t0 - cache_len)  # tokens[:, start:t] are in the cache at 0 .. t-start-1
     cache = model.new_cache(tokens.shape[0], cache_len)
+    # Parameters do not change while sampling: fetch the fused weights and the banned ids once.
+    weights = decode_weights(model) if isinstance(model, Transformer) else None
+    banned = torch.tensor(banned, dtype=torch.long, device=tokens.device)
     logits = prefill(model, cache, tokens[:, start:t0])
     for t in range(t0, end):
         if on_logits is not None:
@@ -250,7 +255,7 @@ def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = Samp
             start = t + 1 - keep
             logits = prefill(model, cache, tokens[:, start:t + 1])
         else:
-            logits = decode_one(model, cache, tokens[:, t:t + 1], t - start)
+            logits = decode_one(model, cache, tokens[:, t:t + 1], t - start, weights)
     return tokens
 
 

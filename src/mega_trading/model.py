@@ -165,10 +165,12 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.batch, self.max_len = batch, max_len
+        self.writes = 0  # bumped by every write through this class (decode.py mirrors keys)
 
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()
+        self.writes += 1
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, K, T, Dh] at start_pos; return all keys/values so far."""
@@ -177,6 +179,7 @@ class KVCache:
             raise ValueError(f"KV cache overflow: position {end} > max_len {self.max_len}")
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
+        self.writes += 1
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 

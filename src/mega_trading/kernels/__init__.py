@@ -1,16 +1,18 @@
 """Hand-written CPU kernels, compiled on first use, with PyTorch as the fallback.
 
-One kernel so far: causal grouped-query attention, forward and backward, float32, for CPU
-training (`causal_attention.c` says why PyTorch's own kernel is not enough at small head
-dims). It is built by the system C compiler into a per-machine cache
-(``$XDG_CACHE_HOME/mega_trading/kernels``, else ``~/.cache/...``), written atomically, keyed
-by the source, the flags, the compiler and the CPU, and loaded with ctypes. It enters
-PyTorch as two custom ops (`torch.library.custom_op`), so autograd and `torch.compile`
-treat it like any other op.
+* `causal_attention.c`: causal grouped-query attention, forward and backward, float32, for
+  CPU training (the file says why PyTorch's own kernel is not enough at small head dims).
+  It enters PyTorch as two custom ops (`torch.library.custom_op`), so autograd and
+  `torch.compile` treat it like any other op; `accel.apply_cpu_attention` routes a model's
+  attention through `causal_attention(q, k, v)`.
+* `decode_step.c`: one whole decode step through every layer, for the sampler
+  (`decode.decode_step` calls `decode_layers`).
 
-`attention_kernel_error(head_dim)` says why the kernel cannot run here (no compiler, no
-OpenMP, ...) or returns None; `causal_attention(q, k, v)` runs it; the model never calls
-it directly: `accel.apply_cpu_attention` routes a model's attention through it.
+Each is built by the system C compiler into a per-machine cache
+(``$XDG_CACHE_HOME/mega_trading/kernels``, else ``~/.cache/...``), written atomically, keyed
+by the source, the flags, the compiler and the CPU, and loaded with ctypes.
+`attention_kernel_error(head_dim)` / `decode_kernel_error()` say why a kernel cannot run
+here (no compiler, no OpenMP, ...) or return None; callers then keep PyTorch's path.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("causal_attention.c")
+DECODE_SOURCE = Path(__file__).with_name("decode_step.c")
 # Not -ffast-math: a shared object built with it sets flush-to-zero for the whole process
 # when loaded (crtfastmath.o), which changes numpy's and torch's results elsewhere.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
@@ -63,30 +66,36 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-@functools.cache
-def _library(head_dim: int) -> ctypes.CDLL:
-    """The kernel compiled for `head_dim` on this machine, built once and then cached."""
+def _build(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """`source` compiled on this machine (once: then found in the cache) and loaded."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
                              text=True, timeout=60).stdout
-    flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version,
+    flags = [*FLAGS, *defines]
+    key = hashlib.sha256("\0".join([source.read_text(), *flags, version,
                                     _machine_fingerprint()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"causal_attention_d{head_dim}_{key}.so"
+    suffix = "".join(f"_{d.split('=')[-1]}" for d in defines)
+    target = cache_dir() / f"{source.stem}{suffix}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                     check=False, capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
             os.replace(built, target)  # atomic: a concurrent build just wins the race
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+@functools.cache
+def _library(head_dim: int) -> ctypes.CDLL:
+    """The attention kernel compiled for `head_dim` on this machine."""
+    lib = _build(SOURCE, (f"-DHEAD_DIM={head_dim}",))
     if lib.head_dim() != head_dim:
-        raise RuntimeError(f"{target} was built for head dim {lib.head_dim()}")
+        raise RuntimeError(f"the attention kernel was built for head dim {lib.head_dim()}")
     pointer, strides, long_, float_ = ctypes.c_void_p, _Strides, ctypes.c_long, ctypes.c_float
     lib.attention_forward.argtypes = [pointer, strides, pointer, pointer, strides, pointer,
                                       strides, pointer, long_, long_, long_, long_, float_]
@@ -95,6 +104,57 @@ def _library(head_dim: int) -> ctypes.CDLL:
                                        pointer, strides, pointer, strides,
                                        long_, long_, long_, long_, float_]
     return lib
+
+
+@functools.cache
+def _decode_library() -> ctypes.CDLL:
+    lib = _build(DECODE_SOURCE)
+    pointer, long_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    lib.decode_layers.argtypes = [pointer, long_, long_, long_, pointer, pointer, pointer,
+                                  pointer, long_, long_, long_, long_, pointer, pointer,
+                                  pointer, pointer, pointer, long_, long_, long_, float_,
+                                  pointer, long_, pointer]
+    lib.decode_layers.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def decode_kernel_error() -> str | None:
+    """Why the decode-step kernel cannot run here, or None."""
+    try:
+        _decode_library()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        return str(error)
+    return None
+
+
+def pointer_array(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers (the caller keeps the tensors alive)."""
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def decode_layers(x: torch.Tensor, weights: tuple, dims: tuple[int, int, int, int],
+                  cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                  cache_v: torch.Tensor, cache_kt: torch.Tensor, pos: int, eps: float,
+                  head: torch.Tensor) -> torch.Tensor:
+    """One decode step on x [B, D] (updated in place) -> logits [B, vocab_padded]
+    (see decode_step.c).
+
+    weights: (wqkv, wo, w13, w2) C pointer arrays of [in, out] float32 matrices; dims:
+    (H, KV, Dh, F); cache_k / cache_v [layers, B, KV, max_len, Dh] and cache_kt
+    [layers, B, KV, tiles, Dh, 16], all contiguous, the new keys go into both; head
+    [D, vocab_padded], the final norm gain folded in."""
+    B, D = x.shape
+    H, KV, Dh, F_ = dims
+    logits = torch.empty(B, head.shape[1])
+    status = _decode_library().decode_layers(
+        _ptr(x), B, D, cache_k.shape[0], *weights, H, KV, Dh, F_, _ptr(cos), _ptr(sin),
+        _ptr(cache_k), _ptr(cache_v), _ptr(cache_kt), cache_kt.shape[3] * 16, cache_k.shape[3],
+        pos, eps, _ptr(head), head.shape[1], _ptr(logits))
+    if status:
+        raise RuntimeError(f"decode_layers failed with status {status} (unsupported shape "
+                           f"or out of memory)")
+    return logits
 
 
 @functools.cache

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+from rich.console import Console
 
 from mega_trading.config import to_dict
 from mega_trading.lineage import write_json_atomic
@@ -84,8 +86,14 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
 
 def test_force_redoes_everything(finished):
     cfg, _ = finished
-    summary = run_pipeline(with_overrides(cfg, ["simulate.enabled=false"]), force=True)
+    output = io.StringIO()
+    summary = run_pipeline(with_overrides(cfg, ["simulate.enabled=false"]), force=True,
+                           console=Console(file=output, width=200))
     assert "simulate" not in summary and all(s["status"] == "ran" for s in summary.values())
+    assert "resumed from checkpoint" not in output.getvalue()  # trained again from step 0
+    records = [json.loads(line) for line in (cfg.run_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and steps
 
 
 def test_ablation_grid_writes_table_chart_and_mlflow_runs(tmp_path):

@@ -197,6 +197,8 @@ def run_pipeline(cfg: RunConfig, force: bool = False, console: Console | None = 
     from mega_trading.lineage import write_text_atomic
 
     write_text_atomic(cfg.run_path / "pipeline.yaml", dump_yaml(cfg))
+    if force:  # training starts over too, rather than resuming a finished run
+        stamp_path(cfg.run_path, "train.started").unlink(missing_ok=True)
     return run_stages(cfg.run_path, build_stages(cfg, console), force=force, console=console)
 
 

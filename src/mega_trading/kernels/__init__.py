@@ -74,7 +74,8 @@ def _build(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
                              text=True, timeout=60).stdout
     flags = [*FLAGS, *defines]
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version,
+    sources = [source, *sorted(source.parent.glob("*.h"))]  # and the headers it includes
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in sources), *flags, version,
                                     _machine_fingerprint()]).encode()).hexdigest()[:16]
     suffix = "".join(f"_{d.split('=')[-1]}" for d in defines)
     target = cache_dir() / f"{source.stem}{suffix}_{key}.so"

@@ -114,9 +114,9 @@ def _native_weights(cfg, layers: list[FusedLayer], output: torch.Tensor) -> Nati
 @dataclass
 class TransposedKeys:
     """The cache's keys again, in transposed tiles of 16 keys, [layers, B, K, tiles, Dh,
-    16], for the C step's score products. In step with cache.k for `length` positions while cache.writes is `writes`:
-    the plain forward (prefill, a slid window) and the PyTorch step bump it, the C step
-    writes both copies itself."""
+    16], for the C step's score products. In step with cache.k for `length` positions
+    while cache.writes is `writes`: the plain forward (prefill, a slid window) and the
+    PyTorch step bump it, the C step writes both copies itself."""
 
     kt: torch.Tensor
     length: int = 0
@@ -162,24 +162,38 @@ def decode_step(model, token: torch.Tensor, cache: KVCache, pos: int,
         raise ValueError(f"position {pos} outside the cache ({cache.max_len}) or "
                          f"block_size ({cfg.block_size})")
     fused = weights or decode_weights(model)
-    B, H, K, Dh = token.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    x = F.embedding(token[:, 0], model.tok_embeddings.weight)  # [B, D]
+    if fused.native is not None and _native_cache(cache, cfg, token.shape[0]):
+        return _native_step(model, fused.native, x, cache, pos)
+    return _pytorch_step(model, fused, x, cache, pos)
+
+
+def _native_step(model: Transformer, native: NativeWeights, x: torch.Tensor, cache: KVCache,
+                 pos: int) -> torch.Tensor:
+    """Every layer and the head in one call of kernels/decode_step.c."""
+    cfg = model.cfg
+    dims = (cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.ffn_hidden)
+    logits = kernels.decode_layers(x, native.pointers, dims, model.rope_cos[pos].contiguous(),
+                                   model.rope_sin[pos].contiguous(), cache.k, cache.v,
+                                   _transposed_keys(cache, pos), pos, cfg.norm_eps,
+                                   native.head)
+    return logits[:, :cfg.vocab_size]
+
+
+def _pytorch_step(model: Transformer, fused: DecodeWeights, x: torch.Tensor, cache: KVCache,
+                  pos: int) -> torch.Tensor:
+    cfg = model.cfg
+    B, H, K, Dh = x.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
     n_qk = (H + K) * Dh
     cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # [Dh]
     scale = Dh ** -0.5
-    x = F.embedding(token[:, 0], model.tok_embeddings.weight)  # [B, D]
-    if fused.native is not None and _native_cache(cache, cfg, B):
-        logits = kernels.decode_layers(x, fused.native.pointers, (H, K, Dh, cfg.ffn_hidden),
-                                       cos.contiguous(), sin.contiguous(), cache.k, cache.v,
-                                       _transposed_keys(cache, pos), pos, cfg.norm_eps,
-                                       fused.native.head)
-        return logits[:, :cfg.vocab_size]
+    cache.writes += 1  # the transposed key copy of the C step is stale from here
     for layer, w in enumerate(fused.layers):
         y = F.linear(x * _inv_rms(x, cfg.norm_eps), w.qkv)
         qk = y[:, :n_qk].view(B, H + K, Dh) * cos  # RoPE: x cos + rotate_half(x) sin
         qk.addcmul_(y[:, n_qk:2 * n_qk].view(B, H + K, Dh), sin)
         cache.k[layer, :, :, pos] = qk[:, H:]
         cache.v[layer, :, :, pos] = y[:, 2 * n_qk:].view(B, K, Dh)
-        cache.writes += layer == 0
         # Reading the cache is most of a decode step, and these two batched matmuls read
         # it ~1.4x faster than SDPA's CPU kernel (BENCHMARKS.md); they round a little
         # differently from the full forward's SDPA (~1e-5 on the logits).

@@ -119,14 +119,19 @@ def _decode_library() -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
-def decode_kernel_error() -> str | None:
-    """Why the decode-step kernel cannot run here, or None."""
+def _load_error(load) -> str | None:
+    """Why load() (a build and a dlopen) fails here, or None."""
     try:
-        _decode_library()
+        load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return str(error)
     return None
+
+
+@functools.cache
+def decode_kernel_error() -> str | None:
+    """Why the decode-step kernel cannot run here, or None."""
+    return _load_error(_decode_library)
 
 
 def pointer_array(tensors) -> ctypes.Array:
@@ -163,18 +168,7 @@ def attention_kernel_error(head_dim: int) -> str | None:
     """Why the CPU attention kernel cannot run for this head dim here, or None."""
     if head_dim not in HEAD_DIMS:
         return f"head dim {head_dim} is not one of {HEAD_DIMS}"
-    try:
-        _library(head_dim)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return str(error)
-    return None
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `causal_attention` takes these tensors (else use SDPA)."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and q.dim() == 4 and k.shape == v.shape and q.shape[1] % k.shape[1] == 0
-            and attention_kernel_error(q.shape[-1]) is None)
+    return _load_error(lambda: _library(head_dim))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

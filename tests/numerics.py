@@ -26,10 +26,11 @@ twice the bound: each lies within it of the exact result.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
+
+from mega_trading.model import Transformer
 
 EPS32 = torch.finfo(torch.float32).eps  # 2**-23
 C = 8.0
@@ -64,6 +65,9 @@ def model_reduction_len(cfg, length: int) -> int:
     return cfg.n_layer * per_layer + cfg.d_model
 
 
-def float64_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The same model (weights, rope tables) in float64: the reference for its float32 run."""
-    return copy.deepcopy(model).double()
+def float64_twin(model: Transformer) -> Transformer:
+    """The same model (weights, rope tables) in float64: the reference for its float32 run.
+    Built afresh, not deep-copied: the model may hold the decode step's C pointers."""
+    twin = Transformer(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    return twin.double().train(model.training)

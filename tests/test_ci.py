@@ -44,7 +44,7 @@ def checkout(tmp_path) -> tuple[Path, dict]:
     executable(repo / ".venv" / "bin" / "pytest", FAKE_PYTEST)
     executable(tools / "make", FAKE_MAKE)
     executable(tools / "chromium", "#!/bin/sh\n")
-    (tmp_path / "home" / ".cache").mkdir(parents=True)
+    (tmp_path / "home" / ".cache" / "mega_trading").mkdir(parents=True)  # a warm cache
     env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
            "CI_LOG": str(tmp_path / "ci.log"), "TMPDIR": str(tmp_path)}
     return repo, env

@@ -46,3 +46,11 @@ def test_the_umask_is_read_without_proc_too(umask, tmp_path, monkeypatch):
     assert current_umask() == 0o027
     assert current_umask() == 0o027  # the round trip restored it
     assert mode(write_json_atomic(tmp_path / "facts.json", {})) == 0o640
+
+
+def test_a_prepared_data_dir_and_its_files_follow_the_umask(tiny_data_dir):
+    """The folders and files `prepare` leaves (it builds under atomic_dir)."""
+    mask = current_umask()
+    assert mode(tiny_data_dir) == 0o777 & ~mask
+    assert mode(tiny_data_dir / "manifest.json") == 0o666 & ~mask
+    assert mode(tiny_data_dir / "tokenizer.json") == 0o666 & ~mask

@@ -197,6 +197,24 @@ class RolloutRequest(BaseModel):
                                           "window's last trade time, or the symbol's segment "
                                           "start, else 0")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """pydantic's lax mode reads true / false as 1 / 0 (even for side: Literal[-1, 1]);
+        the schema says number, so a boolean anywhere but forbid_seg is refused."""
+        if not isinstance(data, dict):
+            return data
+        stack = [(key, value) for key, value in data.items() if key != "forbid_seg"]
+        while stack:  # iterative: the body's nesting depth is the client's choice
+            where, value = stack.pop()
+            if isinstance(value, bool):
+                raise ValueError(f"{where}: a boolean where the schema wants a number or text")
+            if isinstance(value, dict):
+                stack.extend((f"{where}.{k}", v) for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend((f"{where}.{i}", v) for i, v in enumerate(value))
+        return data
+
     @model_validator(mode="after")
     def _at_most_one_prompt(self) -> RolloutRequest:
         given = [name for name in PROMPTS if getattr(self, name) is not None]

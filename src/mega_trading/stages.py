@@ -1,10 +1,11 @@
-"""Skip-if-done stage runner: a stage reruns only when its inputs or config changed.
+"""Skip-if-done stage runner: a stage reruns only when its inputs, config or code changed.
 
 Each stage records a stamp ``RUN/.stages/<name>.json`` holding the hash of its *key* (its
 config section, the identities of its inputs, the package version and a hash of the source
-of the modules that implement it, so an upgrade that changes a stage's code reruns it). A stage is skipped when the stamp's
-hash matches and every declared output exists, so a pipeline re-run after a crash
-continues where it stopped, and ``force=True`` redoes everything.
+of the modules that implement it, so an upgrade that changes a stage's code reruns it). A
+stage is skipped when the stamp's hash matches and every declared output exists, so a
+pipeline re-run after a crash continues where it stopped, and ``force=True`` redoes
+everything.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ Each is built by the system C compiler into a per-machine cache
 by the source, the flags, the compiler, the CPU and the instruction set, and loaded with
 ctypes. The instruction set is the host CPU's (``native``) unless ``MEGA_TRADING_KERNEL_ISA``
 says ``avx2`` or ``avx512``: an AVX-512 machine can then build and test the AVX2 code path
-too (`supported_isas()` lists what this CPU runs); the vector width changes the summation
-order, so the two agree to rounding, not bit for bit.
+too (`supported_isas()` lists what this CPU runs). The 16-float vector types fix the
+summation order in the source, so the two builds have matched bit for bit here (AMD EPYC,
+GCC 12), but nothing promises it (contraction into FMAs is the compiler's choice): the tests
+hold each build to the float32 bound against float64 instead.
 `attention_kernel_error(head_dim)` / `decode_kernel_error()` say why a kernel cannot run
 here (no compiler, no OpenMP, ...) or return None; callers then keep PyTorch's path.
 """

@@ -1,4 +1,6 @@
-"""The fused single-token decode step (the sampler's fast path) against the plain forward."""
+"""The fused single-token decode step (the sampler's fast path) against the plain forward,
+both measured against the model in float64 with the float32 rounding bound of
+tests/numerics.py; the C step on every instruction set this CPU runs."""
 
 from __future__ import annotations
 
@@ -7,8 +9,17 @@ import torch
 
 from mega_trading import decode, kernels
 from mega_trading.decode import decode_step, decode_weights
-from mega_trading.model import ModelConfig, Transformer
+from mega_trading.model import KVCache, ModelConfig, Transformer
+from tests.numerics import assert_float32_close, float64_twin, model_reduction_len
 from tests.test_model import VOCAB, tiny_config
+
+ISAS = kernels.supported_isas()
+
+
+def exact_logits(net, idx) -> torch.Tensor:
+    """The forward pass in float64: the reference every float32 path is held to."""
+    with torch.inference_mode():
+        return float64_twin(net)(idx)
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +37,23 @@ def test_decode_step_matches_forward_logits_and_cache(n_kv_head):
             param.data.uniform_(0.5, 1.5)
     idx = torch.randint(0, VOCAB, (3, 24))
     fast, slow = net.new_cache(batch=3), net.new_cache(batch=3)
+    exact = exact_logits(net, idx)
+    exact_cache = KVCache(net.cfg, 3, 24, dtype=torch.float64)
+    reduction_len = model_reduction_len(net.cfg, 24)
     with torch.inference_mode():
-        full = net(idx)
+        float64_twin(net)(idx, cache=exact_cache, start_pos=0)
         net(idx[:, :5], cache=fast, start_pos=0)
         net(idx[:, :5], cache=slow, start_pos=0)
         for pos in range(5, 24):
             step = decode_step(net, idx[:, pos:pos + 1], fast, pos)
-            reference = net(idx[:, pos:pos + 1], cache=slow, start_pos=pos)[:, -1]
-            torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
-            torch.testing.assert_close(step, reference, rtol=0, atol=1e-5)
-    assert full.std() > 0.1
+            plain = net(idx[:, pos:pos + 1], cache=slow, start_pos=pos)[:, -1]
+            assert_float32_close(step, exact[:, pos], reduction_len)
+            assert_float32_close(plain, exact[:, pos], reduction_len)
+    assert exact.std() > 0.1
     assert "_fused_decode" in net.__dict__  # the fused path ran, not the plain fallback
-    torch.testing.assert_close(fast.k, slow.k, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.v, slow.v, rtol=0, atol=1e-5)
+    for cache in (fast, slow):
+        assert_float32_close(cache.k, exact_cache.k, reduction_len)
+        assert_float32_close(cache.v, exact_cache.v, reduction_len)
 
 
 def test_decode_step_follows_weight_updates_and_stays_out_of_checkpoints(model):
@@ -51,18 +66,19 @@ def test_decode_step_follows_weight_updates_and_stays_out_of_checkpoints(model):
         with torch.no_grad():
             net(idx[:, :5], cache=cache, start_pos=0)
             step = decode_step(net, idx[:, 5:], cache, 5)
-            return step, net(idx)[:, -1]
+            return step, exact_logits(net, idx)[:, -1]
 
+    reduction_len = model_reduction_len(net.cfg, 6)
     before, _ = step_vs_forward()
     with torch.no_grad():  # an optimizer step: in place, same storage
         net.layers[0].feed_forward.w1.weight.mul_(3.0)
         net.norm.weight.add_(0.5)
     after, reference = step_vs_forward()
     assert (after - before).abs().max() > 1e-3  # the fused weights were rebuilt
-    torch.testing.assert_close(after, reference, rtol=0, atol=1e-5)
+    assert_float32_close(after, reference, reduction_len)
     net.load_state_dict(model.state_dict())  # a checkpoint load
     after_load, reference = step_vs_forward()
-    torch.testing.assert_close(after_load, reference, rtol=0, atol=1e-5)
+    assert_float32_close(after_load, reference, reduction_len)
     assert set(net.state_dict()) == set(model.state_dict())  # no fused tensors saved
 
 
@@ -82,8 +98,8 @@ def test_decode_step_after_a_last_logits_prefill(model):
     with torch.no_grad():
         model.last_logits(idx, cache=cache, start_pos=0)
         step = decode_step(model, idx[:, :1], cache, 11)
-        full = model(torch.cat([idx, idx[:, :1]], 1))[:, -1]
-    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+    full = exact_logits(model, torch.cat([idx, idx[:, :1]], 1))[:, -1]
+    assert_float32_close(step, full, model_reduction_len(model.cfg, 12))
 
 
 def test_other_models_take_their_plain_forward():
@@ -106,7 +122,7 @@ def test_other_models_take_their_plain_forward():
     with torch.no_grad():
         inner(idx[:, :5], cache=cache, start_pos=0)
         step = decode_step(Wrapper(inner), idx[:, 5:], cache, 5)
-        torch.testing.assert_close(step, inner(idx)[:, -1], rtol=0, atol=1e-5)
+    assert_float32_close(step, exact_logits(inner, idx)[:, -1], model_reduction_len(inner.cfg, 6))
     assert calls == [5]
 
 
@@ -117,7 +133,10 @@ NATIVE = pytest.mark.skipif(kernels.decode_kernel_error() is not None,
 @NATIVE
 @pytest.mark.parametrize("heads, head_dim", [((4, 4), 16), ((4, 2), 32), ((4, 1), 32),
                                              ((8, 1), 16)], ids=["mha", "gqa", "mqa", "g8"])
-def test_the_c_decode_step_matches_the_forward_and_follows_every_prefill(heads, head_dim):
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_c_decode_step_matches_the_forward_and_follows_every_prefill(heads, head_dim, isa,
+                                                                        monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, isa)
     torch.manual_seed(5)
     cfg = ModelConfig(vocab_size=90, block_size=40, n_layer=2, n_head=heads[0],
                       n_kv_head=heads[1], d_model=heads[0] * head_dim, ffn_hidden=48)
@@ -126,20 +145,20 @@ def test_the_c_decode_step_matches_the_forward_and_follows_every_prefill(heads, 
         if param.ndim == 1:
             param.data.uniform_(0.5, 1.5)
     assert decode_weights(net).native is not None
+    exact_net, reduction_len = float64_twin(net), model_reduction_len(cfg, 40)
     cache = net.new_cache(batch=3)
     with torch.inference_mode():
         for trial in range(2):  # the same cache again, after a new prefill (stale key copy)
             idx = torch.randint(0, 90, (3, 40), generator=torch.Generator().manual_seed(trial))
-            full = net(idx)
+            reference = KVCache(cfg, 3, 40, dtype=torch.float64)
+            exact = exact_net(idx, cache=reference, start_pos=0)
             prefix = 5 + 11 * trial
             net(idx[:, :prefix], cache=cache, start_pos=0)
             for pos in range(prefix, 40):
                 step = decode_step(net, idx[:, pos:pos + 1], cache, pos)
-                torch.testing.assert_close(step, full[:, pos], rtol=0, atol=1e-5)
-            reference = net.new_cache(batch=3)
-            net(idx, cache=reference, start_pos=0)
-            torch.testing.assert_close(cache.k, reference.k, rtol=0, atol=1e-5)
-            torch.testing.assert_close(cache.v, reference.v, rtol=0, atol=1e-5)
+                assert_float32_close(step, exact[:, pos], reduction_len)
+            assert_float32_close(cache.k, reference.k, reduction_len)
+            assert_float32_close(cache.v, reference.v, reduction_len)
 
 
 @NATIVE
@@ -155,4 +174,4 @@ def test_without_the_c_step_decoding_takes_the_pytorch_path(monkeypatch):
     with torch.inference_mode():
         net(idx[:, :8], cache=cache, start_pos=0)
         step = decode_step(net, idx[:, 8:9], cache, 8)
-        torch.testing.assert_close(step, net(idx[:, :9])[:, -1], rtol=0, atol=1e-5)
+    assert_float32_close(step, exact_logits(net, idx[:, :9])[:, -1], model_reduction_len(cfg, 9))

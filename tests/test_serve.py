@@ -203,6 +203,38 @@ def test_rollout_by_named_window(client, tiny_run):
         shards.tokens("backtest", "ETHUSDT"))[-width:].tolist()
 
 
+def test_a_request_without_a_prompt_starts_a_segment(client, tiny_run):
+    """The beginning-of-sequence seed: one SEG token, anchored at a real segment start."""
+    from mega_trading.dataset import ShardSet
+
+    seg = service_of(client).tokenizer.seg_id
+    bare = post(client, {"n": 2, "length": 12, "seed": 4})
+    assert bare.status_code == 200, bare.text
+    out = bare.json()
+    assert out["prompt"]["source"] == "segment_start" and out["prompt"]["tokens"] == [seg]
+    assert (out["prompt"]["start_price"], out["prompt"]["start_time_us"]) == (1.0, 0)
+    check_paths(out["rollouts"][0], 1.0, 0)
+    same = post(client, {"tokens": [seg], "n": 2, "length": 12, "seed": 4}).json()
+    assert [r["tokens"] for r in out["rollouts"]] == [r["tokens"] for r in same["rollouts"]]
+
+    anchored = post(client, {"symbol": "BTCUSDT", "length": 12, "seed": 4}).json()
+    prompt = anchored["prompt"]
+    shards = ShardSet.open(tiny_run[1])
+    events = shards.events(prompt["split"], "BTCUSDT").sort("token_pos")
+    first = events.filter(pl.col("segment_start")).tail(1)  # the latest segment start
+    assert prompt["tokens"] == [seg] and prompt["symbol"] == "BTCUSDT"
+    assert np.asarray(shards.tokens(prompt["split"], "BTCUSDT"))[prompt["start"]] == seg
+    assert prompt["start"] == first["token_pos"][0] - 1
+    assert prompt["start_price"] == first["price"][0]
+    assert prompt["start_time_us"] == first["time_us"][0]
+    assert prompt["size_level"] == pytest.approx(first["quote_qty"][0] / np.exp(first["log_size"][0]))
+    check_paths(anchored["rollouts"][0], first["price"][0], first["time_us"][0])
+    qty = [q for q, e in zip(anchored["rollouts"][0]["quote_qty"], anchored["rollouts"][0]["is_event"]) if e]
+    assert qty and all(q is not None and q > 0 for q in qty)  # sizes in quote currency
+    moved = post(client, {"symbol": "BTCUSDT", "length": 4, "start_price": 9.0}).json()
+    assert moved["prompt"]["start_price"] == 9.0
+
+
 def test_rollouts_equal_generate_when_a_request_fills_the_batch(client):
     """The batched decode loop is generate.generate's: same tokens for the same seed,
     through a sliding window (prompt 40 + 60 new > block 64)."""
@@ -365,9 +397,14 @@ def test_requests_of_other_prompt_lengths_still_get_answered(batching_client):
     ({"tokens": [1], "length": 0}, "length: Input should be greater than or equal to 1"),
     ({"tokens": [1], "seed": -1}, "seed: Input should be greater than or equal to 0"),
     ({"tokens": []}, "tokens: List should have at least 1 item"),
-    ({"n": 2}, "give exactly one prompt"),
     ({"tokens": [1], "events": [{"side": 1, "move_bps": 0, "size": 0, "dt_us": 0}]},
-     "give exactly one prompt"),
+     "give at most one prompt"),
+    ({"tokens": [1], "symbol": "BTCUSDT"}, "symbol only anchors a request without a prompt"),
+    ({"symbol": "DOGEUSDT"}, "the data has no shard for DOGEUSDT"),
+    ({"events": [{"side": True, "move_bps": 0, "size": 0, "dt_us": 0}]}, "events.0.side: a boolean"),
+    ({"events": [{"side": 1, "move_bps": False, "size": 0, "dt_us": 0}]}, "events.0.move_bps"),
+    ({"tokens": [1, True]}, "tokens.1: a boolean"),
+    ({"n": True}, "n: a boolean"),
     ({"events": [{"side": 0, "move_bps": 0, "size": 0, "dt_us": 0}]}, "events.0.side"),
     ({"tokens": [1], "colour": "red"}, "colour: Extra inputs are not permitted"),
     ({"window": {"split": "backtest", "symbol": "DOGEUSDT"}}, "no backtest shard for DOGEUSDT"),

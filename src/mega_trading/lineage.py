@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,37 @@ def provenance(**extra: Any) -> dict[str, Any]:
     }
 
 
+_UMASK_LOCK = threading.Lock()
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    Linux reports it in /proc/self/status (since 4.7): a read, so no other thread can ever
+    see a changed umask. Elsewhere the only API is os.umask's set-and-restore round trip;
+    the lock keeps two of our own readers from interleaving (which could leave a wrong umask
+    set), and the window in which another thread's open() could see the temporary 0o077 is a
+    few instructions wide and at worst makes that one file private, never more open.
+    """
+    try:
+        with open(_PROC_STATUS) as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, full_mode: int) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700; give the mode open() / mkdir() would have."""
+    os.chmod(path, full_mode & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it over `path`, else delete it."""
@@ -81,6 +113,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        _apply_umask(tmp, 0o666)
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -120,6 +153,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        _apply_umask(tmp, 0o777)
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -132,7 +132,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 like HF Llama so exported logits match under bf16 too.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return F.rms_norm(at_least_float32(x), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it is: a float64 model (the tests' reference for float32
+    rounding) stays float64 throughout."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +286,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 start_pos: int = 0, return_hidden: bool = False) -> torch.Tensor:
-        """idx: [B, T] token ids -> float32 logits [B, T, V].
+        """idx: [B, T] token ids -> float32 logits [B, T, V] (float64 for a float64 model).
 
         return_hidden=True stops before the output head and returns the final normed hidden
         states [B, T, D], so a fused linear cross-entropy never materializes the logits.
@@ -288,14 +294,14 @@ class Transformer(nn.Module):
         x = self.norm(self._blocks(idx, cache, start_pos))  # [B, T, D]
         if return_hidden:
             return x
-        return self.output(x).float()  # [B, T, V]
+        return at_least_float32(self.output(x))  # [B, T, V]
 
     def last_logits(self, idx: torch.Tensor, cache: KVCache | None = None,
                     start_pos: int = 0) -> torch.Tensor:
         """`forward(idx, cache, start_pos)[:, -1]` [B, V] without running the output head
         on the other T - 1 positions (a prefill only needs the last token's logits)."""
         x = self._blocks(idx, cache, start_pos)  # [B, T, D]
-        return self.output(self.norm(x[:, -1])).float()  # [B, V]
+        return at_least_float32(self.output(self.norm(x[:, -1])))  # [B, V]
 
     def _blocks(self, idx: torch.Tensor, cache: KVCache | None, start_pos: int) -> torch.Tensor:
         """Embedding and every block: idx [B, T] -> [B, T, D], before the final norm."""

@@ -9,7 +9,7 @@ from its last checkpoint. ``force=True`` redoes every stage.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -22,7 +22,7 @@ from mega_trading.facts import FactsConfig
 from mega_trading.generate import GenerateConfig
 from mega_trading.lineage import read_json, sha256_file
 from mega_trading.simulate import SimConfig
-from mega_trading.stages import Stage, run_stages, stamp_path
+from mega_trading.stages import Stage, code_identity, run_stages, stamp_path
 from mega_trading.train import TrainConfig
 
 
@@ -88,6 +88,25 @@ def _file_identity(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
+# The modules that implement each stage: a change to their source reruns it (stages.py).
+STAGE_SOURCES = {
+    "prepare": ("mega_trading.ingest", "mega_trading.events", "mega_trading.tokenizer",
+                "mega_trading.dataset"),
+    "train": ("mega_trading.model", "mega_trading.kernels", "mega_trading.accel",
+              "mega_trading.optim", "mega_trading.train", "mega_trading.checkpoint",
+              "mega_trading.distributed"),
+    "backtest": ("mega_trading.baselines", "mega_trading.scoring", "mega_trading.backtest",
+                 "mega_trading.model", "mega_trading.checkpoint"),
+    "generate": ("mega_trading.generate", "mega_trading.decode", "mega_trading.model",
+                 "mega_trading.kernels", "mega_trading.tokenizer"),
+    "facts": ("mega_trading.facts", "mega_trading.hawkes", "mega_trading.baselines",
+              "mega_trading.generate"),
+    "simulate": ("mega_trading.simulate", "mega_trading.generate", "mega_trading.decode",
+                 "mega_trading.model"),
+    "report": ("mega_trading.report",),
+}
+
+
 def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
     run, data = cfg.run_path, cfg.data_path
     files = _input_files(cfg)
@@ -106,7 +125,8 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
 
         # Same data and config as an interrupted run: resume it; anything else starts over.
         stale = stamp_path(run, "train.started")
-        key = {"manifest": manifest_hash(), "train": to_dict(cfg.train)}
+        key = {"manifest": manifest_hash(), "train": to_dict(cfg.train),
+               "code": code_identity(STAGE_SOURCES["train"])}  # new code: start over
         resumable = stale.is_file() and read_json(stale) == key and (run / "checkpoints" / "latest").is_file()
         if not resumable:
             for old in ("checkpoints", "metrics.jsonl", "config.json"):
@@ -179,7 +199,7 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                             lambda: {"model": _checkpoint_identity(run), "simulate": to_dict(cfg.simulate)}))
     stages.append(Stage("report", do_report, (run / "report.html",),
                         lambda: {name: _file_identity(run / name) for name in (*artifacts, "metrics.jsonl")}))
-    return stages
+    return [replace(stage, sources=STAGE_SOURCES[stage.name]) for stage in stages]
 
 
 def _hashable(cfg) -> dict:

@@ -4,7 +4,10 @@
 
 * ``POST /v1/rollouts``  continue a prompt (token ids, events, or a named real window of
   the prepared data) with ``n`` sampled rollouts of ``length`` tokens, decoded to events
-  and price / time paths, with the provenance needed to reproduce them;
+  and price / time paths, with the provenance needed to reproduce them; without a prompt
+  the rollouts start a new segment (the prompt is one ``SEG`` token: a beginning-of-
+  sequence seed), anchored at the latest real segment start of ``symbol`` in the data, or
+  at price 1 and time 0 without a symbol;
 * ``GET /v1/model``      the model card (config, size, training data, backtest headline);
 * ``GET /healthz``       liveness plus batching counters;
 * ``GET /openapi.json``  the schema (committed as ``docs/openapi.json``; a test keeps the
@@ -152,14 +155,18 @@ class WindowRef(BaseModel):
                                description=f"tokens; null = min({DEFAULT_WINDOW}, block size)")
 
 
-_ONE_PROMPT = {"oneOf": [{"required": ["tokens"]}, {"required": ["events"]},
-                         {"required": ["window"]}]}
+PROMPTS = ("tokens", "events", "window")
+SEGMENT_SPLITS = ("backtest", "validation", "train")  # where a symbol's segment start is looked up
+# At most one prompt; none = start a new segment.
+_AT_MOST_ONE_PROMPT = {"not": {"anyOf": [{"required": [a, b]} for i, a in enumerate(PROMPTS)
+                                         for b in PROMPTS[i + 1:]]}}
 
 
 class RolloutRequest(BaseModel):
-    """Exactly one prompt (tokens, events or window) plus sampling settings."""
+    """At most one prompt (tokens, events or window) plus sampling settings. Without one, the
+    rollouts start a new segment: the prompt is a single segment-start token (SEG)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_PROMPT)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_AT_MOST_ONE_PROMPT)
     tokens: Annotated[list[TokenId], Field(
         min_length=1, max_length=MAX_PROMPT_TOKENS,
         description="prompt token ids (each in [0, vocab_size))")] = None
@@ -168,6 +175,11 @@ class RolloutRequest(BaseModel):
         description="prompt events; encoded with the run's tokenizer after a "
                     "segment-start token (the events open a segment, as in the data)")] = None
     window: WindowRef = Field(None, description="a real window of the prepared data")
+    symbol: str | None = Field(
+        None, min_length=1, max_length=32, pattern=r"^[A-Z0-9]+$",
+        description="only without a prompt: anchor the new segment at this symbol's latest "
+                    "segment start in the data (backtest, else validation, else train split): "
+                    "the price, time and size level of its first trade")
     n: int = Field(1, ge=1, le=MAX_N, description="rollouts (at most the server's batch_rows)")
     length: int = Field(64, ge=1, le=MAX_LENGTH, description="new tokens per rollout")
     temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
@@ -179,17 +191,39 @@ class RolloutRequest(BaseModel):
     start_price: float | None = Field(
         None, gt=0, le=1e12, allow_inf_nan=False,
         description=f"price before the first rollout event; default: the window's last "
-                    f"trade price, else {DEFAULT_START_PRICE}")
+                    f"trade price, or the symbol's segment start, else {DEFAULT_START_PRICE}")
     start_time_us: int | None = Field(
         None, ge=0, le=2**62, description="time before the first rollout event; default: the "
-                                          "window's last trade time, else 0")
+                                          "window's last trade time, or the symbol's segment "
+                                          "start, else 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """pydantic's lax mode reads true / false as 1 / 0 (even for side: Literal[-1, 1]);
+        the schema says number, so a boolean anywhere but forbid_seg is refused."""
+        if not isinstance(data, dict):
+            return data
+        stack = [(key, value) for key, value in data.items() if key != "forbid_seg"]
+        while stack:  # iterative: the body's nesting depth is the client's choice
+            where, value = stack.pop()
+            if isinstance(value, bool):
+                raise ValueError(f"{where}: a boolean where the schema wants a number or text")
+            if isinstance(value, dict):
+                stack.extend((f"{where}.{k}", v) for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend((f"{where}.{i}", v) for i, v in enumerate(value))
+        return data
 
     @model_validator(mode="after")
-    def _exactly_one_prompt(self) -> RolloutRequest:
-        given = [name for name in ("tokens", "events", "window") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one prompt: tokens, events or window "
-                             f"(got {', '.join(given) if given else 'none'})")
+    def _at_most_one_prompt(self) -> RolloutRequest:
+        given = [name for name in PROMPTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one prompt: tokens, events or window (got "
+                             f"{', '.join(given)})")
+        if given and self.symbol is not None:
+            raise ValueError("symbol only anchors a request without a prompt (a window names "
+                             "its own symbol)")
         return self
 
 
@@ -210,7 +244,7 @@ class Rollout(BaseModel):
 
 
 class PromptInfo(BaseModel):
-    source: Literal["tokens", "events", "window"]
+    source: Literal["tokens", "events", "window", "segment_start"]
     n_tokens: int
     tokens: list[int]
     split: str | None = None
@@ -629,7 +663,10 @@ class RolloutService:
                        "dt_us": pl.Int64})
             tokens = np.concatenate([[self.tokenizer.seg_id], self.tokenizer.encode(frame)])
             return tokens.astype(np.int64), Anchor("events", price, time_us)
-        tokens, anchor = self._window(req.window)
+        if req.window is not None:
+            tokens, anchor = self._window(req.window)
+        else:
+            tokens, anchor = self._segment_start(req.symbol)
         return tokens, dataclasses.replace(
             anchor, price=req.start_price if req.start_price is not None else anchor.price,
             time_us=req.start_time_us if req.start_time_us is not None else anchor.time_us)
@@ -648,6 +685,32 @@ class RolloutService:
                 self._windows[split, symbol] = (np.asarray(self.shards.tokens(split, symbol)),
                                                 events, events["token_pos"].to_numpy())
             return self._windows[split, symbol]
+
+    def _segment_start(self, symbol: str | None) -> tuple[np.ndarray, Anchor]:
+        """No prompt: one SEG token, as before every segment of the data. With a symbol, the
+        anchor is the first trade of its latest segment in the data, so the rollout opens a
+        segment where a real one opened (price, time, and the size level that trade was
+        measured against); without one, price 1 and time 0, like a token prompt."""
+        seed = np.asarray([self.tokenizer.seg_id], dtype=np.int64)
+        if symbol is None:
+            return seed, Anchor("segment_start", DEFAULT_START_PRICE, 0)
+        if self.shards is None:
+            raise ServeError("this server has no prepared data (start it with --data DIR), "
+                             f"so it cannot anchor a segment start at {symbol}")
+        held = [split for split in SEGMENT_SPLITS if symbol in self.shards.symbols(split)]
+        if not held:
+            raise ServeError(f"the data has no shard for {symbol}")
+        for split in held:  # the latest data first
+            starts = self._shard(split, symbol)[1].filter(pl.col("segment_start"))
+            if not starts.is_empty():
+                break
+        else:
+            raise ServeError(f"the data holds no segment start of {symbol}")
+        first = starts.row(starts.height - 1, named=True)
+        level = math.exp(math.log(first["quote_qty"]) - first["log_size"])
+        return seed, Anchor("segment_start", price=float(first["price"]),
+                            time_us=int(first["time_us"]), size_level=level, split=split,
+                            symbol=symbol, start=int(first["token_pos"]) - 1)
 
     def _window(self, ref: WindowRef) -> tuple[np.ndarray, Anchor]:
         """Tokens of a named window and the last real trade at or before its end (the same

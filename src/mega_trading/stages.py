@@ -1,13 +1,17 @@
-"""Skip-if-done stage runner: a stage reruns only when its inputs or config changed.
+"""Skip-if-done stage runner: a stage reruns only when its inputs, config or code changed.
 
 Each stage records a stamp ``RUN/.stages/<name>.json`` holding the hash of its *key* (its
-config section plus the identities of its inputs). A stage is skipped when the stamp's
-hash matches and every declared output exists, so a pipeline re-run after a crash
-continues where it stopped, and ``force=True`` redoes everything.
+config section, the identities of its inputs, the package version and a hash of the source
+of the modules that implement it, so an upgrade that changes a stage's code reruns it). A
+stage is skipped when the stamp's hash matches and every declared output exists, so a
+pipeline re-run after a crash continues where it stopped, and ``force=True`` redoes
+everything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
+from mega_trading import __version__
 from mega_trading.lineage import json_hash, provenance, read_json, write_json_atomic
 
 
@@ -25,6 +30,41 @@ class Stage:
     run: Callable[[], Any]
     outputs: tuple[Path, ...]
     key: Callable[[], dict]  # evaluated when the stage is reached: it may read earlier outputs
+    sources: tuple[str, ...] = ()  # modules / packages implementing it (their code is keyed)
+
+
+SOURCE_SUFFIXES = (".py", ".c", ".h")  # what a package's behaviour is built from
+
+
+def _source_files(module: str) -> list[tuple[str, Path]]:
+    """(name relative to the module, path) of a module's file, or of every source file of a
+    package; found, not imported."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"stage source {module!r} is not an importable module")
+    if not spec.submodule_search_locations:
+        return [(Path(spec.origin).name, Path(spec.origin))]
+    return sorted((p.relative_to(root).as_posix(), p)
+                  for root in map(Path, spec.submodule_search_locations) for p in root.rglob("*")
+                  if p.suffix in SOURCE_SUFFIXES and "__pycache__" not in p.parts)
+
+
+def code_identity(sources: tuple[str, ...]) -> dict:
+    """The package version and one sha256 over the source of `sources` (names and bytes):
+    equal code gives an equal identity, whatever the checkout's path."""
+    digest = hashlib.sha256()
+    for module in sorted(sources):
+        for name, path in _source_files(module):
+            digest.update(f"{module}:{name}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return {"package_version": __version__, "sources": sorted(sources),
+            "sources_sha256": digest.hexdigest()}
+
+
+def stage_key(stage: Stage) -> dict:
+    """What a stage's output depends on: its own key plus its code."""
+    return {**stage.key(), "code": code_identity(stage.sources)}
 
 
 def stamp_path(run_dir: Path, name: str) -> Path:
@@ -44,7 +84,7 @@ def run_stages(run_dir: Path, stages: list[Stage], force: bool = False,
     console = console or Console(stderr=True)
     summary: dict[str, dict] = {}
     for stage in stages:
-        key = stage.key()
+        key = stage_key(stage)
         if not force and is_done(run_dir, stage, key):
             console.print(f"[dim]• {stage.name}: up to date, skipped[/]")
             summary[stage.name] = {"status": "skipped", "seconds": 0.0}

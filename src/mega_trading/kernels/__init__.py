@@ -10,7 +10,13 @@
 
 Each is built by the system C compiler into a per-machine cache
 (``$XDG_CACHE_HOME/mega_trading/kernels``, else ``~/.cache/...``), written atomically, keyed
-by the source, the flags, the compiler and the CPU, and loaded with ctypes.
+by the source, the flags, the compiler, the CPU and the instruction set, and loaded with
+ctypes. The instruction set is the host CPU's (``native``) unless ``MEGA_TRADING_KERNEL_ISA``
+says ``avx2`` or ``avx512``: an AVX-512 machine can then build and test the AVX2 code path
+too (`supported_isas()` lists what this CPU runs). The 16-float vector types fix the
+summation order in the source, so the two builds have matched bit for bit here (AMD EPYC,
+GCC 12), but nothing promises it (contraction into FMAs is the compiler's choice): the tests
+hold each build to the float32 bound against float64 instead.
 `attention_kernel_error(head_dim)` / `decode_kernel_error()` say why a kernel cannot run
 here (no compiler, no OpenMP, ...) or return None; callers then keep PyTorch's path.
 """
@@ -34,8 +40,15 @@ SOURCE = Path(__file__).with_name("causal_attention.c")
 DECODE_SOURCE = Path(__file__).with_name("decode_step.c")
 # Not -ffast-math: a shared object built with it sets flush-to-zero for the whole process
 # when loaded (crtfastmath.o), which changes numpy's and torch's results elsewhere.
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
+FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
          "-shared")
+ISA_ENV = "MEGA_TRADING_KERNEL_ISA"
+# -march per instruction set. avx2 keeps the host's tuning and every extension but AVX-512
+# (-mno-avx512f turns off all AVX-512 subsets, which depend on it): the code an AVX2-only
+# CPU of the same generation would get. avx512 insists on the host having it.
+ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-march=native", "-mno-avx512f"),
+             "avx512": ("-march=native",)}
+ISA_CPU_FLAGS = {"avx2": "avx2", "avx512": "avx512f"}  # the /proc/cpuinfo flag each needs
 TILE = 64  # the kernel's key tile: sequence lengths are padded to a multiple of it
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128)  # multiples of the 16-float vector
 
@@ -62,23 +75,53 @@ def _machine_fingerprint() -> str:
     return "\n".join(parts)
 
 
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The explicit instruction sets this CPU runs (both on an AVX-512 x86), else native."""
+    flags = _cpu_flags()
+    return tuple(isa for isa, flag in ISA_CPU_FLAGS.items() if flag in flags) or ("native",)
+
+
+def kernel_isa() -> str:
+    """The instruction set to build for: $MEGA_TRADING_KERNEL_ISA, default native."""
+    return os.environ.get(ISA_ENV, "").strip().lower() or "native"
+
+
+def _isa_flags(isa: str) -> tuple[str, ...]:
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"{ISA_ENV}={isa} is not one of {', '.join(ISA_FLAGS)}")
+    if isa != "native" and isa not in supported_isas():
+        raise RuntimeError(f"{ISA_ENV}={isa}: this CPU lacks {ISA_CPU_FLAGS[isa]}")
+    return ISA_FLAGS[isa]
+
+
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _build(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """`source` compiled on this machine (once: then found in the cache) and loaded."""
+def _build(source: Path, isa: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """`source` compiled on this machine for `isa` (once: then found in the cache), loaded."""
+    isa_flags = _isa_flags(isa)
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
                              text=True, timeout=60).stdout
-    flags = [*FLAGS, *defines]
+    flags = [*FLAGS, *isa_flags, *defines]
     sources = [source, *sorted(source.parent.glob("*.h"))]  # and the headers it includes
     key = hashlib.sha256("\0".join([*(s.read_text() for s in sources), *flags, version,
                                     _machine_fingerprint()]).encode()).hexdigest()[:16]
     suffix = "".join(f"_{d.split('=')[-1]}" for d in defines)
-    target = cache_dir() / f"{source.stem}{suffix}_{key}.so"
+    target = cache_dir() / f"{source.stem}{suffix}_{isa}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -92,9 +135,9 @@ def _build(source: Path, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
 
 
 @functools.cache
-def _library(head_dim: int) -> ctypes.CDLL:
-    """The attention kernel compiled for `head_dim` on this machine."""
-    lib = _build(SOURCE, (f"-DHEAD_DIM={head_dim}",))
+def _library(head_dim: int, isa: str = "native") -> ctypes.CDLL:
+    """The attention kernel compiled for `head_dim` and `isa` on this machine."""
+    lib = _build(SOURCE, isa, (f"-DHEAD_DIM={head_dim}",))
     if lib.head_dim() != head_dim:
         raise RuntimeError(f"the attention kernel was built for head dim {lib.head_dim()}")
     pointer, strides, long_, float_ = ctypes.c_void_p, _Strides, ctypes.c_long, ctypes.c_float
@@ -108,8 +151,8 @@ def _library(head_dim: int) -> ctypes.CDLL:
 
 
 @functools.cache
-def _decode_library() -> ctypes.CDLL:
-    lib = _build(DECODE_SOURCE)
+def _decode_library(isa: str = "native") -> ctypes.CDLL:
+    lib = _build(DECODE_SOURCE, isa)
     pointer, long_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     lib.decode_layers.argtypes = [pointer, long_, long_, long_, pointer, pointer, pointer,
                                   pointer, long_, long_, long_, long_, pointer, pointer,
@@ -128,10 +171,19 @@ def _load_error(load) -> str | None:
     return None
 
 
-@functools.cache
 def decode_kernel_error() -> str | None:
-    """Why the decode-step kernel cannot run here, or None."""
-    return _load_error(_decode_library)
+    """Why the decode-step kernel cannot run here (for `kernel_isa()`), or None."""
+    return _decode_kernel_error(kernel_isa())
+
+
+@functools.cache
+def _decode_kernel_error(isa: str) -> str | None:
+    return _load_error(lambda: _decode_library(isa))
+
+
+def vector_bits(library: ctypes.CDLL) -> int:
+    """The vector width a built kernel uses: 512 (AVX-512), 256 (AVX2) or 0 (other)."""
+    return library.kernel_vector_bits()
 
 
 def pointer_array(tensors) -> ctypes.Array:
@@ -153,7 +205,7 @@ def decode_layers(x: torch.Tensor, weights: tuple, dims: tuple[int, int, int, in
     B, D = x.shape
     H, KV, Dh, F_ = dims
     logits = torch.empty(B, head.shape[1])
-    status = _decode_library().decode_layers(
+    status = _decode_library(kernel_isa()).decode_layers(
         _ptr(x), B, D, cache_k.shape[0], *weights, H, KV, Dh, F_, _ptr(cos), _ptr(sin),
         _ptr(cache_k), _ptr(cache_v), _ptr(cache_kt), cache_kt.shape[3] * 16, cache_k.shape[3],
         pos, eps, _ptr(head), head.shape[1], _ptr(logits))
@@ -163,12 +215,17 @@ def decode_layers(x: torch.Tensor, weights: tuple, dims: tuple[int, int, int, in
     return logits
 
 
-@functools.cache
 def attention_kernel_error(head_dim: int) -> str | None:
-    """Why the CPU attention kernel cannot run for this head dim here, or None."""
+    """Why the CPU attention kernel cannot run for this head dim here (for `kernel_isa()`),
+    or None."""
+    return _attention_kernel_error(head_dim, kernel_isa())
+
+
+@functools.cache
+def _attention_kernel_error(head_dim: int, isa: str) -> str | None:
     if head_dim not in HEAD_DIMS:
         return f"head dim {head_dim} is not one of {HEAD_DIMS}"
-    return _load_error(lambda: _library(head_dim))
+    return _load_error(lambda: _library(head_dim, isa))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -210,7 +267,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kt = _transposed(kp)  # held here: the kernel only gets its address
     out = torch.empty_like(qp)
     lse = torch.empty(B, H, length, dtype=torch.float32)
-    _library(D).attention_forward(_ptr(qp), _strides(qp), _ptr(kt), _ptr(vp),
+    _library(D, kernel_isa()).attention_forward(_ptr(qp), _strides(qp), _ptr(kt), _ptr(vp),
                                   _strides(vp), _ptr(out), _strides(out), _ptr(lse),
                                   B, H, k.shape[1], length, D ** -0.5)
     return _like(q, out), lse[:, :, :T].contiguous()
@@ -242,7 +299,7 @@ def _backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     delta_p = _padded(delta.unsqueeze(-1), length).squeeze(-1).contiguous()
     kt, vt = _transposed(kp), _transposed(vp)  # held here: the kernel only gets addresses
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-    _library(D).attention_backward(
+    _library(D, kernel_isa()).attention_backward(
         _ptr(qp), _strides(qp), _ptr(kp), _strides(kp), _ptr(kt),
         _ptr(vt), _ptr(gp), _strides(gp), _ptr(lse_p), _ptr(delta_p),
         _ptr(dq), _strides(dq), _ptr(dk), _strides(dk), _ptr(dv), _strides(dv),

@@ -6,6 +6,18 @@
 typedef float vf __attribute__((vector_size(64), aligned(4)));  /* 16 floats, unaligned ok */
 typedef int vi __attribute__((vector_size(64), aligned(4)));
 
+/* The vector width this build compiled the vf operations to (kernels.vector_bits). Defined
+ * here, not static: each kernel is one translation unit, so each library exports it once. */
+int kernel_vector_bits(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 static inline vf bcast(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vi ibcast(int x) { return (vi){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline vf ld(const float *p) { return *(const vf *)p; }

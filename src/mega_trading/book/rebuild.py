@@ -1,0 +1,331 @@
+"""Rebuild one symbol's order book from a REST snapshot plus depth diffs, exactly.
+
+Binance's documented rules ("How to manage a local order book correctly"):
+
+* spot: after a snapshot with ``lastUpdateId`` L, drop diffs with ``u`` <= L; the first
+  diff applied must have ``U`` <= L + 1 <= ``u``; every later diff's ``U`` must be the
+  previous ``u`` + 1.
+* USD-M futures: drop diffs with ``u`` < L; the first diff applied must have ``U`` <= L <=
+  ``u``; every later diff's ``pu`` must equal the previous ``u``.
+
+A diff that breaks the chain is a gap: the book is thrown away, the gap is recorded, and
+nothing is trusted (no level change, no top-of-book row, no bookTicker check) until a
+snapshot that the following diffs bridge. Diffs received while no book is held are kept
+in a bounded buffer, because a snapshot's response often arrives after diffs that are
+newer than it (the capture is in receive order).
+
+A snapshot carries no symbol. One taken for another symbol is caught by its prices: the
+symbol's last trade or bookTicker price (or, failing that, the next one) must lie inside
+the snapshot's price range; until that check has passed, everything built on the
+snapshot is provisional and is rolled back if it fails.
+
+Hand-written because no library keeps a Binance book: the level maps are
+`sortedcontainers.SortedDict` (best price and top-N in O(log n)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from mega_trading.book.capture import sequence_continues
+
+PRICE_SCALE = 10**8          # Binance prices have at most 8 decimals
+DEPTH_LEVELS = (5, 10)       # depth columns of top.parquet besides the touch
+PENDING_DIFFS = 50_000       # diffs kept while waiting for a snapshot
+SNAPSHOT_PRICE_SLACK = 0.10  # reference price may sit 10 % outside the snapshot's range
+
+EVENT_COLUMNS = ("time_ns", "update_id", "side", "price", "distance_ticks", "distance_bps",
+                 "old_qty", "new_qty", "from_snapshot")
+TOP_COLUMNS = ("time_ns", "exchange_time_ms", "update_id", "bid_px", "bid_qty", "ask_px",
+               "ask_qty", "bid_depth_5", "ask_depth_5", "bid_depth_10", "ask_depth_10")
+TRADE_COLUMNS = ("time_ns", "trade_time_ms", "trade_id", "price", "qty", "is_buyer_maker")
+TICKER_COLUMNS = ("time_ns", "update_id", "bid_px", "bid_qty", "ask_px", "ask_qty")
+
+
+def tick_size(prices: list[float]) -> float:
+    """The price grid: gcd of the distances between the snapshot's prices."""
+    scaled = sorted({round(p * PRICE_SCALE) for p in prices})
+    step = 0
+    for a, b in zip(scaled, scaled[1:]):
+        step = math.gcd(step, b - a)
+    return step / PRICE_SCALE if step else float("nan")
+
+
+class Columns:
+    """Append-only column lists that can be cut back to a mark (provisional output)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.data: dict[str, list] = {name: [] for name in names}
+
+    def __len__(self) -> int:
+        return len(self.data[self.names[0]])
+
+    def truncate(self, n: int) -> None:
+        for values in self.data.values():
+            del values[n:]
+
+
+@dataclasses.dataclass
+class Gap:
+    where: str
+    time_ns: int
+    reason: str
+    expected: int | None = None
+    got: int | None = None
+    resynced_at_ns: int | None = None
+    buffered_diffs: int = 0
+
+    def as_dict(self, book: str) -> dict[str, Any]:
+        return {"book": book, **dataclasses.asdict(self)}
+
+
+class BookBuilder:
+    """Feeds on one (market, symbol)'s messages in receive order; collects the outputs."""
+
+    def __init__(self, market: str, symbol: str):
+        self.market, self.symbol = market, symbol
+        self.bids: SortedDict = SortedDict()
+        self.asks: SortedDict = SortedDict()
+        self.synced = False
+        self.snapshot_id: int | None = None      # set while a snapshot awaits its bridge
+        self.last_u: int | None = None
+        self.tick = float("nan")
+        self.pending: deque = deque(maxlen=PENDING_DIFFS)
+        self.ref_price: float | None = None
+        self.unverified: tuple[tuple[int, int], float, float, str] | None = None
+        self.events = Columns(EVENT_COLUMNS)
+        self.top = Columns(TOP_COLUMNS)
+        self.trades = Columns(TRADE_COLUMNS)
+        self.tickers = Columns(TICKER_COLUMNS)
+        self.gaps: list[Gap] = []
+        self.counts = {"diffs": 0, "diffs_applied": 0, "diffs_stale": 0, "snapshots": 0,
+                       "snapshots_used": 0, "snapshots_unneeded": 0, "syncs": 0, "resyncs": 0,
+                       "crossed_after_diff": 0}
+        self.rejected_snapshots: list[dict[str, Any]] = []
+
+    @property
+    def name(self) -> str:
+        return f"{self.market}:{self.symbol}"
+
+    # ---- snapshots ------------------------------------------------------------------
+
+    def on_snapshot(self, data: dict, time_ns: int, where: str) -> None:
+        self.counts["snapshots"] += 1
+        try:
+            last_id = int(data["lastUpdateId"])
+            bids = [(float(p), float(q)) for p, q in data["bids"]]
+            asks = [(float(p), float(q)) for p, q in data["asks"]]
+        except (KeyError, TypeError, ValueError):
+            self._reject(where, "snapshot without lastUpdateId/bids/asks")
+            return
+        if not bids or not asks:
+            self._reject(where, "snapshot with an empty side")
+            return
+        if self.synced:
+            self.counts["snapshots_unneeded"] += 1  # the chain is unbroken: nothing to resync
+            return
+        low, high = min(p for p, _ in bids), max(p for p, _ in asks)
+        if self.ref_price is not None and not self._plausible(self.ref_price, low, high):
+            self._reject(where, f"snapshot prices {low:g}..{high:g} do not contain "
+                         f"{self.symbol}'s last price {self.ref_price:g}: another symbol's?")
+            return
+        if math.isnan(self.tick):
+            self.tick = tick_size([p for p, _ in bids] + [p for p, _ in asks])
+        if self.ref_price is None:
+            self.unverified = ((len(self.events), len(self.top)), low, high, where)
+        self.bids = SortedDict((p, q) for p, q in bids if q > 0)
+        self.asks = SortedDict((p, q) for p, q in asks if q > 0)
+        self.snapshot_id = last_id
+        self.last_u = None
+        self._emit_snapshot(time_ns, last_id)
+        buffered, self.pending = list(self.pending), deque(maxlen=PENDING_DIFFS)
+        for diff, diff_time, diff_where in buffered:
+            self.on_diff(diff, diff_time, diff_where, counted=True)
+
+    @staticmethod
+    def _plausible(price: float, low: float, high: float) -> bool:
+        return low * (1 - SNAPSHOT_PRICE_SLACK) <= price <= high * (1 + SNAPSHOT_PRICE_SLACK)
+
+    def _reject(self, where: str, reason: str) -> None:
+        self.rejected_snapshots.append({"where": where, "reason": reason})
+
+    def _emit_snapshot(self, time_ns: int, last_id: int) -> None:
+        ev = self.events.data
+        mid = self._mid()
+        for side, levels in ((1, self.bids), (-1, self.asks)):
+            for price, qty in levels.items():
+                self._level_row(ev, time_ns, last_id, side, price, 0.0, qty, mid, True)
+
+    # ---- diffs ----------------------------------------------------------------------
+
+    def on_diff(self, data: dict, time_ns: int, where: str, counted: bool = False) -> None:
+        if not counted:
+            self.counts["diffs"] += 1
+        try:
+            first, last = int(data["U"]), int(data["u"])
+            prev = int(data["pu"]) if self.market == "um" else 0
+        except (KeyError, TypeError, ValueError):
+            self._break(where, time_ns, "diff without U/u" + ("/pu" if self.market == "um" else ""))
+            return
+        if self.synced:
+            if last <= self.last_u:
+                self.counts["diffs_stale"] += 1
+                return
+            if not sequence_continues(self.market, self.last_u, first, prev):
+                got = prev if self.market == "um" else first
+                want = self.last_u if self.market == "um" else self.last_u + 1
+                self._break(where, time_ns, "sequence break", want, got)
+                self.pending.append((data, time_ns, where))
+                return
+        elif self.snapshot_id is not None:
+            lid = self.snapshot_id
+            if (last <= lid) if self.market == "spot" else (last < lid):
+                self.counts["diffs_stale"] += 1
+                return
+            bridge = lid + 1 if self.market == "spot" else lid
+            if first > bridge:
+                self._reject(where, f"snapshot {lid} is older than the next diff (U={first})")
+                self._drop_book()
+                self.pending.append((data, time_ns, where))
+                return
+            self._sync(time_ns)
+        else:
+            self.pending.append((data, time_ns, where))
+            if self.gaps:
+                self.gaps[-1].buffered_diffs += 1
+            return
+        self._apply(data, time_ns, last)
+
+    def _sync(self, time_ns: int) -> None:
+        self.synced = True
+        self.snapshot_id = None
+        self.counts["snapshots_used"] += 1
+        self.counts["syncs"] += 1
+        if self.gaps and self.gaps[-1].resynced_at_ns is None:
+            self.gaps[-1].resynced_at_ns = time_ns
+            self.counts["resyncs"] += 1
+
+    def _drop_book(self) -> None:
+        if self.unverified is not None:   # nothing built on an unchecked snapshot survives
+            (n_events, n_top), *_ = self.unverified
+            self.events.truncate(n_events)
+            self.top.truncate(n_top)
+            self.unverified = None
+        self.bids, self.asks = SortedDict(), SortedDict()
+        self.synced = False
+        self.snapshot_id = None
+        self.last_u = None
+
+    def _break(self, where: str, time_ns: int, reason: str, expected: int | None = None,
+               got: int | None = None) -> None:
+        if self.synced or self.snapshot_id is not None:
+            self.gaps.append(Gap(where, time_ns, reason, expected, got))
+            self._drop_book()
+
+    def _apply(self, data: dict, time_ns: int, last: int) -> None:
+        mid = self._mid()
+        ev = self.events.data
+        for side, levels, key in ((1, self.bids, "b"), (-1, self.asks, "a")):
+            for p, q in data.get(key) or ():
+                price, qty = float(p), float(q)
+                old = levels.get(price, 0.0)
+                if qty == old:
+                    continue
+                if qty > 0:
+                    levels[price] = qty
+                else:
+                    del levels[price]
+                self._level_row(ev, time_ns, last, side, price, old, qty, mid, False)
+        self.last_u = last
+        self.counts["diffs_applied"] += 1
+        self._emit_top(time_ns, data.get("E"), last)
+
+    def _level_row(self, ev: dict, time_ns: int, update_id: int, side: int, price: float,
+                   old: float, new: float, mid: float | None, from_snapshot: bool) -> None:
+        if mid is None:
+            distance = math.nan
+        else:
+            distance = (mid - price) if side > 0 else (price - mid)
+        ev["time_ns"].append(time_ns)
+        ev["update_id"].append(update_id)
+        ev["side"].append(side)
+        ev["price"].append(price)
+        ev["distance_ticks"].append(distance / self.tick)
+        ev["distance_bps"].append(1e4 * distance / mid if mid else math.nan)
+        ev["old_qty"].append(old)
+        ev["new_qty"].append(new)
+        ev["from_snapshot"].append(from_snapshot)
+
+    def _mid(self) -> float | None:
+        if not self.bids or not self.asks:
+            return None
+        return 0.5 * (self.bids.peekitem(-1)[0] + self.asks.peekitem(0)[0])
+
+    def _emit_top(self, time_ns: int, exchange_ms: Any, update_id: int) -> None:
+        top = self.top.data
+        bids, asks = self.bids, self.asks
+        n_bid, n_ask = len(bids), len(asks)
+        bid_px, bid_qty = bids.peekitem(-1) if n_bid else (math.nan, 0.0)
+        ask_px, ask_qty = asks.peekitem(0) if n_ask else (math.nan, 0.0)
+        if n_bid and n_ask and bid_px >= ask_px:
+            self.counts["crossed_after_diff"] += 1
+        top["time_ns"].append(time_ns)
+        top["exchange_time_ms"].append(exchange_ms)
+        top["update_id"].append(update_id)
+        top["bid_px"].append(bid_px)
+        top["bid_qty"].append(bid_qty)
+        top["ask_px"].append(ask_px)
+        top["ask_qty"].append(ask_qty)
+        bid_vals, ask_vals = bids.values(), asks.values()
+        for depth in DEPTH_LEVELS:
+            top[f"bid_depth_{depth}"].append(sum(bid_vals[max(0, n_bid - depth):]))
+            top[f"ask_depth_{depth}"].append(sum(ask_vals[:depth]))
+
+    # ---- trades and bookTickers ------------------------------------------------------
+
+    def _see_price(self, price: float, time_ns: int, where: str) -> None:
+        self.ref_price = price
+        if self.unverified is None:
+            return
+        _, low, high, snap_where = self.unverified
+        if self._plausible(price, low, high):
+            self.unverified = None
+            return
+        self._reject(snap_where, f"snapshot prices {low:g}..{high:g} do not contain "
+                     f"{self.symbol}'s price {price:g} at {where}: another symbol's?")
+        self.gaps.append(Gap(snap_where, time_ns, "snapshot rejected after use"))
+        self._drop_book()
+
+    def on_trade(self, data: dict, time_ns: int, where: str) -> bool:
+        try:
+            price, qty = float(data["p"]), float(data["q"])
+            row = (time_ns, int(data["T"]), int(data["t"]), price, qty, bool(data["m"]))
+        except (KeyError, TypeError, ValueError):
+            return False
+        for name, value in zip(TRADE_COLUMNS, row):
+            self.trades.data[name].append(value)
+        self._see_price(price, time_ns, where)
+        return True
+
+    def on_ticker(self, data: dict, time_ns: int, where: str) -> bool:
+        try:
+            row = (time_ns, int(data["u"]), float(data["b"]), float(data["B"]),
+                   float(data["a"]), float(data["A"]))
+        except (KeyError, TypeError, ValueError):
+            return False
+        for name, value in zip(TICKER_COLUMNS, row):
+            self.tickers.data[name].append(value)
+        self._see_price(0.5 * (row[2] + row[4]), time_ns, where)
+        return True
+
+    def finish(self) -> None:
+        """End of input: a snapshot never verified by a price stays in (nothing contradicts
+        it), a gap never resynced stays open (reported with resynced_at_ns = null)."""
+        if self.gaps and self.gaps[-1].resynced_at_ns is None:
+            self.gaps[-1].buffered_diffs = max(self.gaps[-1].buffered_diffs, len(self.pending))

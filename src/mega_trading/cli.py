@@ -563,5 +563,30 @@ def _print_simulation(doc: dict, path: Path) -> None:
     Console().print(f"wrote {path}")
 
 
+# --- order book: record and rebuild (issue 20) --------------------------------------------
+@app.command()
+def book(
+    captures: List[Path] = typer.Argument(..., help="Capture files (gzip lines '<recv time> <json>'), any order."),
+    out: Path = typer.Option(..., "--out", help="Directory for book_events/trades/top.parquet, check.json, book_facts.json."),
+    facts: bool = typer.Option(True, "--facts/--no-facts", help="Also compute the order-book facts."),
+) -> None:
+    """Rebuild order books from snapshot + depth diffs, exactly, and check them against @bookTicker."""
+    from mega_trading.book.build import write_book
+
+    check = write_book(captures, out)
+    for name, b in check["books"].items():
+        typer.echo(f"{name}: {b['diffs_applied']:,}/{b['diffs']:,} diffs applied, "
+                   f"{len(b['gaps'])} gaps, {b['resyncs']} resyncs; bookTicker "
+                   f"{b['bookticker_checked']:,} checkable of {b['bookticker_total']:,}, "
+                   f"{b['bookticker_mismatches']} mismatches")
+    if check["skipped_lines"]:
+        typer.echo(f"skipped lines: {check['skipped_lines']}")
+    if facts:
+        from mega_trading.book.facts import write_book_facts
+
+        write_book_facts(out)
+    typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     run_cli()

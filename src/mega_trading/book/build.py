@@ -96,8 +96,6 @@ def rebuild_captures(paths: list[Path]) -> Rebuilt:
         if held:
             skips.add(f"{len(held)} messages in a file whose symbol or market is unknown",
                       str(path))
-    for builder in books.values():
-        builder.finish()
     return Rebuilt(books, skips, paths)
 
 
@@ -151,7 +149,6 @@ def ticker_check(builder: BookBuilder) -> dict[str, Any]:
 
 def book_summary(builder: BookBuilder) -> dict[str, Any]:
     counts = dict(builder.counts)
-    counts["diffs_untrusted"] = counts["diffs"] - counts["diffs_applied"] - counts["diffs_stale"]
     return {"market": builder.market, "symbol": builder.symbol, "tick_size": builder.tick,
             **counts, **ticker_check(builder), "trades": len(builder.trades),
             "level_changes": len(builder.events), "gaps": [g.as_dict(builder.name)

@@ -104,7 +104,8 @@ class BookBuilder:
         self.trades = Columns(TRADE_COLUMNS)
         self.tickers = Columns(TICKER_COLUMNS)
         self.gaps: list[Gap] = []
-        self.counts = {"diffs": 0, "diffs_applied": 0, "diffs_stale": 0, "snapshots": 0,
+        self.counts = {"diffs": 0, "diffs_applied": 0, "diffs_stale": 0, "diffs_untrusted": 0,
+                       "snapshots": 0,
                        "snapshots_used": 0, "snapshots_unneeded": 0, "syncs": 0, "resyncs": 0,
                        "crossed_after_diff": 0}
         self.rejected_snapshots: list[dict[str, Any]] = []
@@ -146,7 +147,7 @@ class BookBuilder:
         self._emit_snapshot(time_ns, last_id)
         buffered, self.pending = list(self.pending), deque(maxlen=PENDING_DIFFS)
         for diff, diff_time, diff_where in buffered:
-            self.on_diff(diff, diff_time, diff_where, counted=True)
+            self.on_diff(diff, diff_time, diff_where, replay=True)
 
     @staticmethod
     def _plausible(price: float, low: float, high: float) -> bool:
@@ -164,8 +165,9 @@ class BookBuilder:
 
     # ---- diffs ----------------------------------------------------------------------
 
-    def on_diff(self, data: dict, time_ns: int, where: str, counted: bool = False) -> None:
-        if not counted:
+    def on_diff(self, data: dict, time_ns: int, where: str, replay: bool = False) -> None:
+        """`replay`: a buffered diff fed again after a snapshot (already counted)."""
+        if not replay:
             self.counts["diffs"] += 1
         try:
             first, last = int(data["U"]), int(data["u"])
@@ -175,32 +177,41 @@ class BookBuilder:
             return
         if self.synced:
             if last <= self.last_u:
-                self.counts["diffs_stale"] += 1
+                self.counts["diffs_stale"] += 0 if replay else 1
                 return
             if not sequence_continues(self.market, self.last_u, first, prev):
                 got = prev if self.market == "um" else first
                 want = self.last_u if self.market == "um" else self.last_u + 1
                 self._break(where, time_ns, "sequence break", want, got)
-                self.pending.append((data, time_ns, where))
+                self._hold(data, time_ns, where, replay)
                 return
         elif self.snapshot_id is not None:
             lid = self.snapshot_id
             if (last <= lid) if self.market == "spot" else (last < lid):
-                self.counts["diffs_stale"] += 1
+                self.counts["diffs_stale"] += 0 if replay else 1
                 return
             bridge = lid + 1 if self.market == "spot" else lid
             if first > bridge:
                 self._reject(where, f"snapshot {lid} is older than the next diff (U={first})")
                 self._drop_book()
-                self.pending.append((data, time_ns, where))
+                self._hold(data, time_ns, where, replay)
                 return
             self._sync(time_ns)
         else:
-            self.pending.append((data, time_ns, where))
+            self._hold(data, time_ns, where, replay)
+            return
+        if replay:
+            self.counts["diffs_untrusted"] -= 1
+        self._apply(data, time_ns, last)
+
+    def _hold(self, data: dict, time_ns: int, where: str, replay: bool) -> None:
+        """No trusted book: keep the diff for the next snapshot; untrusted unless a
+        snapshot later bridges it."""
+        self.pending.append((data, time_ns, where))
+        if not replay:
+            self.counts["diffs_untrusted"] += 1
             if self.gaps:
                 self.gaps[-1].buffered_diffs += 1
-            return
-        self._apply(data, time_ns, last)
 
     def _sync(self, time_ns: int) -> None:
         self.synced = True
@@ -323,9 +334,3 @@ class BookBuilder:
             self.tickers.data[name].append(value)
         self._see_price(0.5 * (row[2] + row[4]), time_ns, where)
         return True
-
-    def finish(self) -> None:
-        """End of input: a snapshot never verified by a price stays in (nothing contradicts
-        it), a gap never resynced stays open (reported with resynced_at_ns = null)."""
-        if self.gaps and self.gaps[-1].resynced_at_ns is None:
-            self.gaps[-1].buffered_diffs = max(self.gaps[-1].buffered_diffs, len(self.pending))

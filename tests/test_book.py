@@ -187,3 +187,20 @@ def test_a_message_of_another_symbol_in_a_file_is_an_error(tmp_path):
     path = write_capture(tmp_path / SPOT_BTC.name, lines)
     with pytest.raises(DataError, match="ETHUSDT message in a BTCUSDT capture"):
         rebuild_captures([path])
+
+
+def test_book_facts_carry_a_noise_floor_and_flag_a_one_tick_spread(tmp_path):
+    from mega_trading.book.facts import FACTS_NAME
+
+    out = tmp_path / "book"
+    assert main(["book", str(SPOT_BTC), *map(str, NEXO), "--out", str(out)]) == 0
+    facts = json.loads((out / FACTS_NAME).read_text())
+    btc, nexo = facts["books"]["spot:BTCUSDT"], facts["books"]["spot:NEXOUSDT"]
+    share = btc["spread_ticks"]["share_one_tick"]
+    assert share["ci95"][0] <= share["value"] <= share["ci95"][1]
+    assert share["half_gap"] == pytest.approx(abs(share["first_half"] - share["second_half"]))
+    assert any("one tick" in w for w in btc["warnings"])          # BTC: tick-bound spread
+    assert nexo["spread_ticks"]["p90"] > 1                        # NEXO: a wider, thin book
+    assert nexo["ofi"]["slope_same_interval_ticks_per_qty"]["value"] > 0   # buying lifts mid
+    assert btc["cancel_to_trade"]["level_decreases"] > btc["cancel_to_trade"]["trades"]
+    assert btc["resilience"]["touch_consuming_orders"] > 0

@@ -26,6 +26,7 @@ Hand-written because no library keeps a Binance book: the level maps are
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import deque
 from typing import Any
@@ -51,7 +52,7 @@ def tick_size(prices: list[float]) -> float:
     """The price grid: gcd of the distances between the snapshot's prices."""
     scaled = sorted({round(p * PRICE_SCALE) for p in prices})
     step = 0
-    for a, b in zip(scaled, scaled[1:]):
+    for a, b in itertools.pairwise(scaled):
         step = math.gcd(step, b - a)
     return step / PRICE_SCALE if step else float("nan")
 
@@ -259,10 +260,7 @@ class BookBuilder:
 
     def _level_row(self, ev: dict, time_ns: int, update_id: int, side: int, price: float,
                    old: float, new: float, mid: float | None, from_snapshot: bool) -> None:
-        if mid is None:
-            distance = math.nan
-        else:
-            distance = (mid - price) if side > 0 else (price - mid)
+        distance = math.nan if mid is None else mid - price if side > 0 else price - mid
         ev["time_ns"].append(time_ns)
         ev["update_id"].append(update_id)
         ev["side"].append(side)

@@ -588,5 +588,23 @@ def book(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def record(
+    symbols: str = typer.Option(..., "--symbols", help="Comma-separated, e.g. BTCUSDT,ETHUSDT."),
+    market: str = typer.Option("spot", "--market", help="spot or um (USD-M futures)."),
+    out: Path = typer.Option(..., "--out", help="Directory for <market>-<SYMBOL>-<YYYYMMDD>.gz and record_log.jsonl."),
+    ws_url: Optional[str] = typer.Option(None, "--ws-url", help="Combined-stream base URL (default: Binance's public one)."),
+    rest_url: Optional[str] = typer.Option(None, "--rest-url", help="REST depth endpoint (default: Binance's public one)."),
+) -> None:
+    """Record trades, depth diffs and bookTicker (+ REST snapshots at start and after gaps) until Ctrl-C."""
+    from mega_trading.book.record import RecordConfig, run_record
+
+    cfg = RecordConfig(symbols=symbols.split(","), market=market, out=out, ws_url=ws_url,
+                       rest_url=rest_url)
+    typer.echo(f"recording {', '.join(cfg.symbols)} ({market}) into {out}; Ctrl-C to stop")
+    counts = run_record(cfg)
+    typer.echo(f"stopped: {counts}")
+
+
 if __name__ == "__main__":
     run_cli()

@@ -204,3 +204,22 @@ def test_book_facts_carry_a_noise_floor_and_flag_a_one_tick_spread(tmp_path):
     assert nexo["ofi"]["slope_same_interval_ticks_per_qty"]["value"] > 0   # buying lifts mid
     assert btc["cancel_to_trade"]["level_decreases"] > btc["cancel_to_trade"]["trades"]
     assert btc["resilience"]["touch_consuming_orders"] > 0
+
+
+def test_report_shows_the_book_section_only_with_book_output(tmp_path):
+    from mega_trading.report import build_report
+    from tests.test_report import expected_text, parse, resolve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "order-book" not in parse(build_report(run)).sections
+    assert main(["book", str(SPOT_BTC), "--out", str(run / "book")]) == 0
+    parser = parse(build_report(run))
+    assert "order-book" in parser.sections
+    docs = {"book_check": json.loads((run / "book" / "check.json").read_text()),
+            "book_facts": json.loads((run / "book" / "book_facts.json").read_text())}
+    keys = [(k, spec, text) for k, spec, text in parser.traced if k.split(":")[0] in docs]
+    assert len(keys) > 50
+    for key, spec, text in keys:
+        artifact, key_path = key.split(":", 1)
+        assert text == expected_text(resolve(docs[artifact], key_path), spec), key

@@ -178,7 +178,7 @@ def test_a_foreign_first_line_snapshot_is_rolled_back(tmp_path):
     assert book["bookticker_mismatches"] == 0 and book["bookticker_checked"] == 100
     second_snapshot_ns = int(lines[[i for i, x in enumerate(lines) if b"lastUpdateId" in x][1]]
                              .split(b" ")[0])
-    assert min(rebuilt.books["spot:BTCUSDT"].events.data["time_ns"]) == second_snapshot_ns
+    assert min(rebuilt.books["spot:BTCUSDT"].events.column("time_ns")) == second_snapshot_ns
 
 
 def test_a_message_of_another_symbol_in_a_file_is_an_error(tmp_path):

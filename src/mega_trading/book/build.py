@@ -28,7 +28,7 @@ from mega_trading.book.capture import (
     name_identity,
     read_capture,
 )
-from mega_trading.book.rebuild import BookBuilder, Columns
+from mega_trading.book.rebuild import BookBuilder, Rows
 from mega_trading.errors import DataError
 from mega_trading.lineage import atomic_dir, provenance, sha256_file, write_json_atomic
 
@@ -112,15 +112,27 @@ def _feed(builder: BookBuilder, msg: Message, path: Path, skips: Skips) -> None:
         skips.add("bookTicker without u/b/B/a/A", where)
 
 
-def frame(columns: Columns, schema: dict[str, Any], **constants: str) -> pl.DataFrame:
-    df = pl.DataFrame(columns.data, schema=schema, strict=False)
+def frame(rows: Rows, schema: dict[str, Any], **constants: str) -> pl.DataFrame:
+    df = pl.DataFrame(rows.rows, schema={n: schema[n] for n in rows.names}, orient="row")
     return df.with_columns(**{k: pl.lit(v) for k, v in constants.items()}).select(
-        *constants, *columns.names)
+        *constants, *rows.names)
+
+
+def event_frame(builder: BookBuilder) -> pl.DataFrame:
+    """Level changes with their distance from the mid before the change, away from the mid
+    on the level's own side (negative: inside the spread)."""
+    away = pl.when(pl.col("side") > 0).then(pl.col("mid") - pl.col("price")).otherwise(
+        pl.col("price") - pl.col("mid"))
+    df = frame(builder.events, EVENT_SCHEMA, market=builder.market, symbol=builder.symbol)
+    return df.with_columns(distance_ticks=away / builder.tick,
+                           distance_bps=1e4 * away / pl.col("mid")).select(
+        "market", "symbol", "time_ns", "update_id", "side", "price", "mid", "distance_ticks",
+        "distance_bps", "old_qty", "new_qty", "from_snapshot")
 
 
 EVENT_SCHEMA = {"time_ns": pl.Int64, "update_id": pl.Int64, "side": pl.Int8,
-                "price": pl.Float64, "distance_ticks": pl.Float64, "distance_bps": pl.Float64,
-                "old_qty": pl.Float64, "new_qty": pl.Float64, "from_snapshot": pl.Boolean}
+                "price": pl.Float64, "mid": pl.Float64, "old_qty": pl.Float64,
+                "new_qty": pl.Float64, "from_snapshot": pl.Boolean}
 TOP_SCHEMA = {"time_ns": pl.Int64, "exchange_time_ms": pl.Int64, "update_id": pl.Int64,
               **{c: pl.Float64 for c in ("bid_px", "bid_qty", "ask_px", "ask_qty",
                                           "bid_depth_5", "ask_depth_5", "bid_depth_10",
@@ -172,10 +184,10 @@ def check_document(rebuilt: Rebuilt) -> dict[str, Any]:
 
 
 def concat_frames(rebuilt: Rebuilt, attr: str, schema: dict[str, Any]) -> pl.DataFrame:
-    parts = [frame(getattr(b, attr), schema, market=b.market, symbol=b.symbol)
+    parts = [event_frame(b) if attr == "events" else
+             frame(getattr(b, attr), schema, market=b.market, symbol=b.symbol)
              for _, b in sorted(rebuilt.books.items())]
-    return pl.concat(parts) if parts else pl.DataFrame(schema={"market": pl.Utf8,
-                                                               "symbol": pl.Utf8, **schema})
+    return pl.concat(parts) if parts else pl.DataFrame()
 
 
 def write_book(paths: list[Path], out: Path) -> dict[str, Any]:

@@ -40,8 +40,10 @@ DEPTH_LEVELS = (5, 10)       # depth columns of top.parquet besides the touch
 PENDING_DIFFS = 50_000       # diffs kept while waiting for a snapshot
 SNAPSHOT_PRICE_SLACK = 0.10  # reference price may sit 10 % outside the snapshot's range
 
-EVENT_COLUMNS = ("time_ns", "update_id", "side", "price", "distance_ticks", "distance_bps",
-                 "old_qty", "new_qty", "from_snapshot")
+# Rows are appended as tuples (one list append per row: the hot loop's cheapest form);
+# distances from the mid are computed column-wise when the table is built (build.py).
+EVENT_COLUMNS = ("time_ns", "update_id", "side", "price", "mid", "old_qty", "new_qty",
+                 "from_snapshot")
 TOP_COLUMNS = ("time_ns", "exchange_time_ms", "update_id", "bid_px", "bid_qty", "ask_px",
                "ask_qty", "bid_depth_5", "ask_depth_5", "bid_depth_10", "ask_depth_10")
 TRADE_COLUMNS = ("time_ns", "trade_time_ms", "trade_id", "price", "qty", "is_buyer_maker")
@@ -57,19 +59,22 @@ def tick_size(prices: list[float]) -> float:
     return step / PRICE_SCALE if step else float("nan")
 
 
-class Columns:
-    """Append-only column lists that can be cut back to a mark (provisional output)."""
+class Rows:
+    """Append-only row tuples that can be cut back to a mark (provisional output)."""
 
     def __init__(self, names: tuple[str, ...]):
         self.names = names
-        self.data: dict[str, list] = {name: [] for name in names}
+        self.rows: list[tuple] = []
 
     def __len__(self) -> int:
-        return len(self.data[self.names[0]])
+        return len(self.rows)
+
+    def column(self, name: str) -> list:
+        i = self.names.index(name)
+        return [row[i] for row in self.rows]
 
     def truncate(self, n: int) -> None:
-        for values in self.data.values():
-            del values[n:]
+        del self.rows[n:]
 
 
 @dataclasses.dataclass
@@ -100,10 +105,10 @@ class BookBuilder:
         self.pending: deque = deque(maxlen=PENDING_DIFFS)
         self.ref_price: float | None = None
         self.unverified: tuple[tuple[int, int], float, float, str] | None = None
-        self.events = Columns(EVENT_COLUMNS)
-        self.top = Columns(TOP_COLUMNS)
-        self.trades = Columns(TRADE_COLUMNS)
-        self.tickers = Columns(TICKER_COLUMNS)
+        self.events = Rows(EVENT_COLUMNS)
+        self.top = Rows(TOP_COLUMNS)
+        self.trades = Rows(TRADE_COLUMNS)
+        self.tickers = Rows(TICKER_COLUMNS)
         self.gaps: list[Gap] = []
         self.counts = {"diffs": 0, "diffs_applied": 0, "diffs_stale": 0, "diffs_untrusted": 0,
                        "snapshots": 0,
@@ -158,11 +163,10 @@ class BookBuilder:
         self.rejected_snapshots.append({"where": where, "reason": reason})
 
     def _emit_snapshot(self, time_ns: int, last_id: int) -> None:
-        ev = self.events.data
         mid = self._mid()
-        for side, levels in ((1, self.bids), (-1, self.asks)):
-            for price, qty in levels.items():
-                self._level_row(ev, time_ns, last_id, side, price, 0.0, qty, mid, True)
+        self.events.rows.extend((time_ns, last_id, side, price, mid, 0.0, qty, True)
+                                for side, levels in ((1, self.bids), (-1, self.asks))
+                                for price, qty in levels.items())
 
     # ---- diffs ----------------------------------------------------------------------
 
@@ -242,7 +246,7 @@ class BookBuilder:
 
     def _apply(self, data: dict, time_ns: int, last: int) -> None:
         mid = self._mid()
-        ev = self.events.data
+        append = self.events.rows.append
         for side, levels, key in ((1, self.bids, "b"), (-1, self.asks, "a")):
             for p, q in data.get(key) or ():
                 price, qty = float(p), float(q)
@@ -253,23 +257,10 @@ class BookBuilder:
                     levels[price] = qty
                 else:
                     del levels[price]
-                self._level_row(ev, time_ns, last, side, price, old, qty, mid, False)
+                append((time_ns, last, side, price, mid, old, qty, False))
         self.last_u = last
         self.counts["diffs_applied"] += 1
         self._emit_top(time_ns, data.get("E"), last)
-
-    def _level_row(self, ev: dict, time_ns: int, update_id: int, side: int, price: float,
-                   old: float, new: float, mid: float | None, from_snapshot: bool) -> None:
-        distance = math.nan if mid is None else mid - price if side > 0 else price - mid
-        ev["time_ns"].append(time_ns)
-        ev["update_id"].append(update_id)
-        ev["side"].append(side)
-        ev["price"].append(price)
-        ev["distance_ticks"].append(distance / self.tick)
-        ev["distance_bps"].append(1e4 * distance / mid if mid else math.nan)
-        ev["old_qty"].append(old)
-        ev["new_qty"].append(new)
-        ev["from_snapshot"].append(from_snapshot)
 
     def _mid(self) -> float | None:
         if not self.bids or not self.asks:
@@ -277,24 +268,27 @@ class BookBuilder:
         return 0.5 * (self.bids.peekitem(-1)[0] + self.asks.peekitem(0)[0])
 
     def _emit_top(self, time_ns: int, exchange_ms: Any, update_id: int) -> None:
-        top = self.top.data
         bids, asks = self.bids, self.asks
-        n_bid, n_ask = len(bids), len(asks)
-        bid_px, bid_qty = bids.peekitem(-1) if n_bid else (math.nan, 0.0)
-        ask_px, ask_qty = asks.peekitem(0) if n_ask else (math.nan, 0.0)
-        if n_bid and n_ask and bid_px >= ask_px:
-            self.counts["crossed_after_diff"] += 1
-        top["time_ns"].append(time_ns)
-        top["exchange_time_ms"].append(exchange_ms)
-        top["update_id"].append(update_id)
-        top["bid_px"].append(bid_px)
-        top["bid_qty"].append(bid_qty)
-        top["ask_px"].append(ask_px)
-        top["ask_qty"].append(ask_qty)
-        bid_vals, ask_vals = bids.values(), asks.values()
-        for depth in DEPTH_LEVELS:
-            top[f"bid_depth_{depth}"].append(sum(bid_vals[max(0, n_bid - depth):]))
-            top[f"ask_depth_{depth}"].append(sum(ask_vals[:depth]))
+        if bids and asks:
+            best_bids = bids.keys()[-DEPTH_LEVELS[-1]:]
+            best_asks = asks.keys()[:DEPTH_LEVELS[-1]]
+            bid_px, ask_px = best_bids[-1], best_asks[0]
+            if bid_px >= ask_px:
+                self.counts["crossed_after_diff"] += 1
+            bid_qty = [bids[p] for p in reversed(best_bids)]
+            ask_qty = [asks[p] for p in best_asks]
+            self.top.rows.append((time_ns, exchange_ms, update_id, bid_px, bid_qty[0], ask_px,
+                                  ask_qty[0], sum(bid_qty[:5]), sum(ask_qty[:5]), sum(bid_qty),
+                                  sum(ask_qty)))
+        else:  # a side emptied (a thin book): prices unknown, depth what is left
+            bid_qty = [bids[p] for p in bids.keys()[-DEPTH_LEVELS[-1]:]][::-1]
+            ask_qty = [asks[p] for p in asks.keys()[:DEPTH_LEVELS[-1]]]
+            self.top.rows.append((time_ns, exchange_ms, update_id,
+                                  bids.peekitem(-1)[0] if bids else math.nan,
+                                  bid_qty[0] if bid_qty else 0.0,
+                                  asks.peekitem(0)[0] if asks else math.nan,
+                                  ask_qty[0] if ask_qty else 0.0, sum(bid_qty[:5]),
+                                  sum(ask_qty[:5]), sum(bid_qty), sum(ask_qty)))
 
     # ---- trades and bookTickers ------------------------------------------------------
 
@@ -317,8 +311,7 @@ class BookBuilder:
             row = (time_ns, int(data["T"]), int(data["t"]), price, qty, bool(data["m"]))
         except (KeyError, TypeError, ValueError):
             return False
-        for name, value in zip(TRADE_COLUMNS, row):
-            self.trades.data[name].append(value)
+        self.trades.rows.append(row)
         self._see_price(price, time_ns, where)
         return True
 
@@ -328,7 +321,6 @@ class BookBuilder:
                    float(data["a"]), float(data["A"]))
         except (KeyError, TypeError, ValueError):
             return False
-        for name, value in zip(TICKER_COLUMNS, row):
-            self.tickers.data[name].append(value)
+        self.tickers.rows.append(row)
         self._see_price(0.5 * (row[2] + row[4]), time_ns, where)
         return True

@@ -34,6 +34,7 @@ N_BOOT = 200
 OFI_INTERVAL_S = 1.0
 RESILIENCE_HORIZONS_S = (0.1, 0.5, 1.0, 5.0)
 MIN_SAMPLES = 30
+MAX_HOLE_S = 60.0
 
 
 def bootstrap(values: np.ndarray, stat: Callable[[np.ndarray], float], seed: int = 0,
@@ -116,30 +117,39 @@ def cancel_to_trade(events: pl.DataFrame, trades: pl.DataFrame) -> dict[str, Any
 
 
 def order_flow_imbalance(top: pl.DataFrame, tick: float) -> dict[str, Any]:
-    """e_n of Cont, Kukanov & Stoikov (2014), summed per interval, against the mid move."""
+    """e_n of Cont, Kukanov & Stoikov (2014), summed per interval, against the mid move.
+
+    Only intervals that hold updates are used, and a move is not read across a hole of
+    more than MAX_HOLE_S (a book fed several capture runs months apart)."""
+    top = top.sort("time_ns")
     bid, ask = top["bid_px"].to_numpy(), top["ask_px"].to_numpy()
     bq, aq = top["bid_qty"].to_numpy(), top["ask_qty"].to_numpy()
     e = ((bid[1:] >= bid[:-1]) * bq[1:] - (bid[1:] <= bid[:-1]) * bq[:-1]
          - (ask[1:] <= ask[:-1]) * aq[1:] + (ask[1:] >= ask[:-1]) * aq[:-1])
     t_s = top["time_ns"].to_numpy()[1:] / 1e9
-    bucket = np.floor((t_s - t_s[0]) / OFI_INTERVAL_S).astype(np.int64) if len(t_s) else t_s
-    if len(t_s) == 0 or bucket[-1] < MIN_SAMPLES:
-        return {"note": "too few intervals", "intervals": int(bucket[-1]) + 1 if len(t_s) else 0}
-    n_buckets = int(bucket[-1]) + 1
-    ofi = np.bincount(bucket, weights=e, minlength=n_buckets)
-    mid = 0.5 * (bid[1:] + ask[1:]) / tick
-    last_mid = np.full(n_buckets, np.nan)
-    last_mid[bucket] = mid                      # the mid at each interval's last update
-    last_mid = pl.Series(last_mid).fill_nan(None).fill_null(strategy="forward").to_numpy()
-    move = np.diff(np.concatenate([[0.5 * (bid[0] + ask[0]) / tick], last_mid]))
-    pairs = np.column_stack([ofi, move])
-    same = bootstrap(pairs, lambda p: _ols(p[:, 0], p[:, 1])[0])
-    nxt = bootstrap(np.column_stack([ofi[:-1], move[1:]]), lambda p: _ols(p[:, 0], p[:, 1])[0])
-    return {"interval_s": OFI_INTERVAL_S, "intervals": n_buckets,
-            "slope_same_interval_ticks_per_qty": same,
-            "r2_same_interval": _ols(ofi, move)[1],
-            "slope_next_interval_ticks_per_qty": nxt,
-            "r2_next_interval": _ols(ofi[:-1], move[1:])[1]}
+    if len(t_s) == 0:
+        return {"note": "too few intervals", "intervals": 0}
+    bucket = np.floor((t_s - t_s[0]) / OFI_INTERVAL_S).astype(np.int64)
+    occupied, inverse = np.unique(bucket, return_inverse=True)
+    ofi = np.bincount(inverse, weights=e, minlength=len(occupied))
+    last_row = np.r_[np.flatnonzero(np.diff(inverse)), len(inverse) - 1]
+    mid = (0.5 * (bid[1:] + ask[1:]) / tick)[last_row]     # mid at each interval's end
+    step = np.diff(occupied)
+    ok = step * OFI_INTERVAL_S <= MAX_HOLE_S                 # move k: interval k-1 -> k
+    same = np.column_stack([ofi[1:], np.diff(mid)])[ok]
+    follows = step[1:] == 1                                  # next interval is adjacent
+    nxt = np.column_stack([ofi[1:-1], np.diff(mid)[1:]])[ok[:-1] & ok[1:] & follows]
+    if len(same) < MIN_SAMPLES:
+        return {"note": "too few intervals", "intervals": len(same)}
+    return {"interval_s": OFI_INTERVAL_S, "intervals": len(same),
+            "slope_same_interval_ticks_per_qty": bootstrap(same, _slope),
+            "r2_same_interval": _ols(same[:, 0], same[:, 1])[1],
+            "slope_next_interval_ticks_per_qty": bootstrap(nxt, _slope),
+            "r2_next_interval": _ols(nxt[:, 0], nxt[:, 1])[1] if len(nxt) else None}
+
+
+def _slope(pairs: np.ndarray) -> float:
+    return _ols(pairs[:, 0], pairs[:, 1])[0]
 
 
 def resilience(top: pl.DataFrame, trades: pl.DataFrame, tick: float) -> dict[str, Any]:
@@ -200,8 +210,9 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_book_facts(out_dir: Path) -> Path:
-    facts = _finite(book_facts(Path(out_dir)))
+def write_book_facts(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    facts = _finite(book_facts(out_dir))
     facts["provenance"] = provenance(inputs=[str(out_dir / n) for n in
                                              ("top.parquet", "book_events.parquet",
                                               "trades.parquet", "check.json")])

@@ -6,6 +6,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -223,3 +224,24 @@ def test_report_shows_the_book_section_only_with_book_output(tmp_path):
     for key, spec, text in keys:
         artifact, key_path = key.split(":", 1)
         assert text == expected_text(resolve(docs[artifact], key_path), spec), key
+
+
+def test_ofi_reads_no_mid_move_across_a_hole_between_runs():
+    """Two 100 s runs a year apart (one book fed several captures): 99 moves in each run,
+    none across the hole, and no bucket for the empty year."""
+    from mega_trading.book.facts import order_flow_imbalance
+
+    rng = np.random.default_rng(0)
+    n = 400
+    t_ns = np.arange(n, dtype=np.int64) * 250_000_000
+    bid = 100 + 0.01 * np.cumsum(rng.integers(-1, 2, 2 * n))
+    top = pl.DataFrame({"time_ns": np.r_[t_ns, t_ns + 365 * 86_400 * 10**9],
+                        "bid_px": bid, "ask_px": bid + 0.01,
+                        "bid_qty": rng.uniform(1, 2, 2 * n), "ask_qty": rng.uniform(1, 2, 2 * n)})
+    ofi = order_flow_imbalance(top, tick=0.01)
+    t_s = top["time_ns"].to_numpy()[1:] / 1e9               # e_n starts at the second row
+    occupied = np.unique(np.floor(t_s - t_s[0]))
+    per_run = [np.sum(occupied < 1e6), np.sum(occupied > 1e6)]
+    assert per_run[0] >= 100 and per_run[1] >= 100
+    assert ofi["intervals"] == (per_run[0] - 1) + (per_run[1] - 1)   # none across the hole
+    assert ofi["slope_same_interval_ticks_per_qty"]["n"] == ofi["intervals"]

@@ -186,3 +186,21 @@ def test_ctrl_c_leaves_a_valid_gzip(tmp_path):
     lines = gzip.decompress(path.read_bytes()).splitlines()  # raises on a truncated gzip
     assert len(lines) > 50 and all(line.split(b" ", 1)[0].isdigit() for line in lines)
     assert b"Traceback" not in err
+
+
+def test_files_rotate_at_the_utc_day_and_a_restart_appends_a_member(tmp_path):
+    from mega_trading.book.capture import Skips, read_capture
+    from mega_trading.book.record import DailyFiles
+
+    day_end_ns = 1_723_161_599_000_000_000            # 2024-08-08 23:59:59 UTC
+    msg = '{"stream":"btcusdt@trade","data":{"s":"BTCUSDT","p":"1","q":"1","T":1,"t":%d,"m":true}}'
+    for start in (0, 10):                              # a second run on the same days
+        files = DailyFiles(tmp_path, "spot")
+        for i in range(start, start + 4):
+            files.write("BTCUSDT", day_end_ns + i * 400_000_000, msg % i)
+        files.close()
+    names = sorted(p.name for p in tmp_path.glob("*.gz"))
+    assert names == ["spot-BTCUSDT-20240808.gz", "spot-BTCUSDT-20240809.gz"]
+    skips = Skips()
+    ids = [m.data["t"] for name in names for m in read_capture(tmp_path / name, skips)]
+    assert sorted(ids) == [0, 1, 2, 3, 10, 11, 12, 13] and not skips.counts

@@ -245,3 +245,20 @@ def test_ofi_reads_no_mid_move_across_a_hole_between_runs():
     assert per_run[0] >= 100 and per_run[1] >= 100
     assert ofi["intervals"] == (per_run[0] - 1) + (per_run[1] - 1)   # none across the hole
     assert ofi["slope_same_interval_ticks_per_qty"]["n"] == ofi["intervals"]
+
+
+def test_a_snapshot_older_than_the_diffs_is_rejected_and_leaves_no_rows(tmp_path):
+    """A resync snapshot whose next diff was lost: it cannot be bridged, so it is not used."""
+    lines = synthetic_capture(200, snapshot_every=100, seed=7)
+    rows = [i for i, line in enumerate(lines) if b"lastUpdateId" in line]
+    assert b"depthUpdate" in lines[rows[1] + 1] and b"depthUpdate" in lines[rows[1] - 100]
+    lost = {rows[1] - 100, rows[1] + 1}  # a diff half-way (the gap), the one after the snapshot
+    moved = [line for i, line in enumerate(lines) if i not in lost]
+    path = write_capture(tmp_path / "spot-BTCUSDT-20240808.gz", moved)
+    rebuilt = rebuild_captures([path])
+    book = check_document(rebuilt)["books"]["spot:BTCUSDT"]
+    assert "older than the next diff" in book["rejected_snapshots"][0]["reason"]
+    assert book["resyncs"] == 0 and book["gaps"][0]["resynced_at_ns"] is None
+    assert book["bookticker_mismatches"] == 0
+    snapshot_rows = sum(rebuilt.books["spot:BTCUSDT"].events.column("from_snapshot"))
+    assert snapshot_rows == 400                    # the first snapshot's 200 + 200 levels only

@@ -100,6 +100,7 @@ class BookBuilder:
         self.asks: SortedDict = SortedDict()
         self.synced = False
         self.snapshot_id: int | None = None      # set while a snapshot awaits its bridge
+        self.snapshot_mark = (0, 0)              # output sizes before that snapshot's rows
         self.last_u: int | None = None
         self.tick = float("nan")
         self.pending: deque = deque(maxlen=PENDING_DIFFS)
@@ -144,8 +145,9 @@ class BookBuilder:
             return
         if math.isnan(self.tick):
             self.tick = tick_size([p for p, _ in bids] + [p for p, _ in asks])
+        self.snapshot_mark = (len(self.events), len(self.top))
         if self.ref_price is None:
-            self.unverified = ((len(self.events), len(self.top)), low, high, where)
+            self.unverified = (self.snapshot_mark, low, high, where)
         self.bids = SortedDict((p, q) for p, q in bids if q > 0)
         self.asks = SortedDict((p, q) for p, q in asks if q > 0)
         self.snapshot_id = last_id
@@ -198,6 +200,7 @@ class BookBuilder:
             bridge = lid + 1 if self.market == "spot" else lid
             if first > bridge:
                 self._reject(where, f"snapshot {lid} is older than the next diff (U={first})")
+                self.events.truncate(self.snapshot_mark[0])   # its levels were never trusted
                 self._drop_book()
                 self._hold(data, time_ns, where, replay)
                 return

@@ -136,23 +136,31 @@ class Recorder:
         return self.counts
 
     async def _session(self) -> int:
-        """One connection: returns how many messages it delivered."""
+        """One connection: returns how many messages it delivered. No `wait_for` around
+        `recv`: on Python 3.11 it can swallow the cancellation that Ctrl-C sends."""
         received = 0
         try:
             async with connect(self.cfg.stream_url(), max_size=2**24, open_timeout=10) as ws:
                 self.log("connect", url=self.cfg.ws_url)
-                while not self.stop.is_set():
-                    try:
-                        text = await asyncio.wait_for(ws.recv(), timeout=0.2)
-                    except TimeoutError:
-                        continue
-                    self._on_message(time.time_ns(), text)
-                    received += 1
+                watcher = asyncio.get_running_loop().create_task(self._close_on_stop(ws))
+                try:
+                    async for text in ws:
+                        self._on_message(time.time_ns(), text)
+                        received += 1
+                finally:
+                    watcher.cancel()
+            if not self.stop.is_set():   # the server closed the connection cleanly
+                raise websockets.exceptions.ConnectionClosedOK(None, None)
         except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
             self.counts["disconnects"] += 1
             self.log("disconnect", error=f"{exc.__class__.__name__}: {exc}", received=received)
             self.files.flush()
         return received
+
+    async def _close_on_stop(self, ws) -> None:
+        while not self.stop.is_set():
+            await asyncio.sleep(0.1)
+        await ws.close()
 
     def _on_message(self, time_ns: int, text: str | bytes) -> None:
         if isinstance(text, bytes):

@@ -563,5 +563,48 @@ def _print_simulation(doc: dict, path: Path) -> None:
     Console().print(f"wrote {path}")
 
 
+# --- order book: record and rebuild (issue 20) --------------------------------------------
+@app.command()
+def book(
+    captures: List[Path] = typer.Argument(..., help="Capture files (gzip lines '<recv time> <json>'), any order."),
+    out: Path = typer.Option(..., "--out", help="Directory for book_events/trades/top.parquet, check.json, book_facts.json."),
+    facts: bool = typer.Option(True, "--facts/--no-facts", help="Also compute the order-book facts."),
+) -> None:
+    """Rebuild order books from snapshot + depth diffs, exactly, and check them against @bookTicker."""
+    from mega_trading.book.build import write_book
+
+    check = write_book(captures, out)
+    for name, b in check["books"].items():
+        typer.echo(f"{name}: {b['diffs_applied']:,}/{b['diffs']:,} diffs applied, "
+                   f"{len(b['gaps'])} gaps, {b['resyncs']} resyncs; bookTicker "
+                   f"{b['bookticker_checked']:,} checkable of {b['bookticker_total']:,}, "
+                   f"{b['bookticker_mismatches']} mismatches")
+    if check["skipped_lines"]:
+        typer.echo(f"skipped lines: {check['skipped_lines']}")
+    if facts:
+        from mega_trading.book.facts import write_book_facts
+
+        write_book_facts(out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def record(
+    symbols: str = typer.Option(..., "--symbols", help="Comma-separated, e.g. BTCUSDT,ETHUSDT."),
+    market: str = typer.Option("spot", "--market", help="spot or um (USD-M futures)."),
+    out: Path = typer.Option(..., "--out", help="Directory for <market>-<SYMBOL>-<YYYYMMDD>.gz and record_log.jsonl."),
+    ws_url: Optional[str] = typer.Option(None, "--ws-url", help="Combined-stream base URL (default: Binance's public one)."),
+    rest_url: Optional[str] = typer.Option(None, "--rest-url", help="REST depth endpoint (default: Binance's public one)."),
+) -> None:
+    """Record trades, depth diffs and bookTicker (+ REST snapshots at start and after gaps) until Ctrl-C."""
+    from mega_trading.book.record import RecordConfig, run_record
+
+    cfg = RecordConfig(symbols=symbols.split(","), market=market, out=out, ws_url=ws_url,
+                       rest_url=rest_url)
+    typer.echo(f"recording {', '.join(cfg.symbols)} ({market}) into {out}; Ctrl-C to stop")
+    counts = run_record(cfg)
+    typer.echo(f"stopped: {counts}")
+
+
 if __name__ == "__main__":
     run_cli()

@@ -38,7 +38,11 @@ def _sections(art: Artifacts) -> list:
 
     builders = (data_section, training_section, backtest_section, generation_section,
                 facts_section, simulation_section, model_card_section)
-    return [build(art) for build in builders]
+    sections = [build(art) for build in builders]
+    from mega_trading.report.book_section import book_section
+
+    book = book_section(art)  # only when RUN/book/ holds `mega-trading book` output
+    return sections + ([book] if book is not None else [])
 
 
 def _subtitle(art: Artifacts) -> str:

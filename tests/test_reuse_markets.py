@@ -198,3 +198,32 @@ def test_new_data_with_the_runs_tokenizer_is_scored_with_zero_shot_tags(trained_
     # The baselines were fitted on the run's training data, so their unigram is the same.
     ref = run_backtest(run, data, max_tokens=500, cfg=QUICK, out=tmp_path / "ref.json")
     assert doc["baseline_details"] == ref["baseline_details"]
+
+
+def test_report_shows_a_row_per_symbol_and_market_with_the_zero_shot_flag(trained_run, tmp_path):
+    from mega_trading.report import build_report
+    from mega_trading.report.markets_table import markets_table
+
+    run, data = trained_run
+    doc = run_backtest(run, data, max_tokens=400, cfg=QUICK)
+    html = markets_table(doc)
+    assert "Across markets and symbols" in html
+    assert html.count("<tr>") == 1 + len(doc["per_symbol"])  # header + one row per stream
+    verdicts = {s: i["vs_best_baseline"]["verdict"] for s, i in doc["per_symbol"].items()}
+    for stream, verdict in verdicts.items():  # a stream where the model does not win is named
+        if verdict != "model better":
+            assert stream in html.split("Per (symbol, market):")[1]
+    assert "(vs unigram" in html  # the zero-shot row is also compared with unigram
+    page = build_report(run, data, tmp_path / "report.html").read_text()
+    assert "Across markets and symbols" in page and "data-key=\"backtest:per_symbol/ETHUSDT/vs_unigram/delta_bits\"" in page
+
+
+def test_demo_config_trains_on_every_bundled_market_and_holds_a_symbol_out():
+    from mega_trading.pipeline import _input_files, load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    files = _input_files(cfg)
+    names = {(f.parent.name, f.name) for f in files}
+    assert ("um", "BTCUSDT-trades-2024-08-08.zip") in names and ("sample", "BTCUSDT-trades-2024-08-08.zip") in names
+    assert ("spot", "NEXOUSDT-trades-2024-07-24.zip") in names
+    assert cfg.prepare.holdout_symbols == ("ETHUSDT",)

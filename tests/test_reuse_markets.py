@@ -227,3 +227,13 @@ def test_demo_config_trains_on_every_bundled_market_and_holds_a_symbol_out():
     assert ("um", "BTCUSDT-trades-2024-08-08.zip") in names and ("sample", "BTCUSDT-trades-2024-08-08.zip") in names
     assert ("spot", "NEXOUSDT-trades-2024-07-24.zip") in names
     assert cfg.prepare.holdout_symbols == ("ETHUSDT",)
+
+
+def test_partitions_written_before_markets_read_as_spot(tmp_path, sample_dir):
+    ingest_files([sample_dir / "BTCUSDT-trades-2025-01-01.zip"], tmp_path)
+    (part,) = tmp_path.rglob("part-*.parquet")
+    import polars as pl
+
+    pl.read_parquet(part).drop("market").write_parquet(part)  # the pre-futures layout
+    table = read_partitions(tmp_path)
+    assert table.height == 210 and table["market"].unique().to_list() == ["spot"]

@@ -225,7 +225,8 @@ def scan_partitions(
         raise DataError("no trade partitions match (run `mega-trading ingest` first)", out_dir)
     return (
         # Parts written before futures support have no market column: they are spot.
-        pl.scan_parquet(parts, hive_partitioning=False, missing_columns="insert")
+        pl.scan_parquet(parts, hive_partitioning=False, schema=CANONICAL_SCHEMA,
+                        missing_columns="insert")
         .with_columns(pl.col("market").fill_null("spot"))
         .select(list(CANONICAL_COLUMNS))
         .sort(["kind", "market", "symbol", "trade_id"], maintain_order=True)

@@ -43,6 +43,7 @@ from mega_trading.lineage import (
     write_json_atomic,
 )
 from mega_trading.tokenizer import Tokenizer, TokenizerConfig
+from mega_trading.tokenizer_reuse import ReusedTokenizer, outlier_counts, resolve_reused_tokenizer
 
 SPLITS = ("train", "validation", "backtest")
 MANIFEST_FORMAT = "mega-trading/shards@2"
@@ -559,47 +560,6 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, cfg: PrepareConfi
         pool.close()
 
 
-@dataclass(frozen=True)
-class ReusedTokenizer:
-    """A fitted tokenizer found at a user's PATH, and the training data it came from."""
-
-    tokenizer: Tokenizer
-    source: Path
-    train_data_dir: Path | None  # the prepared data it was fitted on, when known
-    train_manifest_hash: str | None
-    train_streams: tuple[str, ...] | None  # streams with training tokens there
-
-
-def resolve_reused_tokenizer(path: str | Path) -> ReusedTokenizer:
-    """PATH = a tokenizer.json, a run folder (RUN/tokenizer.json, its data dir from
-    RUN/config.json) or a prepared data dir (DIR/tokenizer.json, itself the training data)."""
-    path = Path(path)
-    data_dir, manifest_hash = None, None
-    if path.is_dir() and (path / "config.json").is_file():  # a run folder
-        config = read_json(path / "config.json")
-        data_dir, manifest_hash = config.get("data_dir"), config.get("manifest_hash")
-        path = path / "tokenizer.json"
-    elif path.is_dir():
-        path = path / "tokenizer.json"
-        data_dir = str(path.parent)
-    elif (path.parent / "manifest.json").is_file():  # DIR/tokenizer.json of a data dir
-        data_dir = str(path.parent)
-    if not path.is_file():
-        raise DataError("no tokenizer.json here: give a tokenizer.json, a run folder or a "
-                        "prepared data dir", path)
-    tokenizer = Tokenizer.load(path)
-    streams = None
-    manifest_path = Path(data_dir) / "manifest.json" if data_dir else None
-    if manifest_path is not None and manifest_path.is_file():
-        manifest = read_json(manifest_path)
-        if manifest.get("tokenizer_hash") == tokenizer.hash:
-            manifest_hash = manifest_hash or manifest.get("manifest_hash")
-            streams = tuple(sorted(s for s, info in manifest["shards"].get("train", {}).items()
-                                   if info["n_tokens"] > 0))
-    return ReusedTokenizer(tokenizer, path.resolve(), Path(data_dir).resolve() if data_dir else None,
-                           manifest_hash, streams)
-
-
 def _held_out(stream: str, cfg: PrepareConfig) -> bool:
     return stream in cfg.holdout_symbols or stream.partition(".")[0] in cfg.holdout_symbols
 
@@ -660,7 +620,7 @@ def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareCon
             "shards": shards,
             "events": events_index,
             "token_stats": _token_stats(tmp, shards, tokenizer),
-            "outliers": _outlier_counts(tmp, shards, tokenizer),
+            "outliers": outlier_counts(tmp, shards, tokenizer),
             "held_out_streams": sorted(s for s in parts if _held_out(s, cfg)),
         }
         source = {}
@@ -749,27 +709,6 @@ def _assemble_shards(tmp: Path, parts: dict, encoded: list, cuts: dict, cfg: Pre
         for shard in by_symbol.values():
             shard["n_windows"] = len(window_starts(shard["n_tokens"], cfg.block_size, cfg.stride))
     return shards
-
-
-def _outlier_counts(root: Path, shards: dict, tokenizer: Tokenizer) -> dict:
-    """Per (split, stream): events whose move, size or dt fell in an outlier bin (beyond
-    the tokenizer's tail quantiles). New data outside the training range lands there,
-    never in an error; these counts say how much of it did."""
-    tails = {"move": {0, tokenizer.move.n_bins - 1}, "size": {0, tokenizer.size.n_bins - 1},
-             "dt": {tokenizer.dt.n_bins - 1}}
-    out: dict[str, dict] = {}
-    for split, by_symbol in shards.items():
-        for symbol, info in by_symbol.items():
-            if not info["n_tokens"]:
-                continue
-            tokens = np.asarray(np.memmap(root / info["tokens"], dtype=TOKEN_DTYPE, mode="r"))
-            idx = tokenizer.field_indices(tokens[tokens < tokenizer.n_event_tokens])
-            hits = {name: np.isin(idx[name], sorted(bins)) for name, bins in tails.items()}
-            counts = {name: int(hit.sum()) for name, hit in hits.items()}
-            counts["any"] = int(np.logical_or.reduce(list(hits.values())).sum())
-            counts["n_events"] = len(idx["move"])
-            out.setdefault(split, {})[symbol] = counts
-    return out
 
 
 def _token_stats(root: Path, shards: dict, tokenizer: Tokenizer, chunk: int = 1 << 24) -> dict:

@@ -237,3 +237,20 @@ def test_partitions_written_before_markets_read_as_spot(tmp_path, sample_dir):
     pl.read_parquet(part).drop("market").write_parquet(part)  # the pre-futures layout
     table = read_partitions(tmp_path)
     assert table.height == 210 and table["market"].unique().to_list() == ["spot"]
+
+
+def test_generate_facts_and_report_accept_new_data_with_the_run(trained_run, tmp_path, sample_dir):
+    from mega_trading.report import build_report
+
+    run, _ = trained_run
+    new = tmp_path / "new"
+    prepare([sample_dir / "BTCUSDT-trades-2023-04-05.zip"], new, _cfg(splits=(0.0, 0.0, 1.0)),
+            reuse_tokenizer=run / "tokenizer.json")
+    rollouts = tmp_path / "rollouts.parquet"
+    assert main(["generate", "--run", str(run), "--data", str(new), "--n", "4", "--length", "16",
+                 "--prompt-length", "16", "--out", str(rollouts)]) == 0
+    assert main(["facts", "--data", str(new), "--rollouts", str(rollouts), "--out",
+                 str(tmp_path / "facts.json"), "--set", "n_boot=10"]) == 0
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts  # the noise floor came from the run's training data (new data has no train split)
+    assert build_report(run, new, tmp_path / "report.html").is_file()

@@ -115,6 +115,7 @@ def ingest(
     out: Path = typer.Option(..., "--out", help="Partition root (kind=/symbol=/month=/)."),
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Symbol, if not in the name."),
     kind: Optional[str] = typer.Option(None, "--kind", help="trades or aggTrades (default: detect)."),
+    market: Optional[str] = typer.Option(None, "--market", help="spot or um (USD-M futures); default: detect."),
 ) -> None:
     """Read local Binance trade files into validated, typed Parquet partitions."""
     import datetime as dt
@@ -136,13 +137,13 @@ def ingest(
             r = result.report
             unit = "µs" if r.time_unit == "us" else r.time_unit
             lines.append(
-                f"{path.name}: {r.symbol} {r.kind}, {r.n_rows:,} rows, time in {unit}, "
+                f"{path.name}: {r.symbol} {r.market} {r.kind}, {r.n_rows:,} rows, time in {unit}, "
                 f"{utc(r.start_us)} → {utc(r.end_us)} UTC, {r.gap_summary()}, "
                 f"{len(result.written)} new / {len(result.parts)} part(s)"
             )
             progress.advance(task)
 
-        results = ingest_files(files, out, symbol=symbol, kind=kind, on_file=on_file)
+        results = ingest_files(files, out, symbol=symbol, kind=kind, on_file=on_file, market=market)
     for line in lines:
         typer.echo(line)
     rows = sum(r.report.n_rows for r in results)

@@ -289,3 +289,31 @@ def test_download_cli_summary_and_exit_code(served, tmp_path, sample_dir, capsys
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "0 downloaded, 2 already there, 2 missing, 0 failed" in captured.out
+
+
+def test_usdm_futures_download_mirrors_futures_layout_with_checksums(archive, tmp_path, sample_dir):
+    """`download --market um` fetches futures/um/daily/trades/..., verifies its checksum like
+    spot, keeps it apart from the spot file of the same name, and the reader sees futures."""
+    from mega_trading.data import bundled_dir
+
+    um_file = ArchiveFile("BTCUSDT", "trades", "2024-07-19", market="um")
+    spot_file = ArchiveFile("BTCUSDT", "trades", "2024-07-19")
+    archive.add(um_file, (bundled_dir("demo") / "um" / um_file.name).read_bytes())
+    archive.add(spot_file, (sample_dir / "BTCUSDT-trades-2025-01-01.zip").read_bytes())
+    bad = ArchiveFile("ETHUSDT", "trades", "2024-07-19", market="um")
+    archive.add(bad, b"corrupted in transit", checksum_of=b"the real bytes")
+    args = ["download", "--symbols", "BTCUSDT,ETHUSDT", "--market", "um", "--daily",
+            "--start", "2024-07-19", "--end", "2024-07-19", "--out", str(tmp_path),
+            "--base-url", archive.base_url, "--retries", "0"]  # fmt: skip
+    assert main(args) != 0  # the corrupted ETHUSDT file fails its checksum
+    assert um_file.relative_path == "futures/um/daily/trades/BTCUSDT/BTCUSDT-trades-2024-07-19.zip"
+    assert archive.hits(".zip")[0][0].startswith("/data/futures/um/daily/trades/")
+    assert not any(path.startswith("/data/spot/") for path, _ in archive.requests)
+    local = tmp_path / um_file.relative_path
+    assert read_trades(local)["market"][0] == "um"
+    assert not (tmp_path / bad.relative_path).exists()
+    result = download_archive([spot_file], tmp_path, _cfg(archive))
+    assert result.ok and read_trades(result.zips()[0])["market"][0] == "spot"
+    assert result.zips()[0] != local and local.is_file()
+    with pytest.raises(ConfigError):
+        plan_files(["BTCUSDT"], "aggTrades", "2024-07", "2024-07", market="um")

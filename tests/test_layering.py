@@ -16,7 +16,7 @@ STAGES: list[tuple[str, ...]] = [
     ("ingest", "book", "book.capture", "book.record"),
     ("events", "book.rebuild", "book.build"),
     ("tokenizer",),
-    ("dataset",),
+    ("tokenizer_reuse", "dataset"),
     ("model", "kernels"),
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
     ("baselines", "scoring", "backtest"),

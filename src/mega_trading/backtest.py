@@ -26,7 +26,8 @@ import numpy as np
 from mega_trading.baselines import Baseline, BaselineConfig, fit_baselines
 from mega_trading.config import to_dict
 from mega_trading.errors import ArtifactMismatchError, DataError
-from mega_trading.lineage import provenance, write_json_atomic
+from mega_trading.ingest.reader import split_stream_key
+from mega_trading.lineage import provenance, read_json, write_json_atomic
 from mega_trading.scoring import (
     FieldSpec,
     PositionScores,
@@ -39,6 +40,7 @@ from mega_trading.scoring import (
 )
 
 FORMAT = "mega-trading/backtest@1"
+LN2 = float(np.log(2.0))
 SPLITS = ("train", "validation", "backtest")
 
 
@@ -97,10 +99,14 @@ def run_backtest(
         log("warning: scoring the TRAIN split measures fit, not prediction")
     run_dir = Path(run_dir)
     shards = ShardSet.open(data_dir)
+    # Data encoded with the run's reused tokenizer (`prepare --tokenizer`) is scored against
+    # baselines fitted on, and zero-shot tags taken from, the data the run was trained on.
+    config_path = run_dir / "config.json"
+    trained_on = shards.training_data(read_json(config_path) if config_path.is_file() else None)
     device = resolve_device(cfg.device)
     model, state = load_model(run_dir, step=cfg.step, device=device,
                               expect_tokenizer_hash=shards.tokenizer_hash,
-                              expect_manifest_hash=shards.manifest_hash)
+                              expect_manifest_hash=trained_on.manifest_hash)
     if model.cfg.vocab_size != shards.vocab_size:
         raise ArtifactMismatchError(f"model vocabulary {model.cfg.vocab_size} != data "
                                     f"vocabulary {shards.vocab_size}")
@@ -108,7 +114,7 @@ def run_backtest(
     block_size = cfg.block_size or model.cfg.block_size
 
     started = time.perf_counter()
-    baselines = fit_train_baselines(shards, cfg.baselines)
+    baselines = fit_train_baselines(trained_on, cfg.baselines)
     fit_s = time.perf_counter() - started
     log(f"baselines fitted on train in {fit_s:.1f}s")
 
@@ -135,7 +141,7 @@ def run_backtest(
             elapsed[name] += time.perf_counter() - t0
         log(f"{symbol}: {len(per_scorer['model'][-1])} positions scored")
 
-    doc = _report(per_scorer, symbols, _train_symbols(shards), spec, cfg.summary)
+    doc = _report(per_scorer, symbols, _train_symbols(trained_on), spec, cfg.summary)
     doc.update({
         "format": FORMAT,
         "split": split,
@@ -148,6 +154,7 @@ def run_backtest(
             tokenizer_hash=shards.tokenizer_hash, manifest_hash=shards.manifest_hash,
             checkpoint_step=state.get("step"), device=device, block_size=block_size,
             baselines_fitted_on="train", config=to_dict(cfg),
+            tokenizer_reused=shards.tokenizer_reused, trained_on_manifest=trained_on.manifest_hash,
         ),
     })
     for symbol in symbols:
@@ -165,12 +172,36 @@ def _report(per_scorer: dict[str, list[PositionScores]], symbols: list[str],
     per_symbol = {}
     for i, symbol in enumerate(symbols):
         one = {name: parts[i] for name, parts in per_scorer.items()}
+        base_symbol, market = split_stream_key(symbol)
+        section = _section(one, summary)
         per_symbol[symbol] = {
+            "symbol": base_symbol,
+            "market": market,
             "zero_shot": symbol not in train_symbols,
-            **_section(one, summary),
+            **section,
+            "vs_best_baseline": _vs_rival(section, None),
+            "vs_unigram": _vs_rival(section, "unigram"),
         }
     return {**_section(overall, summary), "per_symbol": per_symbol,
             **label_stats(overall["model"].targets)}
+
+
+def _vs_rival(section: dict, name: str | None) -> dict | None:
+    """The model against one baseline (None: the best by NLL on these events), in bits per
+    event, with the paired 95% CI: the figures of the report's per-market table."""
+    baselines, deltas = section["baselines"], section["model"].get("vs_baselines", {})
+    if not deltas:
+        return None
+    if name is None:
+        name = min(baselines, key=lambda n: baselines[n].get("nll_nats", float("inf")))
+    delta = deltas.get(name)
+    if delta is None or delta.get("delta_nll_nats") is None:
+        return None
+    lo, hi = delta["ci95"]
+    return {"baseline": name, "bits_per_event": baselines[name]["bits_per_event"],
+            "delta_bits": delta["delta_nll_nats"] / LN2,
+            "ci95_bits": [lo / LN2, hi / LN2],
+            "verdict": "model better" if hi < 0 else "model worse" if lo > 0 else "no clear difference"}
 
 
 def _section(scores: dict[str, PositionScores], summary: SummaryConfig) -> dict:

@@ -67,6 +67,7 @@ def download(
     base_url: str = typer.Option("https://data.binance.vision", "--base-url"),
     workers: int = typer.Option(4, "--workers", min=1, max=64),
     retries: int = typer.Option(4, "--retries", min=0),
+    market: str = typer.Option("spot", "--market", help="spot, or um (USD-M futures: futures/um/...)."),
 ) -> None:
     """Download Binance archive zips: SHA-256 verified, resumable, skips finished files."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
@@ -75,7 +76,7 @@ def download(
     from mega_trading.errors import DataError
     from mega_trading.ingest.download import DownloadConfig, download_archive, plan_files
 
-    files = plan_files(symbols.split(","), kind, start, end, daily=daily)
+    files = plan_files(symbols.split(","), kind, start, end, daily=daily, market=market)
     cfg = DownloadConfig(base_url=base_url, workers=workers, retries=retries)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -114,6 +115,7 @@ def ingest(
     out: Path = typer.Option(..., "--out", help="Partition root (kind=/symbol=/month=/)."),
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Symbol, if not in the name."),
     kind: Optional[str] = typer.Option(None, "--kind", help="trades or aggTrades (default: detect)."),
+    market: Optional[str] = typer.Option(None, "--market", help="spot or um (USD-M futures); default: detect."),
 ) -> None:
     """Read local Binance trade files into validated, typed Parquet partitions."""
     import datetime as dt
@@ -135,13 +137,13 @@ def ingest(
             r = result.report
             unit = "µs" if r.time_unit == "us" else r.time_unit
             lines.append(
-                f"{path.name}: {r.symbol} {r.kind}, {r.n_rows:,} rows, time in {unit}, "
+                f"{path.name}: {r.symbol} {r.market} {r.kind}, {r.n_rows:,} rows, time in {unit}, "
                 f"{utc(r.start_us)} → {utc(r.end_us)} UTC, {r.gap_summary()}, "
                 f"{len(result.written)} new / {len(result.parts)} part(s)"
             )
             progress.advance(task)
 
-        results = ingest_files(files, out, symbol=symbol, kind=kind, on_file=on_file)
+        results = ingest_files(files, out, symbol=symbol, kind=kind, on_file=on_file, market=market)
     for line in lines:
         typer.echo(line)
     rows = sum(r.report.n_rows for r in results)
@@ -154,10 +156,13 @@ def prepare(
     out: Path = typer.Option(..., "--out", help="Prepared data directory to write."),
     block_size: int = typer.Option(512, "--block-size"),
     stride: int = typer.Option(256, "--stride"),
-    splits: str = typer.Option("0.8,0.1,0.1", "--splits", help="train,validation,backtest fractions."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="train,validation,backtest fractions (default 0.8,0.1,0.1; with --tokenizer 0,0,1)."),
     split_times: Optional[str] = typer.Option(None, "--split-times", help="validation-start,backtest-start (ISO UTC)."),
     kind: str = typer.Option("trades", "--kind", help="trades or aggTrades."),
     workers: int = typer.Option(2, "--workers"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Reuse a fitted tokenizer: a tokenizer.json or a run folder (never refits; every event to backtest by default)."),
+    market: Optional[str] = typer.Option(None, "--market", help="spot or um (USD-M futures); default: detected per file."),
+    holdout: Optional[str] = typer.Option(None, "--holdout", help="Symbols (or SYMBOL.um streams) kept out of training: all their events go to backtest."),
     overrides: List[str] = typer.Option([], "--set", help="Dotted overrides, e.g. tokenizer.size_bins=6."),
 ) -> None:
     """Raw trades -> events -> tokenizer (train split only) -> chronological token shards."""
@@ -166,13 +171,15 @@ def prepare(
     from mega_trading.dataset import PrepareConfig
     from mega_trading.dataset import prepare as run_prepare
 
+    default_splits = "0,0,1" if tokenizer is not None and not split_times else "0.8,0.1,0.1"
     cfg = from_dict(PrepareConfig, {
-        "block_size": block_size, "stride": stride, "splits": splits, "kind": kind,
-        "workers": workers, "split_times": split_times or (),
+        "block_size": block_size, "stride": stride, "splits": splits or default_splits, "kind": kind,
+        "workers": workers, "split_times": split_times or (), "market": market,
+        "holdout_symbols": tuple(s.strip() for s in (holdout or "").split(",") if s.strip()),
     })
     cfg = apply_overrides(cfg, overrides)
     paths = list(inputs) if inputs else sample_files(kind)
-    manifest = run_prepare(paths, out, cfg, show_progress=True)
+    manifest = run_prepare(paths, out, cfg, show_progress=True, reuse_tokenizer=tokenizer)
     _print_manifest_summary(manifest, out)
 
 
@@ -196,6 +203,26 @@ def _print_manifest_summary(manifest: dict, out: Path) -> None:
     stats = manifest["token_stats"]["train"]
     Console().print(f"train tokens: realized vocab {stats['realized_vocab']} of "
                     f"{manifest['vocab_size']}, effective vocab exp(H) = {stats['effective_vocab']:.1f}")
+    _print_reuse_summary(manifest)
+
+
+def _print_reuse_summary(manifest: dict) -> None:
+    """Reused tokenizer, held-out streams and outlier-bin counts (features beyond the
+    tokenizer's training range land there: counted, never an error)."""
+    reuse = manifest.get("tokenizer_reuse")
+    if reuse:
+        trained = reuse.get("train_streams")
+        new = sorted(s for s in manifest["shards"].get("backtest", {}) if trained is not None and s not in trained)
+        Console().print(f"tokenizer reused (hash {reuse['hash'][:12]}, not refitted); "
+                        f"zero-shot streams: {', '.join(new) or 'none'}"
+                        + ("" if trained is not None else " (the tokenizer's training data is unknown)"))
+    if manifest.get("held_out_streams"):
+        Console().print(f"held out of training (all events to backtest): {', '.join(manifest['held_out_streams'])}")
+    for split, by_stream in manifest.get("outliers", {}).items():
+        for stream, counts in sorted(by_stream.items()):
+            if counts["any"] and (reuse or split != "train"):
+                Console().print(f"  {split} {stream}: {counts['any']:,} of {counts['n_events']:,} events in "
+                                f"an outlier bin (move {counts['move']:,}, size {counts['size']:,}, dt {counts['dt']:,})")
 
 
 
@@ -356,7 +383,7 @@ def generate(
     })
     shards = ShardSet.open(data)
     model, state = load_model(run, step=step, expect_tokenizer_hash=shards.tokenizer_hash,
-                              expect_manifest_hash=shards.manifest_hash, device=device)
+                              expect_manifest_hash=shards.model_manifest_hash, device=device)
     events, prompts = generate_rollouts(model, shards, cfg)
     out = out or run / "rollouts.parquet"
     write_rollouts(events, out, rollout_lineage(cfg, shards, prompts, run=str(run.resolve()),

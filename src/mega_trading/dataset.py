@@ -43,6 +43,7 @@ from mega_trading.lineage import (
     write_json_atomic,
 )
 from mega_trading.tokenizer import Tokenizer, TokenizerConfig
+from mega_trading.tokenizer_reuse import ReusedTokenizer, outlier_counts, resolve_reused_tokenizer
 
 SPLITS = ("train", "validation", "backtest")
 MANIFEST_FORMAT = "mega-trading/shards@2"
@@ -59,6 +60,10 @@ class PrepareConfig:
     kind: str = "trades"  # trades or aggTrades: one event grammar per data set
     symbols: tuple[str, ...] = ()  # empty: every symbol found
     workers: int = 2
+    market: str | None = None  # spot | um: every file must be of that market; None: detected per file
+    # Streams (`NEXOUSDT`, `BTCUSDT.um`) or base symbols (every market) kept out of training
+    # and validation entirely: all their events go to the backtest split (zero-shot rows).
+    holdout_symbols: tuple[str, ...] = ()
     events: EventConfig = field(default_factory=EventConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -133,6 +138,43 @@ class ShardSet:
     @property
     def manifest_hash(self) -> str:
         return self.manifest["manifest_hash"]
+
+    @property
+    def tokenizer_reused(self) -> bool:
+        """Encoded with a tokenizer fitted elsewhere (`prepare --tokenizer`): new data to
+        score a trained run on."""
+        return bool(self.manifest.get("tokenizer_reuse"))
+
+    @property
+    def model_manifest_hash(self) -> str | None:
+        """The data-manifest hash a checkpoint must carry to be used with this data: this
+        data's own, or None for data encoded with a reused tokenizer (then the tokenizer
+        hash alone says the token ids mean the same thing)."""
+        return None if self.tokenizer_reused else self.manifest_hash
+
+    def training_data(self, run_config: dict | None = None) -> ShardSet:
+        """The prepared data a run was trained on, for what must come from training data
+        (baselines, the facts' noise floor, zero-shot tags): this data itself, or, for data
+        encoded with a reused tokenizer, the run's own data dir (``run_config`` is
+        RUN/config.json; without it, the data dir recorded when the tokenizer was reused)."""
+        if not self.tokenizer_reused:
+            return self
+        reuse = self.manifest["tokenizer_reuse"]
+        if run_config and run_config.get("manifest_hash") == self.manifest_hash:
+            return self  # the run was trained on this very data
+        where = (run_config or {}).get("data_dir") or reuse.get("train_data_dir")
+        expected = (run_config or {}).get("manifest_hash") or reuse.get("train_manifest_hash")
+        if not where or not (Path(where) / "manifest.json").is_file():
+            raise DataError(f"this data was encoded with a reused tokenizer; its baselines and "
+                            f"zero-shot tags come from the run's training data, which is not at "
+                            f"{where or '(unknown)'}", self.root)
+        train = ShardSet.open(where)
+        if expected and train.manifest_hash != expected:
+            raise DataError(f"the training data at {where} has manifest {train.manifest_hash[:12]}, "
+                            f"the run was trained on {expected[:12]}", self.root)
+        if train.tokenizer_hash != self.tokenizer_hash:
+            raise DataError(f"the training data at {where} uses another tokenizer", self.root)
+        return train
 
     @property
     def tokenizer_hash(self) -> str:
@@ -327,7 +369,7 @@ def _environment_default(name: str, value: str) -> Iterator[None]:
 
 
 def _read_input(path: Path, kind: str, out_root: Path, work: Path, event_cfg: EventConfig,
-                index: int) -> dict:
+                index: int, market: str | None = None) -> dict:
     """Worker: one raw file -> its events, written once, where they stay, plus edge rows.
 
     Fusing read and feature computation avoids a scratch copy of the trades. The first
@@ -335,17 +377,19 @@ def _read_input(path: Path, kind: str, out_root: Path, work: Path, event_cfg: Ev
     recomputed later from the saved edge rows (``_patch_heads``, exact) and stored beside
     the file's events as its head, which readers put in place of the first rows.
     """
-    from mega_trading.ingest.reader import read_trades_with_report
+    from mega_trading.ingest.reader import read_trades_with_report, stream_key
 
-    trades, report = read_trades_with_report(path)
+    trades, report = read_trades_with_report(path, market=market)
     found_kind = trades["kind"][0] if trades.height else kind
     info = {"path": str(path), "name": Path(path).name,
             "sha256": report.source_sha256 or sha256_file(path),
             "time_unit": report.time_unit, "id_gaps": report.n_gaps,
-            "rows": trades.height, "kind": found_kind}
+            "rows": trades.height, "kind": found_kind, "market": report.market}
     if trades.height == 0 or found_kind != kind:
         return {**info, "skipped": f"kind {found_kind} (preparing {kind})" if found_kind != kind else "empty"}
-    symbol = trades["symbol"][0]
+    # The stream key (`BTCUSDT`, `BTCUSDT.um`) names events, shards, baselines and report
+    # rows from here on: spot and futures of one symbol are different markets.
+    symbol = stream_key(trades["symbol"][0], report.market)
     # Named by input index until the parts are ordered in time (then renamed part-NNNNN).
     events_rel = f"events/{symbol}/input-{index:05d}.parquet"
     stem = work / symbol / f"input-{index:05d}"
@@ -475,17 +519,22 @@ class _SymbolTimes:
         return offset
 
 
-def _split_cuts(times: _SymbolTimes, cfg: PrepareConfig) -> tuple[dict, dict]:
-    """Global (lo, hi) event indices per split and the boundary timestamps, for one symbol."""
+def _split_cuts(times: _SymbolTimes, cfg: PrepareConfig, held_out: bool = False) -> tuple[dict, dict]:
+    """Global (lo, hi) event indices per split and the boundary timestamps, for one symbol
+    (``held_out``: every event to backtest)."""
     n = times.n
-    if cfg.split_times:
+    if held_out:
+        i_val = i_bt = 0
+    elif cfg.split_times:
         i_val, i_bt = (times.index_of(_parse_time_us(t)) for t in cfg.split_times)
     else:
         i_val = int(n * cfg.splits[0])
         i_bt = int(n * (cfg.splits[0] + cfg.splits[1]))
     gap = cfg.gap
-    cuts = {"train": (0, i_val), "validation": (min(i_val + gap, i_bt), i_bt),
-            "backtest": (min(i_bt + gap, n), n)}
+    # The gap separates a split from the one before it; a split at the very start (empty
+    # splits before it, e.g. all events to backtest) has nothing to be separated from.
+    cuts = {"train": (0, i_val), "validation": (min(i_val + gap, i_bt) if i_val else 0, i_bt),
+            "backtest": (min(i_bt + gap, n) if i_bt else 0, n)}
     bounds = {}
     for split, (lo, hi) in cuts.items():
         bounds[f"{split}_start_us"] = times.at(lo) if hi > lo else None
@@ -495,22 +544,32 @@ def _split_cuts(times: _SymbolTimes, cfg: PrepareConfig) -> tuple[dict, dict]:
 
 
 def prepare(inputs: Sequence[str | Path], out_dir: str | Path, cfg: PrepareConfig = PrepareConfig(),
-            show_progress: bool = False) -> dict:
-    """Raw trade files -> OUT/{manifest.json, tokenizer.json, shards/, events/}, atomically."""
+            show_progress: bool = False, reuse_tokenizer: str | Path | None = None) -> dict:
+    """Raw trade files -> OUT/{manifest.json, tokenizer.json, shards/, events/}, atomically.
+
+    ``reuse_tokenizer`` (a tokenizer.json, a run folder or a prepared data dir): encode
+    with that fitted tokenizer instead of fitting one (`resolve_reused_tokenizer`).
+    """
     files = expand_inputs(inputs)
     out_dir = Path(out_dir)
+    reused = resolve_reused_tokenizer(reuse_tokenizer) if reuse_tokenizer is not None else None
     pool = _Workers(cfg.workers, show_progress)
     try:
-        return _prepare(files, inputs, out_dir, cfg, pool)
+        return _prepare(files, inputs, out_dir, cfg, pool, reused)
     finally:
         pool.close()
 
 
-def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareConfig, pool: _Workers) -> dict:
+def _held_out(stream: str, cfg: PrepareConfig) -> bool:
+    return stream in cfg.holdout_symbols or stream.partition(".")[0] in cfg.holdout_symbols
+
+
+def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareConfig, pool: _Workers,
+             reused: ReusedTokenizer | None = None) -> dict:
     with atomic_dir(out_dir) as tmp:
         work = tmp / "_work"
         work.mkdir()
-        jobs = [(f, cfg.kind, tmp, work, cfg.events, i) for i, f in enumerate(files)]
+        jobs = [(f, cfg.kind, tmp, work, cfg.events, i, cfg.market) for i, f in enumerate(files)]
         read = pool.map(_read_input, jobs, "reading + events")
         used = [r for r in read if "stem" in r and (not cfg.symbols or r["symbol"] in cfg.symbols)]
         if not used:
@@ -526,11 +585,16 @@ def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareCon
 
         cuts, boundaries = {}, {}
         for symbol, metas in parts.items():
-            cuts[symbol], boundaries[symbol] = _split_cuts(_SymbolTimes(tmp, metas), cfg)
+            cuts[symbol], boundaries[symbol] = _split_cuts(_SymbolTimes(tmp, metas), cfg,
+                                                           held_out=_held_out(symbol, cfg))
 
-        tokenizer = Tokenizer.fit(_training_sample(tmp, events_index, cuts, cfg), cfg.tokenizer)
         tokenizer_path = tmp / "tokenizer.json"
-        tokenizer.save(tokenizer_path, fitted_on="train split only", inputs=[r["sha256"] for r in used])
+        if reused is None:
+            tokenizer = Tokenizer.fit(_training_sample(tmp, events_index, cuts, cfg), cfg.tokenizer)
+            tokenizer.save(tokenizer_path, fitted_on="train split only", inputs=[r["sha256"] for r in used])
+        else:  # never refit: the run's token ids must keep their meaning
+            tokenizer = reused.tokenizer
+            shutil.copyfile(reused.source, tokenizer_path)
 
         encode_jobs = []
         for symbol, entries in events_index.items():
@@ -556,9 +620,19 @@ def _prepare(files: list[Path], inputs: Sequence, out_dir: Path, cfg: PrepareCon
             "shards": shards,
             "events": events_index,
             "token_stats": _token_stats(tmp, shards, tokenizer),
+            "outliers": outlier_counts(tmp, shards, tokenizer),
+            "held_out_streams": sorted(s for s in parts if _held_out(s, cfg)),
         }
+        source = {}
+        if reused is not None:
+            manifest["tokenizer_reuse"] = {"hash": tokenizer.hash,
+                                           "train_manifest_hash": reused.train_manifest_hash,
+                                           "train_streams": None if reused.train_streams is None
+                                           else list(reused.train_streams)}
+            source = {"tokenizer_source": str(reused.source),
+                      "train_data_dir": str(reused.train_data_dir) if reused.train_data_dir else None}
         manifest["manifest_hash"] = _content_hash(manifest)
-        manifest["provenance"] = provenance(stage="prepare")
+        manifest["provenance"] = provenance(stage="prepare", **source)
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
 

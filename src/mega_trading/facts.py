@@ -92,7 +92,7 @@ from scipy import stats
 
 from mega_trading.config import to_dict
 from mega_trading.errors import ConfigError, DataError
-from mega_trading.lineage import provenance, write_json_atomic
+from mega_trading.lineage import provenance, read_json, write_json_atomic
 
 SCHEMA = "mega_trading.facts/v1"
 DISTRIBUTIONS = ("returns", "abs_returns", "log_size", "log1p_dt")
@@ -657,19 +657,22 @@ def tokenized_real(shards: Any, split: str) -> pl.DataFrame:
     return pl.concat(frames)
 
 
-def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int) -> dict[str, pl.DataFrame]:
-    """Markov-3 continuations of the model's own prompts, and a compound Hawkes process."""
+def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int,
+                      trained: Any = None) -> dict[str, pl.DataFrame]:
+    """Markov-3 continuations of the model's own prompts, and a compound Hawkes process,
+    both fitted on the train split of ``trained`` (default: ``shards`` itself)."""
+    trained = trained or shards
     from mega_trading.backtest import fit_train_baselines
     from mega_trading.generate import make_prompts, rollouts_to_events
     from mega_trading.hawkes import CompoundHawkes
 
-    markov = fit_train_baselines(shards)["markov3"]
+    markov = fit_train_baselines(trained)["markov3"]
     prompts, info = make_prompts(shards, gen_cfg, np.random.default_rng(gen_cfg.seed))
     tokens = markov.generate_batch(prompts.numpy(), gen_cfg.length, np.random.default_rng(seed))
     markov_events = rollouts_to_events(
         tokens[:, prompts.shape[1]:], shards.tokenizer, info["last_price"].to_numpy(),
         info["last_time_us"].to_numpy(), info["symbol"].to_list(), info["size_level"].to_numpy())
-    hawkes = CompoundHawkes.fit(shards.all_events("train"))
+    hawkes = CompoundHawkes.fit(trained.all_events("train"))
     hawkes_events = hawkes.sample(n_events, np.random.default_rng(seed + 1))
     return {"markov3": markov_events, "compound_hawkes": hawkes_events}
 
@@ -692,9 +695,13 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
 
         gen_cfg = from_dict(GenerateConfig, lineage["config"]) if "config" in lineage else GenerateConfig()
     n_events = int(model_events["is_event"].sum()) if model_events is not None else gen_cfg.n * gen_cfg.length
-    baselines = baseline_rollouts(shards, gen_cfg, n_events, seed)
+    # Data encoded with a reused tokenizer has no train split of its own: the baselines and
+    # the noise floor come from the data the run was trained on.
+    run_config = Path(lineage.get("run") or "/nonexistent") / "config.json"
+    trained = shards.training_data(read_json(run_config) if run_config.is_file() else None)
+    baselines = baseline_rollouts(shards, gen_cfg, n_events, seed, trained)
     baselines["tokenized_real"] = tokenized_real(shards, "backtest")
-    card = scorecard(shards.all_events("backtest"), shards.all_events("train"), model_events,
+    card = scorecard(shards.all_events("backtest"), trained.all_events("train"), model_events,
                      baselines, cfg, seed)
     write_scorecard(out, card, stage="facts", tokenizer_hash=shards.tokenizer_hash,
                     manifest_hash=shards.manifest_hash,

@@ -43,7 +43,7 @@ class SimulateStage:
 class RunConfig:
     run_dir: str = "runs/demo"
     data_dir: str = ""  # default: <run_dir>/data
-    inputs: tuple[str, ...] = ()  # trade files or folders; default: the bundled real sample
+    inputs: tuple[str, ...] = ()  # trade files or folders (or bundled:sample, bundled:demo); default: the bundled real sample
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     backtest: BacktestConfig = field(default_factory=BacktestConfig)
@@ -66,11 +66,11 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def _input_files(cfg: RunConfig) -> list[Path]:
-    from mega_trading.data import sample_files
+    from mega_trading.data import resolve_input, sample_files
     from mega_trading.dataset import expand_inputs
 
     if cfg.inputs:
-        return expand_inputs(cfg.inputs)
+        return expand_inputs([resolve_input(item) for item in cfg.inputs])
     return sample_files(cfg.prepare.kind)
 
 
@@ -152,7 +152,7 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
 
         shards = ShardSet.open(data)
         model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,
-                                  expect_manifest_hash=shards.manifest_hash)
+                                  expect_manifest_hash=shards.model_manifest_hash)
         events, prompts = generate_rollouts(model, shards, cfg.generate)
         write_rollouts(events, run / "rollouts.parquet",
                        rollout_lineage(cfg.generate, shards, prompts, run=str(run), step=state.get("step")))

@@ -3,6 +3,7 @@
 Archive layout (mirrored under the output folder, without the leading `data/`):
   data/spot/monthly/{kind}/{SYMBOL}/{SYMBOL}-{kind}-{YYYY-MM}.zip
   data/spot/daily/{kind}/{SYMBOL}/{SYMBOL}-{kind}-{YYYY-MM-DD}.zip
+  data/futures/um/daily|monthly/trades/{SYMBOL}/...   (USD-M futures, `market="um"`)
 each with `<zip>.CHECKSUM` holding "<sha256>  <filename>".
 
 Per file: skip it when a verified copy is already there (an `.ok` marker records its
@@ -31,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mega_trading.errors import ConfigError
-from mega_trading.ingest.reader import normalize_kind
+from mega_trading.ingest.reader import normalize_kind, normalize_market
 from mega_trading.lineage import provenance, sha256_file, write_json_atomic, write_text_atomic
 
 DEFAULT_BASE_URL = "https://data.binance.vision"
@@ -56,6 +57,7 @@ class ArchiveFile:
     symbol: str
     kind: str
     period: str  # YYYY-MM (monthly) or YYYY-MM-DD (daily)
+    market: str = "spot"  # or "um": USD-M futures
 
     @property
     def daily(self) -> bool:
@@ -68,7 +70,8 @@ class ArchiveFile:
     @property
     def relative_path(self) -> str:
         frequency = "daily" if self.daily else "monthly"
-        return f"spot/{frequency}/{self.kind}/{self.symbol}/{self.name}"
+        market = "spot" if self.market == "spot" else f"futures/{self.market}"
+        return f"{market}/{frequency}/{self.kind}/{self.symbol}/{self.name}"
 
     def url(self, base_url: str) -> str:
         return f"{base_url.rstrip('/')}/data/{self.relative_path}"
@@ -167,9 +170,13 @@ def archive_periods(start: str, end: str, daily: bool) -> list[str]:
 
 
 def plan_files(
-    symbols: Sequence[str], kind: str, start: str, end: str, daily: bool = False
+    symbols: Sequence[str], kind: str, start: str, end: str, daily: bool = False,
+    market: str = "spot",
 ) -> list[ArchiveFile]:
     kind = normalize_kind(kind) or "trades"
+    market = normalize_market(market) or "spot"
+    if market != "spot" and kind != "trades":
+        raise ConfigError(f"--market {market}: only --kind trades is read for futures")
     symbols = [s.strip().upper() for s in symbols if s.strip()]
     if not symbols:
         raise ConfigError("no symbols given")
@@ -177,7 +184,7 @@ def plan_files(
     if bad:
         raise ConfigError(f"invalid symbol(s): {', '.join(bad)}")
     periods = archive_periods(start, end, daily)
-    return [ArchiveFile(s, kind, p) for s in symbols for p in periods]
+    return [ArchiveFile(s, kind, p, market) for s in symbols for p in periods]
 
 
 # --- HTTP -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Typed Parquet partitions of canonical trade tables.
 
-Layout: `OUT/kind=<kind>/symbol=<SYMBOL>/month=<YYYY-MM>/part-<sha8>.parquet`, where
+Layout: `OUT/kind=<kind>/symbol=<STREAM>/month=<YYYY-MM>/part-<sha8>.parquet` (STREAM:
+`BTCUSDT` for spot, `BTCUSDT.um` for USD-M futures), where
 `sha8` is a hash of the rows' content. Writing the same rows again therefore names the
 same file and is skipped (idempotent), and each file appears under its final name only
 once it is complete (written to a temp name, then renamed). Rows whose trade ids overlap
@@ -25,6 +26,7 @@ from mega_trading.ingest.reader import (
     IngestReport,
     parse_archive_name,
     read_trades_with_report,
+    stream_key,
 )
 from mega_trading.lineage import atomic_path, provenance
 
@@ -77,23 +79,29 @@ def content_hash(frame: pl.DataFrame) -> str:
 
 
 def _split_by_partition(frame: pl.DataFrame) -> dict[tuple[str, str, str], pl.DataFrame]:
-    """(kind, symbol, YYYY-MM) -> rows sorted by trade id."""
+    """(kind, stream, YYYY-MM) -> rows sorted by trade id; the stream is the symbol plus
+    its market (`BTCUSDT`, `BTCUSDT.um`), so spot and futures never share a partition."""
     keys = frame.select(
         (pl.col("kind") != pl.col("kind").first()).any().alias("kinds"),
         (pl.col("symbol") != pl.col("symbol").first()).any().alias("symbols"),
+        (pl.col("market") != pl.col("market").first()).any().alias("markets"),
         month_of(pl.col("time_us").min()).alias("first_month"),
         month_of(pl.col("time_us").max()).alias("last_month"),
     ).row(0, named=True)
-    if not keys["kinds"] and not keys["symbols"] and keys["first_month"] == keys["last_month"]:
+    if (not keys["kinds"] and not keys["symbols"] and not keys["markets"]
+            and keys["first_month"] == keys["last_month"]):
         # A daily or monthly archive file: one partition, no per-row grouping needed.
-        groups = {(frame["kind"][0], frame["symbol"][0], keys["first_month"]): frame}
+        stream = stream_key(frame["symbol"][0], frame["market"][0])
+        groups = {(frame["kind"][0], stream, keys["first_month"]): frame}
     else:
-        split = frame.with_columns(_month_key(pl.col("time_us"))).partition_by(
-            ["kind", "symbol", "month"], as_dict=True, maintain_order=True
+        stream_expr = (pl.when(pl.col("market") == "spot").then(pl.col("symbol"))
+                       .otherwise(pl.concat_str([pl.col("symbol"), pl.lit("."), pl.col("market")])))
+        split = frame.with_columns(_month_key(pl.col("time_us")), _stream=stream_expr).partition_by(
+            ["kind", "_stream", "month"], as_dict=True, maintain_order=True
         )
         groups = {
-            (kind, symbol, f"{month // 100:04d}-{month % 100:02d}"): rows.drop("month")
-            for (kind, symbol, month), rows in split.items()
+            (kind, stream, f"{month // 100:04d}-{month % 100:02d}"): rows.drop("month", "_stream")
+            for (kind, stream, month), rows in split.items()
         }
     return {key: _sorted_by_id(rows) for key, rows in sorted(groups.items())}
 
@@ -105,6 +113,8 @@ def _sorted_by_id(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _as_canonical(frame: pl.DataFrame) -> pl.DataFrame:
+    if "market" not in frame.columns:  # tables from before futures support were spot
+        frame = frame.with_columns(market=pl.lit("spot", dtype=pl.Utf8))
     missing = [c for c in CANONICAL_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"not a canonical trade table: missing column(s) {', '.join(missing)}")
@@ -214,9 +224,12 @@ def scan_partitions(
     if not parts:
         raise DataError("no trade partitions match (run `mega-trading ingest` first)", out_dir)
     return (
-        pl.scan_parquet(parts, hive_partitioning=False)
+        # Parts written before futures support have no market column: they are spot.
+        pl.scan_parquet(parts, hive_partitioning=False, schema=CANONICAL_SCHEMA,
+                        missing_columns="insert")
+        .with_columns(pl.col("market").fill_null("spot"))
         .select(list(CANONICAL_COLUMNS))
-        .sort(["kind", "symbol", "trade_id"], maintain_order=True)
+        .sort(["kind", "market", "symbol", "trade_id"], maintain_order=True)
     )
 
 
@@ -268,6 +281,7 @@ def ingest_files(
     symbol: str | None = None,
     kind: str | None = None,
     on_file: Callable[[Path, FileIngest], None] | None = None,
+    market: str | None = None,
 ) -> list[FileIngest]:
     """Read, validate and partition each file in turn; stop at the first bad one.
 
@@ -278,7 +292,7 @@ def ingest_files(
     check_symbol_override(files, symbol)
     results = []
     for path in files:
-        frame, report = read_trades_with_report(path, symbol=symbol, kind=kind)
+        frame, report = read_trades_with_report(path, symbol=symbol, kind=kind, market=market)
         parts, written = write_partitions_detailed(
             frame, out_dir, source=path, lineage={"source_sha256": report.source_sha256}
         )

@@ -1,4 +1,9 @@
-"""Read one Binance spot archive file (CSV or zip) into the canonical trade table.
+"""Read one Binance archive file (CSV or zip) into the canonical trade table.
+
+Two markets: spot (no header row, 7 columns with `is_best_match`) and USD-M futures
+(`futures/um`: a header row `id,price,qty,quote_qty,time,is_buyer_maker`, 6 columns, no
+`is_best_match`). The market is detected from the layout unless the caller names it, in
+which case a file of the other layout is a `DataError` on its first line.
 
 The canonical table (docs/CONTRACTS.md) has one row per trade or aggTrade, sorted by
 `trade_id`, with `time_us` in UTC microseconds. Binance switched its archive timestamps
@@ -28,6 +33,7 @@ from mega_trading.errors import ConfigError, DataError
 from mega_trading.lineage import sha256_file
 
 KINDS = ("trades", "aggTrades")
+MARKETS = ("spot", "um")  # Binance spot; USD-M futures (the archive's futures/um)
 
 # Positional layouts of the headerless Binance archive CSVs.
 TRADES_LAYOUT = (
@@ -50,6 +56,8 @@ AGG_TRADES_LAYOUT = (
     "is_best_match",
 )
 LAYOUTS = {"trades": TRADES_LAYOUT, "aggTrades": AGG_TRADES_LAYOUT}
+# USD-M futures trades: the spot trades layout without is_best_match (header row or not).
+FUTURES_TRADES_LAYOUT = TRADES_LAYOUT[:-1]
 
 RAW_DTYPES: dict[str, Any] = {
     "symbol": pl.Utf8,
@@ -76,6 +84,7 @@ CANONICAL_SCHEMA: dict[str, Any] = {
     "is_best_match": pl.Boolean,
     "first_trade_id": pl.Int64,
     "last_trade_id": pl.Int64,
+    "market": pl.Utf8,  # "spot" or "um" (USD-M futures): part of a symbol's identity
 }
 CANONICAL_COLUMNS = tuple(CANONICAL_SCHEMA)
 
@@ -144,6 +153,7 @@ class IngestReport:
     n_missing_ids: int
     gaps: tuple[tuple[int, int], ...]  # first few (last id before, next id after)
     source_sha256: str = ""  # of the file as read (zip or CSV)
+    market: str = "spot"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -175,26 +185,62 @@ def normalize_kind(kind: str | None) -> str | None:
     raise ConfigError(f"unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
 
 
+def normalize_market(market: str | None) -> str | None:
+    if market is None:
+        return None
+    aliases = {"spot": "spot", "um": "um", "usdm": "um", "usd-m": "um", "futures/um": "um"}
+    found = aliases.get(market.strip().lower())
+    if found is None:
+        raise ConfigError(f"unknown market '{market}'; expected one of {', '.join(MARKETS)}")
+    return found
+
+
+def stream_key(symbol: str, market: str = "spot") -> str:
+    """A stream's name in shards, baselines and reports: `BTCUSDT` (spot) or `BTCUSDT.um`."""
+    return symbol if market == "spot" else f"{symbol}.{market}"
+
+
+def split_stream_key(key: str) -> tuple[str, str]:
+    """`BTCUSDT.um` -> ("BTCUSDT", "um"); `BTCUSDT` -> ("BTCUSDT", "spot")."""
+    symbol, _, market = key.partition(".")
+    return symbol, market or "spot"
+
+
 def read_trades(
-    path: str | Path, symbol: str | None = None, kind: str | None = None
+    path: str | Path, symbol: str | None = None, kind: str | None = None,
+    market: str | None = None,
 ) -> pl.DataFrame:
     """The canonical trade table of one CSV or zip file; bad input raises `DataError`."""
-    frame, _ = read_trades_with_report(path, symbol=symbol, kind=kind)
+    frame, _ = read_trades_with_report(path, symbol=symbol, kind=kind, market=market)
     return frame
 
 
 def read_trades_with_report(
-    path: str | Path, symbol: str | None = None, kind: str | None = None
+    path: str | Path, symbol: str | None = None, kind: str | None = None,
+    market: str | None = None,
 ) -> tuple[pl.DataFrame, IngestReport]:
-    """Like `read_trades`, plus the `IngestReport` (time unit detected, id gaps)."""
+    """Like `read_trades`, plus the `IngestReport` (time unit detected, id gaps).
+
+    ``market`` None: detected from the layout; "spot" or "um": a file of the other
+    market's layout is a `DataError` naming line 1.
+    """
     path = Path(path)
     kind = normalize_kind(kind)
+    market = normalize_market(market)
     name = parse_archive_name(path)
     digest = verify_checksum(path)
     data = _read_csv_bytes(path)
     first_line = _first_line(data)
     header = _parse_header(first_line, path)
-    if header is not None:
+    found_market = _market_of_layout(first_line, header)
+    if market is not None and market != found_market:
+        raise DataError(_wrong_market_message(found_market), path, 1)
+    if found_market == "um" and header is None:
+        expected_kind = kind or (name.kind if name else None) or "trades"
+        if expected_kind != "trades":
+            raise DataError("USD-M futures files are read as trades only", path, 1)
+        columns = FUTURES_TRADES_LAYOUT
+    elif header is not None:
         columns = header
         file_kind = "aggTrades" if "first_trade_id" in columns else "trades"
         expected_kind = kind or (name.kind if name else None) or file_kind
@@ -212,9 +258,25 @@ def read_trades_with_report(
     _check_values(raw, path)
     symbol = _resolve_symbol(raw, path, symbol, name)
     time_unit = detect_time_unit(raw["time"], raw["_line"], path)
-    frame = _to_canonical(raw, symbol, expected_kind, time_unit)
+    frame = _to_canonical(raw, symbol, expected_kind, time_unit, found_market)
     report = validate_trades(frame, path, time_unit=time_unit, has_header=header is not None)
     return frame.drop("_line"), dataclasses.replace(report, source_sha256=digest)
+
+
+def _market_of_layout(first_line: str, header: tuple[str, ...] | None) -> str:
+    """'um' for the futures trades layout (exactly its 6 columns, with or without the
+    header row), 'spot' for everything else (7-column trades, aggTrades, other exports)."""
+    if header is not None:
+        return "um" if header == FUTURES_TRADES_LAYOUT else "spot"
+    return "um" if first_line.count(",") + 1 == len(FUTURES_TRADES_LAYOUT) else "spot"
+
+
+def _wrong_market_message(found: str) -> str:
+    if found == "um":
+        return ("this is a USD-M futures file (6 columns, no is_best_match) but it is read as "
+                "spot; use --market um")
+    return ("this is a spot file (not the 6-column futures layout) but it is read as USD-M "
+            "futures; use --market spot")
 
 
 def verify_checksum(path: Path) -> str:
@@ -563,7 +625,8 @@ def _line_of(row: pl.DataFrame) -> int | None:
     return None
 
 
-def _to_canonical(raw: pl.DataFrame, symbol: str, kind: str, time_unit: str) -> pl.DataFrame:
+def _to_canonical(raw: pl.DataFrame, symbol: str, kind: str, time_unit: str,
+                  market: str = "spot") -> pl.DataFrame:
     op, factor = _UNIT_SCALE[time_unit]
     time_us = pl.col("time") * factor if op == "mul" else pl.col("time") // factor
     columns = raw.columns
@@ -589,6 +652,7 @@ def _to_canonical(raw: pl.DataFrame, symbol: str, kind: str, time_unit: str) -> 
         (pl.col("last_trade_id") if "last_trade_id" in columns else null_int).alias(
             "last_trade_id"
         ),
+        pl.lit(market, dtype=pl.Utf8).alias("market"),
         pl.col("_line"),
     )
     ids = frame["trade_id"]
@@ -617,9 +681,11 @@ def validate_trades(
         (pl.col("symbol") != pl.col("symbol").first()).any().alias("symbol"),
         (pl.col("kind") != pl.col("kind").first()).any().alias("kind"),
         pl.col("trade_id").diff().min().alias("min_step"),
+        *([(pl.col("market") != pl.col("market").first()).any().alias("market")]
+          if "market" in frame.columns else []),
     ).row(0, named=True)
-    for column in ("symbol", "kind"):
-        if stats[column]:
+    for column in ("symbol", "kind", "market"):
+        if stats.get(column):
             first = frame[column][0]
             row = frame.filter(pl.col(column) != first).head(1)
             raise DataError(
@@ -664,6 +730,7 @@ def validate_trades(
         path=str(path) if path is not None else "",
         symbol=frame["symbol"][0],
         kind=frame["kind"][0],
+        market=frame["market"][0] if "market" in frame.columns else "spot",
         n_rows=frame.height,
         first_id=int(ids[0]),
         last_id=int(ids[-1]),

@@ -17,6 +17,7 @@ from mega_trading.report.html import (
     num,
     table,
 )
+from mega_trading.report.markets_table import markets_table
 
 # (json key, column header, format spec): the table's metric columns, in order.
 METRICS = (
@@ -238,5 +239,5 @@ def backtest_section(art: Artifacts) -> Section:
                          "not the full held-out split.", "warn"))
     body += [info, _main_table(bt), _nll_chart(bt),
              f'<div class="grid2">{_per_field_chart(bt)}{_reliability_chart(bt)}</div>',
-             _per_symbol_table(bt)]
+             _per_symbol_table(bt), markets_table(bt)]
     return Section("backtest", title, "".join(body), HOW)

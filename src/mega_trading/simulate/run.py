@@ -90,7 +90,7 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
             raise DataError("run folder does not exist", run_dir)
         model, state = load_model(run_dir, step=step, device=device,
                                   expect_tokenizer_hash=shards.tokenizer_hash,
-                                  expect_manifest_hash=shards.manifest_hash)
+                                  expect_manifest_hash=shards.model_manifest_hash)
         factory = ModelSourceFactory(model, shards, tapes, starts, cfg)
         lineage_extra = {"checkpoint_step": state.get("step"), "device": device}
     else:

@@ -11,9 +11,10 @@
 Each is built by the system C compiler into a per-machine cache
 (``$XDG_CACHE_HOME/mega_trading/kernels``, else ``~/.cache/...``), written atomically, keyed
 by the source, the flags, the compiler, the CPU and the instruction set, and loaded with
-ctypes. The instruction set is the host CPU's (``native``) unless ``MEGA_TRADING_KERNEL_ISA``
-says ``avx2`` or ``avx512``: an AVX-512 machine can then build and test the AVX2 code path
-too (`supported_isas()` lists what this CPU runs). The 16-float vector types fix the
+ctypes (`mega_trading.native`, shared with the book's capture scanner). The instruction set
+is the host CPU's (``native``) unless ``MEGA_TRADING_KERNEL_ISA`` says ``avx2`` or
+``avx512``: an AVX-512 machine can then build and test the AVX2 code path too
+(`supported_isas()` lists what this CPU runs). The 16-float vector types fix the
 summation order in the source, so the two builds have matched bit for bit here (AMD EPYC,
 GCC 12), but nothing promises it (contraction into FMAs is the compiler's choice): the tests
 hold each build to the float32 bound against float64 instead.
@@ -25,16 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from mega_trading import native
 
 SOURCE = Path(__file__).with_name("causal_attention.c")
 DECODE_SOURCE = Path(__file__).with_name("decode_step.c")
@@ -58,31 +56,11 @@ class _Strides(ctypes.Structure):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mega_trading" / "kernels"
-
-
-def _machine_fingerprint() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    parts = [platform.machine()]
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                parts.append(line)
-                if line.startswith(("flags", "Features")):
-                    break
-    return "\n".join(parts)
+    return native.cache_dir()
 
 
 def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return set()
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+    return native.cpu_flags()
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -105,7 +83,7 @@ def _isa_flags(isa: str) -> tuple[str, ...]:
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    return native.find_compiler()
 
 
 def _build(source: Path, isa: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
@@ -114,24 +92,9 @@ def _build(source: Path, isa: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
-    version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
-                             text=True, timeout=60).stdout
-    flags = [*FLAGS, *isa_flags, *defines]
-    sources = [source, *sorted(source.parent.glob("*.h"))]  # and the headers it includes
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in sources), *flags, version,
-                                    _machine_fingerprint()]).encode()).hexdigest()[:16]
     suffix = "".join(f"_{d.split('=')[-1]}" for d in defines)
-    target = cache_dir() / f"{source.stem}{suffix}_{isa}_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
-                                    check=False, capture_output=True, text=True, timeout=300)
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-            os.replace(built, target)  # atomic: a concurrent build just wins the race
-    return ctypes.CDLL(str(target))
+    return native.build(source, (*FLAGS, *isa_flags, *defines), tag=f"{suffix}_{isa}",
+                        compiler=compiler)
 
 
 @functools.cache
@@ -162,13 +125,7 @@ def _decode_library(isa: str = "native") -> ctypes.CDLL:
     return lib
 
 
-def _load_error(load) -> str | None:
-    """Why load() (a build and a dlopen) fails here, or None."""
-    try:
-        load()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return str(error)
-    return None
+_load_error = native.load_error
 
 
 def decode_kernel_error() -> str | None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
-from isal import igzip
+from isal import igzip_threaded, isal_zlib
 
 from mega_trading.errors import DataError
 
@@ -33,6 +33,9 @@ _NAME_PATTERNS = (re.compile(r"^(spot|um)-([A-Za-z0-9]+)-(\d{8})"),
 _NS_THRESHOLD = 10**17  # a receive time above this is ns since 1970, below it µs
 
 DIFF, TRADE, TICKER, SNAPSHOT = "diff", "trade", "ticker", "snapshot"
+BLOCK_BYTES = 1 << 17  # small: a cut gzip loses the block being inflated
+# A cut gzip (a crashed writer) ends in EOFError, a corrupt one in zlib's or ISA-L's error.
+READ_ERRORS = (EOFError, zlib.error, isal_zlib.error, OSError)
 
 
 @dataclasses.dataclass
@@ -94,45 +97,88 @@ def _classify(doc: dict) -> str | None:
     return None  # markPrice and other streams the book does not use
 
 
+def capture_blocks(path: Path, threads: int = 1) -> Iterator[tuple[bytes, int]]:
+    """The decompressed file as (buffer, n) pairs whose first n bytes are whole lines (the
+    file's last line may lack its newline). With `threads`=1 ISA-L inflates in a thread
+    while the caller works on the previous block. A decompression error (`READ_ERRORS`)
+    is raised after the last whole line before it; the cut line is dropped. Both the
+    Python reader and the native scanner read through here, so they see the same lines."""
+    try:
+        handle = igzip_threaded.open(path, "rb", threads=threads, block_size=BLOCK_BYTES)
+    except OSError as exc:
+        raise DataError(f"cannot open capture: {exc}", path) from exc
+    with handle:
+        carry = b""
+        while True:
+            chunk = handle.read1(BLOCK_BYTES)
+            if not chunk:
+                if carry:
+                    yield carry, len(carry)
+                return
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                yield data, cut
+            carry = data[cut:]
+
+
+def truncation_reason(exc: BaseException, line_no: int) -> str:
+    return f"truncated or corrupt gzip after line {line_no} ({exc.__class__.__name__})"
+
+
+def capture_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines without their newline; raises a `READ_ERRORS` error at a cut."""
+    for data, n in capture_blocks(path):
+        lines = data[:n].split(b"\n")
+        if data[n - 1:n] == b"\n":
+            lines.pop()          # the empty piece after the block's final newline
+        yield from lines
+
+
+def decode_line(raw: bytes, decoder: msgspec.json.Decoder
+                ) -> tuple[str | None, str | None, int | None, dict | None]:
+    """One line: (kind, skip reason, receive stamp as written, data). kind is set when the
+    line is a message the book uses (its stamp then fixes the file's time unit), the
+    reason when the line is skipped; a classified line can still be skipped (no data)."""
+    stamp, sep, body = raw.partition(b" ")
+    if not sep or not stamp.isdigit():
+        return None, "line without a receive time", None, None
+    try:
+        doc = decoder.decode(body)
+    except msgspec.DecodeError:
+        return None, "line is not JSON", None, None
+    if not isinstance(doc, dict):
+        return None, "line is not a JSON object", None, None
+    kind = _classify(doc)
+    if kind is None:
+        return None, "stream not used by the book", None, None
+    data = doc if kind == SNAPSHOT else doc.get("data")
+    if not isinstance(data, dict):
+        return kind, "message without a data object", int(stamp), None
+    return kind, None, int(stamp), data
+
+
+def time_scale(stamp: int) -> int:
+    """ns per unit of a file's receive times, from its first message's stamp."""
+    return 1 if stamp > _NS_THRESHOLD else 1000
+
+
 def read_capture(path: Path, skips: Skips) -> Iterator[Message]:
     """The file's usable messages in file order; bad lines go to `skips`."""
     decoder = msgspec.json.Decoder()
     scale = None
     where = str(path)
-    try:
-        handle = igzip.open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot open capture: {exc}", path) from exc
     line_no = 0
-    with handle:
-        try:
-            for raw in handle:
-                line_no += 1
-                stamp, sep, body = raw.partition(b" ")
-                if not sep or not stamp.isdigit():
-                    skips.add("line without a receive time", f"{where}:{line_no}")
-                    continue
-                try:
-                    doc = decoder.decode(body)
-                except msgspec.DecodeError:
-                    skips.add("line is not JSON", f"{where}:{line_no}")
-                    continue
-                if not isinstance(doc, dict):
-                    skips.add("line is not a JSON object", f"{where}:{line_no}")
-                    continue
-                kind = _classify(doc)
-                if kind is None:
-                    skips.add("stream not used by the book", f"{where}:{line_no}")
-                    continue
-                stamp_int = int(stamp)
-                if scale is None:
-                    scale = 1 if stamp_int > _NS_THRESHOLD else 1000
-                data = doc if kind == SNAPSHOT else doc.get("data")
-                if not isinstance(data, dict):
-                    skips.add("message without a data object", f"{where}:{line_no}")
-                    continue
-                yield Message(kind, stamp_int * scale, data, line_no)
-        except (EOFError, zlib.error, OSError) as exc:
-            # A cut gzip (a crashed writer): keep the lines before the cut, report the rest.
-            skips.add(f"truncated or corrupt gzip after line {line_no} ({exc.__class__.__name__})",
-                      where)
+    try:
+        for raw in capture_lines(path):
+            line_no += 1
+            kind, reason, stamp, data = decode_line(raw, decoder)
+            if kind is not None and scale is None:
+                scale = time_scale(stamp)
+            if reason is not None:
+                skips.add(reason, f"{where}:{line_no}")
+                continue
+            yield Message(kind, stamp * scale, data, line_no)
+    except READ_ERRORS as exc:
+        # A cut gzip (a crashed writer): keep the lines before the cut, report the rest.
+        skips.add(truncation_reason(exc, line_no), where)

@@ -77,6 +77,22 @@ class Rows:
         del self.rows[n:]
 
 
+def _depths(bid_qty: list[float], ask_qty: list[float]) -> tuple[float, float, float, float]:
+    """(bid_depth_5, ask_depth_5, bid_depth_10, ask_depth_10) of sizes listed from the
+    touch out, added in that order (spelled out: sum() of floats is compensated from
+    Python 3.12, and the native path must give the same bits on every version)."""
+    out = []
+    for sizes in (bid_qty, ask_qty):
+        total = five = 0.0
+        for k, size in enumerate(sizes):
+            total += size
+            if k == DEPTH_LEVELS[0] - 1:
+                five = total
+        out.append((five if len(sizes) >= DEPTH_LEVELS[0] else total, total))
+    (bid5, bid10), (ask5, ask10) = out
+    return bid5, ask5, bid10, ask10
+
+
 @dataclasses.dataclass
 class Gap:
     where: str
@@ -145,14 +161,12 @@ class BookBuilder:
             return
         if math.isnan(self.tick):
             self.tick = tick_size([p for p, _ in bids] + [p for p, _ in asks])
-        self.snapshot_mark = (len(self.events), len(self.top))
+        self.snapshot_mark = self._output_sizes()
         if self.ref_price is None:
             self.unverified = (self.snapshot_mark, low, high, where)
-        self.bids = SortedDict((p, q) for p, q in bids if q > 0)
-        self.asks = SortedDict((p, q) for p, q in asks if q > 0)
+        self._load_snapshot(bids, asks, time_ns, last_id)
         self.snapshot_id = last_id
         self.last_u = None
-        self._emit_snapshot(time_ns, last_id)
         buffered, self.pending = list(self.pending), deque(maxlen=PENDING_DIFFS)
         for diff, diff_time, diff_where in buffered:
             self.on_diff(diff, diff_time, diff_where, replay=True)
@@ -164,7 +178,31 @@ class BookBuilder:
     def _reject(self, where: str, reason: str) -> None:
         self.rejected_snapshots.append({"where": where, "reason": reason})
 
-    def _emit_snapshot(self, time_ns: int, last_id: int) -> None:
+    # ---- storage: the level maps and the output rows (book/native.py overrides these) --
+
+    def _output_sizes(self) -> tuple[int, int]:
+        return len(self.events), len(self.top)
+
+    def _truncate(self, n_events: int, n_top: int | None = None) -> None:
+        self.events.truncate(n_events)
+        if n_top is not None:
+            self.top.truncate(n_top)
+
+    def _clear_levels(self) -> None:
+        self.bids, self.asks = SortedDict(), SortedDict()
+
+    def _add_trade(self, row: tuple) -> None:
+        self.trades.rows.append(row)
+
+    def _add_ticker(self, row: tuple) -> None:
+        self.tickers.rows.append(row)
+
+    def _load_snapshot(self, bids: list[tuple[float, float]], asks: list[tuple[float, float]],
+                       time_ns: int, last_id: int) -> None:
+        """The snapshot's book (sizes <= 0 left out, a repeated price's last size wins) and
+        its levels as level-change rows, bids then asks, each by ascending price."""
+        self.bids = SortedDict((p, q) for p, q in bids if q > 0)
+        self.asks = SortedDict((p, q) for p, q in asks if q > 0)
         mid = self._mid()
         self.events.rows.extend((time_ns, last_id, side, price, mid, 0.0, qty, True)
                                 for side, levels in ((1, self.bids), (-1, self.asks))
@@ -200,7 +238,7 @@ class BookBuilder:
             bridge = lid + 1 if self.market == "spot" else lid
             if first > bridge:
                 self._reject(where, f"snapshot {lid} is older than the next diff (U={first})")
-                self.events.truncate(self.snapshot_mark[0])   # its levels were never trusted
+                self._truncate(self.snapshot_mark[0])   # its levels were never trusted
                 self._drop_book()
                 self._hold(data, time_ns, where, replay)
                 return
@@ -233,10 +271,9 @@ class BookBuilder:
     def _drop_book(self) -> None:
         if self.unverified is not None:   # nothing built on an unchecked snapshot survives
             (n_events, n_top), *_ = self.unverified
-            self.events.truncate(n_events)
-            self.top.truncate(n_top)
+            self._truncate(n_events, n_top)
             self.unverified = None
-        self.bids, self.asks = SortedDict(), SortedDict()
+        self._clear_levels()
         self.synced = False
         self.snapshot_id = None
         self.last_u = None
@@ -248,6 +285,7 @@ class BookBuilder:
             self._drop_book()
 
     def _apply(self, data: dict, time_ns: int, last: int) -> None:
+        """The diff's level changes (against the mid before it), then its top-of-book row."""
         mid = self._mid()
         append = self.events.rows.append
         for side, levels, key in ((1, self.bids, "b"), (-1, self.asks, "a")):
@@ -259,7 +297,7 @@ class BookBuilder:
                 if qty > 0:
                     levels[price] = qty
                 else:
-                    del levels[price]
+                    levels.pop(price, None)  # a size <= 0 for a level not held
                 append((time_ns, last, side, price, mid, old, qty, False))
         self.last_u = last
         self.counts["diffs_applied"] += 1
@@ -281,8 +319,7 @@ class BookBuilder:
             bid_qty = [bids[p] for p in reversed(best_bids)]
             ask_qty = [asks[p] for p in best_asks]
             self.top.rows.append((time_ns, exchange_ms, update_id, bid_px, bid_qty[0], ask_px,
-                                  ask_qty[0], sum(bid_qty[:5]), sum(ask_qty[:5]), sum(bid_qty),
-                                  sum(ask_qty)))
+                                  ask_qty[0], *_depths(bid_qty, ask_qty)))
         else:  # a side emptied (a thin book): prices unknown, depth what is left
             bid_qty = [bids[p] for p in bids.keys()[-DEPTH_LEVELS[-1]:]][::-1]
             ask_qty = [asks[p] for p in asks.keys()[:DEPTH_LEVELS[-1]]]
@@ -290,8 +327,7 @@ class BookBuilder:
                                   bids.peekitem(-1)[0] if bids else math.nan,
                                   bid_qty[0] if bid_qty else 0.0,
                                   asks.peekitem(0)[0] if asks else math.nan,
-                                  ask_qty[0] if ask_qty else 0.0, sum(bid_qty[:5]),
-                                  sum(ask_qty[:5]), sum(bid_qty), sum(ask_qty)))
+                                  ask_qty[0] if ask_qty else 0.0, *_depths(bid_qty, ask_qty)))
 
     # ---- trades and bookTickers ------------------------------------------------------
 
@@ -314,7 +350,7 @@ class BookBuilder:
             row = (time_ns, int(data["T"]), int(data["t"]), price, qty, bool(data["m"]))
         except (KeyError, TypeError, ValueError):
             return False
-        self.trades.rows.append(row)
+        self._add_trade(row)
         self._see_price(price, time_ns, where)
         return True
 
@@ -324,6 +360,6 @@ class BookBuilder:
                    float(data["a"]), float(data["A"]))
         except (KeyError, TypeError, ValueError):
             return False
-        self.tickers.rows.append(row)
+        self._add_ticker(row)
         self._see_price(0.5 * (row[2] + row[4]), time_ns, where)
         return True

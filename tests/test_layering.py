@@ -12,9 +12,9 @@ PACKAGE = Path(mega_trading.__file__).parent
 
 # Stage of every module (by dotted name, or by sub-package prefix), earliest first.
 STAGES: list[tuple[str, ...]] = [
-    ("__init__", "errors", "config", "lineage", "stages", "data"),  # shared plumbing
+    ("__init__", "errors", "config", "lineage", "stages", "data", "native"),  # shared plumbing
     ("ingest", "book", "book.capture", "book.record"),
-    ("events", "book.rebuild", "book.build"),
+    ("events", "book.rebuild", "book.native", "book.build"),
     ("tokenizer",),
     ("tokenizer_reuse", "dataset"),
     ("model", "kernels"),

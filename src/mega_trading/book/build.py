@@ -12,6 +12,7 @@ continues the previous file of the same (market, symbol). Outputs (docs/CONTRACT
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from mega_trading.book.capture import (
     name_identity,
     read_capture,
 )
+from mega_trading.book.native import NativeRows, feed_file, make_builder, resolve_engine
 from mega_trading.book.rebuild import BookBuilder, Rows
 from mega_trading.errors import DataError
 from mega_trading.lineage import atomic_dir, provenance, sha256_file, write_json_atomic
@@ -40,6 +42,8 @@ class Rebuilt:
     books: dict[str, BookBuilder]
     skips: Skips
     files: list[Path]
+    engine: str = "python"          # the path that ran: "native" or "python"
+    engine_note: str | None = None  # why auto fell back to Python
 
 
 def _first_time(path: Path) -> float:
@@ -66,37 +70,65 @@ def _message_identity(msg: Message) -> tuple[str | None, str | None]:
     return market, symbol.upper() if isinstance(symbol, str) else None
 
 
-def rebuild_captures(paths: list[Path]) -> Rebuilt:
-    """Every capture replayed through one BookBuilder per (market, symbol)."""
+def rebuild_captures(paths: list[Path], engine: str | None = None) -> Rebuilt:
+    """Every capture replayed through one BookBuilder per (market, symbol).
+
+    `engine`: "auto" (default, or $MEGA_TRADING_BOOK_ENGINE), "native" or "python" (see
+    book/native.py); both give the same books, rows and checks."""
+    chosen, note = resolve_engine(engine)
+    new_builder = make_builder(chosen)
     paths = sorted((Path(p) for p in paths), key=lambda p: (_first_time(p), str(p)))
     skips = Skips()
     books: dict[str, BookBuilder] = {}
     for path in paths:
         if not path.is_file():
             raise DataError("no such capture file", path)
-        market, symbol = name_identity(path)
-        held: list[Message] = []   # messages read before the file's identity was known
-        builder = None
-        for msg in read_capture(path, skips):
-            msg_market, msg_symbol = _message_identity(msg)
-            if msg_symbol is not None and symbol is not None and msg_symbol != symbol:
-                raise DataError(f"a {msg_symbol} message in a {symbol} capture (one symbol "
-                                "per file: a snapshot names no symbol)", path, msg.line)
-            if builder is None:
-                symbol = symbol or msg_symbol
-                market = market or msg_market
-                if symbol is None or market is None:
-                    held.append(msg)
-                    continue
-                builder = books.setdefault(f"{market}:{symbol}", BookBuilder(market, symbol))
-                for earlier in held:
-                    _feed(builder, earlier, path, skips)
-                held.clear()
-            _feed(builder, msg, path, skips)
-        if held:
-            skips.add(f"{len(held)} messages in a file whose symbol or market is unknown",
-                      str(path))
-    return Rebuilt(books, skips, paths)
+        feeder = _FileFeeder(path, books, new_builder)
+        if chosen == "native":
+            feed_file(path, feeder, skips)
+        else:
+            for msg in read_capture(path, skips):
+                feeder.feed(msg, skips)
+        feeder.finish(skips)
+    return Rebuilt(books, skips, paths, chosen, note)
+
+
+class _FileFeeder:
+    """One file's messages into its book: the file's (market, symbol) from its name, else
+    from the first messages that tell (held until then); a message of another symbol is
+    an error (a snapshot names no symbol, so a file holds one)."""
+
+    def __init__(self, path: Path, books: dict[str, BookBuilder],
+                 new_builder: Callable[[str, str], BookBuilder]):
+        self.path, self.books, self.new_builder = path, books, new_builder
+        self.market, self.symbol = name_identity(path)
+        self.held: list[Message] = []
+        self.builder: BookBuilder | None = None
+
+    def feed(self, msg: Message, skips: Skips) -> None:
+        msg_market, msg_symbol = _message_identity(msg)
+        if msg_symbol is not None and self.symbol is not None and msg_symbol != self.symbol:
+            raise DataError(f"a {msg_symbol} message in a {self.symbol} capture (one symbol "
+                            "per file: a snapshot names no symbol)", self.path, msg.line)
+        if self.builder is None:
+            self.symbol = self.symbol or msg_symbol
+            self.market = self.market or msg_market
+            if self.symbol is None or self.market is None:
+                self.held.append(msg)
+                return
+            key = f"{self.market}:{self.symbol}"
+            if key not in self.books:
+                self.books[key] = self.new_builder(self.market, self.symbol)
+            self.builder = self.books[key]
+            for earlier in self.held:
+                _feed(self.builder, earlier, self.path, skips)
+            self.held.clear()
+        _feed(self.builder, msg, self.path, skips)
+
+    def finish(self, skips: Skips) -> None:
+        if self.held:
+            skips.add(f"{len(self.held)} messages in a file whose symbol or market is unknown",
+                      str(self.path))
 
 
 def _feed(builder: BookBuilder, msg: Message, path: Path, skips: Skips) -> None:
@@ -112,8 +144,8 @@ def _feed(builder: BookBuilder, msg: Message, path: Path, skips: Skips) -> None:
         skips.add("bookTicker without u/b/B/a/A", where)
 
 
-def frame(rows: Rows, schema: dict[str, Any], **constants: str) -> pl.DataFrame:
-    df = pl.DataFrame(rows.rows, schema={n: schema[n] for n in rows.names}, orient="row")
+def frame(rows: Rows | NativeRows, schema: dict[str, Any], **constants: str) -> pl.DataFrame:
+    df = rows.frame(schema)
     return df.with_columns(**{k: pl.lit(v) for k, v in constants.items()}).select(
         *constants, *rows.names)
 
@@ -190,12 +222,16 @@ def concat_frames(rebuilt: Rebuilt, attr: str, schema: dict[str, Any]) -> pl.Dat
     return pl.concat(parts) if parts else pl.DataFrame()
 
 
-def write_book(paths: list[Path], out: Path) -> dict[str, Any]:
-    """Rebuild, check, write everything into `out` atomically; returns check.json's content."""
-    rebuilt = rebuild_captures(paths)
+def write_book(paths: list[Path], out: Path, engine: str | None = None) -> dict[str, Any]:
+    """Rebuild, check, write everything into `out` atomically; returns check.json's content
+    (its provenance names the path that ran, and why auto fell back to Python if it did)."""
+    rebuilt = rebuild_captures(paths, engine)
     check = check_document(rebuilt)
     check["provenance"] = provenance(inputs=[{"path": str(p), "sha256": sha256_file(p)}
-                                             for p in rebuilt.files])
+                                             for p in rebuilt.files],
+                                     book_engine=rebuilt.engine,
+                                     **({"book_engine_note": rebuilt.engine_note}
+                                        if rebuilt.engine_note else {}))
     with atomic_dir(out) as tmp:
         concat_frames(rebuilt, "events", EVENT_SCHEMA).write_parquet(tmp / "book_events.parquet")
         concat_frames(rebuilt, "trades", TRADE_SCHEMA).write_parquet(tmp / "trades.parquet")

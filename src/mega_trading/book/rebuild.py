@@ -31,6 +31,7 @@ import math
 from collections import deque
 from typing import Any
 
+import polars as pl
 from sortedcontainers import SortedDict
 
 from mega_trading.book.capture import sequence_continues
@@ -75,6 +76,9 @@ class Rows:
 
     def truncate(self, n: int) -> None:
         del self.rows[n:]
+
+    def frame(self, schema: dict[str, Any]) -> pl.DataFrame:
+        return pl.DataFrame(self.rows, schema={n: schema[n] for n in self.names}, orient="row")
 
 
 def _depths(bid_qty: list[float], ask_qty: list[float]) -> tuple[float, float, float, float]:

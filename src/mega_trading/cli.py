@@ -596,11 +596,18 @@ def book(
     captures: List[Path] = typer.Argument(..., help="Capture files (gzip lines '<recv time> <json>'), any order."),
     out: Path = typer.Option(..., "--out", help="Directory for book_events/trades/top.parquet, check.json, book_facts.json."),
     facts: bool = typer.Option(True, "--facts/--no-facts", help="Also compute the order-book facts."),
+    engine: str = typer.Option(
+        None, "--engine",
+        help="auto (native C path when it builds here, else pure Python), native or python; "
+             "default $MEGA_TRADING_BOOK_ENGINE, else auto. Both give the same outputs."),
 ) -> None:
     """Rebuild order books from snapshot + depth diffs, exactly, and check them against @bookTicker."""
     from mega_trading.book.build import write_book
 
-    check = write_book(captures, out)
+    check = write_book(captures, out, engine)
+    note = check["provenance"].get("book_engine_note")
+    if note:
+        typer.echo(f"note: {note}", err=True)
     for name, b in check["books"].items():
         typer.echo(f"{name}: {b['diffs_applied']:,}/{b['diffs']:,} diffs applied, "
                    f"{len(b['gaps'])} gaps, {b['resyncs']} resyncs; bookTicker "

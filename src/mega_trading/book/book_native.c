@@ -251,6 +251,36 @@ static const char *skipv(const char *p, const char *e, int depth) {
     }
 }
 
+/* A quoted decimal "-?d+(.d+)?" straight from the line in one pass (the common case);
+ * anything else (escapes, long digit runs, exponents) goes through pstr + pdec. */
+static inline const char *pdecq(const char *p, const char *e, double *out) {
+    const char *q = p + 1;
+    if (p >= e || *p != '"') return NULL;
+    int neg = 0;
+    if (q < e && *q == '-') { neg = 1; q++; }
+    uint64_t m = 0;
+    const char *d = q;
+    while (q < e && (unsigned)(*q - '0') < 10) m = m * 10 + (uint64_t)(*q++ - '0');
+    int64_t n_int = q - d, n_frac = 0;
+    if (q < e && *q == '.') {
+        const char *f = ++q;
+        while (q < e && (unsigned)(*q - '0') < 10) m = m * 10 + (uint64_t)(*q++ - '0');
+        n_frac = q - f;
+        if (n_frac == 0) return NULL;
+    }
+    if (q < e && *q == '"' && n_int > 0 && n_int + n_frac <= 19 && n_frac <= 22 &&
+        m <= (UINT64_C(1) << 53)) {
+        double v = (double)m / POW10[n_frac];
+        *out = neg ? -v : v;
+        return q + 1;
+    }
+    const char *s;
+    int64_t n;
+    p = pstr(p, e, &s, &n);
+    if (!p || pdec(s, n, out)) return NULL;
+    return p;
+}
+
 /* [[ "p", "q" ], ...] into the level pairs; *count set. */
 static const char *plevels(scan_t *sc, const char *p, const char *e, int64_t *first,
                            int32_t *count) {
@@ -261,25 +291,22 @@ static const char *plevels(scan_t *sc, const char *p, const char *e, int64_t *fi
     p = ws(p + 1, e);
     if (p < e && *p == ']') { *count = 0; return p + 1; }
     for (;;) {
-        const char *s1, *s2;
-        int64_t n1, n2;
         p = ws(p, e);
         if (p >= e || *p != '[') return NULL;
-        p = pstr(ws(p + 1, e), e, &s1, &n1);
-        if (!p) return NULL;
-        p = ws(p, e);
-        if (p >= e || *p != ',') return NULL;
-        p = pstr(ws(p + 1, e), e, &s2, &n2);
-        if (!p) return NULL;
-        p = ws(p, e);
-        if (p >= e || *p != ']') return NULL;
-        p++;
         if (grow((void **)&sc->lv, &sc->lvcap, 2 * (sc->nlv + 1), sizeof(double))) {
             sc->oom = 1;
             return NULL;
         }
         double *slot = sc->lv + 2 * sc->nlv;
-        if (pdec(s1, n1, slot) || pdec(s2, n2, slot + 1)) return NULL;
+        p = pdecq(ws(p + 1, e), e, slot);
+        if (!p) return NULL;
+        p = ws(p, e);
+        if (p >= e || *p != ',') return NULL;
+        p = pdecq(ws(p + 1, e), e, slot + 1);
+        if (!p) return NULL;
+        p = ws(p, e);
+        if (p >= e || *p != ']') return NULL;
+        p++;
         sc->nlv++;
         k++;
         p = ws(p, e);

@@ -34,6 +34,9 @@ _NS_THRESHOLD = 10**17  # a receive time above this is ns since 1970, below it Â
 
 DIFF, TRADE, TICKER, SNAPSHOT = "diff", "trade", "ticker", "snapshot"
 BLOCK_BYTES = 1 << 17  # small: a cut gzip loses the block being inflated
+# Inflate in a background thread (ISA-L releases the GIL) while the caller scans: it
+# overlaps when a core is free and costs a few % of CPU when none is (bench/book.py).
+INFLATE_THREADS = 1
 # A cut gzip (a crashed writer) ends in EOFError, a corrupt one in zlib's or ISA-L's error.
 READ_ERRORS = (EOFError, zlib.error, isal_zlib.error, OSError)
 
@@ -97,12 +100,14 @@ def _classify(doc: dict) -> str | None:
     return None  # markPrice and other streams the book does not use
 
 
-def capture_blocks(path: Path, threads: int = 1) -> Iterator[tuple[bytes, int]]:
+def capture_blocks(path: Path, threads: int | None = None) -> Iterator[tuple[bytes, int]]:
     """The decompressed file as (buffer, n) pairs whose first n bytes are whole lines (the
-    file's last line may lack its newline). With `threads`=1 ISA-L inflates in a thread
-    while the caller works on the previous block. A decompression error (`READ_ERRORS`)
-    is raised after the last whole line before it; the cut line is dropped. Both the
-    Python reader and the native scanner read through here, so they see the same lines."""
+    file's last line may lack its newline). With `threads`=1 (default `INFLATE_THREADS`)
+    ISA-L inflates in a thread while the caller works on the previous block. A
+    decompression error (`READ_ERRORS`) is raised after the last whole line before it; the
+    cut line is dropped. Both the Python reader and the native scanner read through here,
+    so they see the same lines."""
+    threads = INFLATE_THREADS if threads is None else threads
     try:
         handle = igzip_threaded.open(path, "rb", threads=threads, block_size=BLOCK_BYTES)
     except OSError as exc:

@@ -381,7 +381,7 @@ class _DeferredSkips:
         self.items.clear()
 
 
-def feed_file(path: Path, feeder: Any, skips: Skips, threads: int = 1) -> None:
+def feed_file(path: Path, feeder: Any, skips: Skips, threads: int | None = None) -> None:
     """One capture through the scanner and `feeder` (build._FileFeeder: the file's
     identity, held messages, the symbol check and the feed into its builder)."""
     lib = library()

@@ -73,9 +73,10 @@ RECORD = np.dtype([("line", _i8), ("stamp", _i8), ("a", _i8), ("b", _i8), ("c", 
                    ("lvb", _i8), ("lva", _i8), ("nb", np.int32), ("na", np.int32),
                    ("sym", np.int32), ("kind", np.int8), ("flags", np.int8),
                    ("reason", np.int8), ("pad", np.int8)])
-EVENT = np.dtype([("time_ns", _i8), ("update_id", _i8), ("price", _f8), ("mid", _f8),
-                  ("old_qty", _f8), ("new_qty", _f8), ("side", np.int8),
-                  ("from_snapshot", np.int8), ("has_mid", np.int8), ("pad", "V5")])
+EVENT = np.dtype([("price", _f8), ("old_qty", _f8), ("new_qty", _f8), ("group", np.uint32),
+                  ("side", np.int8), ("pad", "V3")])
+GROUP = np.dtype([("time_ns", _i8), ("update_id", _i8), ("mid", _f8), ("has_mid", np.int8),
+                  ("from_snapshot", np.int8), ("pad", "V6")])
 TOP = np.dtype([("time_ns", _i8), ("exchange_time_ms", _i8), ("update_id", _i8),
                 *((c, _f8) for c in TOP_COLUMNS[3:]), ("has_exchange_time", np.int8),
                 ("pad", "V7")])
@@ -114,6 +115,7 @@ def library() -> ctypes.CDLL:
         "book_new": ([i64], p), "book_free": ([p], None),
         "book_state": ([p], ctypes.POINTER(_State)),
         "book_events": ([p, ctypes.POINTER(i64)], p), "book_tops": ([p, ctypes.POINTER(i64)], p),
+        "book_groups": ([p, ctypes.POINTER(i64)], p),
         "book_trades": ([p, ctypes.POINTER(i64)], p),
         "book_tickers": ([p, ctypes.POINTER(i64)], p),
         "book_sizes": ([p, ctypes.POINTER(i64)], i64), "book_truncate": ([p, i64, i64], None),
@@ -173,7 +175,8 @@ def _ptr(array: np.ndarray) -> int:
     return array.ctypes.data
 
 
-_TABLES = {"events": ("book_events", EVENT), "top": ("book_tops", TOP),
+_TABLES = {"events": ("book_events", EVENT), "groups": ("book_groups", GROUP),
+           "top": ("book_tops", TOP),
            "trades": ("book_trades", TRADE_ROW), "tickers": ("book_tickers", TICKER_ROW)}
 
 
@@ -183,8 +186,8 @@ class NativeRows:
     def __init__(self, builder: NativeBookBuilder, table: str, names: tuple[str, ...]):
         self._builder, self._table, self.names = builder, table, names
 
-    def array(self) -> np.ndarray:
-        fn, dtype = _TABLES[self._table]
+    def array(self, table: str | None = None) -> np.ndarray:
+        fn, dtype = _TABLES[table or self._table]
         count = ctypes.c_int64()
         address = getattr(self._builder.lib, fn)(self._builder.book, ctypes.byref(count))
         return _array(address, count.value, dtype).copy()
@@ -199,12 +202,15 @@ class NativeRows:
 
     def frame_columns(self) -> dict[str, Any]:
         rows = self.array()
-        columns: dict[str, Any] = {name: rows[name] for name in self.names}
-        if self._table == "events":
-            columns["mid"] = np.where(rows["has_mid"] != 0, rows["mid"], np.nan)
-            columns["_valid"] = rows["has_mid"] != 0
-            columns["from_snapshot"] = rows["from_snapshot"] != 0
-        elif self._table == "top":
+        if self._table == "events":   # a change's group holds what its diff's changes share
+            group = self.array("groups")[rows["group"]]
+            columns: dict[str, Any] = {name: group[name] if name in GROUP.names else rows[name]
+                                       for name in self.names}
+            columns["_valid"] = group["has_mid"] != 0
+            columns["from_snapshot"] = group["from_snapshot"] != 0
+            return columns
+        columns = {name: rows[name] for name in self.names}
+        if self._table == "top":
             columns["_valid"] = rows["has_exchange_time"] != 0
         elif self._table == "trades":
             columns["is_buyer_maker"] = rows["is_buyer_maker"] != 0

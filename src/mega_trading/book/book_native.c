@@ -251,6 +251,22 @@ static const char *skipv(const char *p, const char *e, int depth) {
     }
 }
 
+/* Eight ASCII digits at p as a number, or -1 (SWAR, as in simdjson / fast_float):
+ * Binance writes 8 decimals, so most fractions are one of these. */
+static inline int64_t eight_digits(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    if ((((v & UINT64_C(0xF0F0F0F0F0F0F0F0)) |
+          (((v + UINT64_C(0x0606060606060606)) & UINT64_C(0xF0F0F0F0F0F0F0F0)) >> 4)) !=
+         UINT64_C(0x3333333333333333)))
+        return -1;
+    v -= UINT64_C(0x3030303030303030);
+    v = (v * 10) + (v >> 8);
+    v = (((v & UINT64_C(0x000000FF000000FF)) * (100 + (UINT64_C(1000000) << 32))) +
+         (((v >> 16) & UINT64_C(0x000000FF000000FF)) * (1 + (UINT64_C(10000) << 32)))) >> 32;
+    return (int64_t)(uint32_t)v;
+}
+
 /* A quoted decimal "-?d+(.d+)?" straight from the line in one pass (the common case);
  * anything else (escapes, long digit runs, exponents) goes through pstr + pdec. */
 static inline const char *pdecq(const char *p, const char *e, double *out) {
@@ -264,6 +280,11 @@ static inline const char *pdecq(const char *p, const char *e, double *out) {
     int64_t n_int = q - d, n_frac = 0;
     if (q < e && *q == '.') {
         const char *f = ++q;
+        int64_t eight;
+        if (e - q > 8 && n_int <= 11 && (eight = eight_digits(q)) >= 0) {
+            m = m * 100000000 + (uint64_t)eight;
+            q += 8;
+        }
         while (q < e && (unsigned)(*q - '0') < 10) m = m * 10 + (uint64_t)(*q++ - '0');
         n_frac = q - f;
         if (n_frac == 0) return NULL;

@@ -442,10 +442,8 @@ def _feed_block(scan: _Scan, path: Path, feeder: Any, skips: Skips,
         i = builder.run(records, scan.levels, i, stop, scale)
         if i >= n:
             break
-        _one(scan, i, path, feeder, deferred, decoder, state, skip_known=True)
+        _one(scan, i, path, feeder, deferred, decoder, state)   # raises at `stop` (< n)
         i += 1
-        if i > stop:
-            stop = n
 
 
 def _first_foreign(scan: _Scan, start: int, symbol: str) -> int:
@@ -461,14 +459,13 @@ def _first_foreign(scan: _Scan, start: int, symbol: str) -> int:
 
 
 def _one(scan: _Scan, i: int, path: Path, feeder: Any, skips: Any,
-         decoder: msgspec.json.Decoder, state: dict, skip_known: bool = False) -> None:
+         decoder: msgspec.json.Decoder, state: dict) -> None:
     """Record i the pure-Python way: a skip, a PY line decoded, or a typed message fed."""
     r = scan.records[i]
     kind = int(r["kind"])
     line = int(r["line"])
     if kind == K_SKIP:
-        if not skip_known:
-            skips.add(SKIP_REASONS[int(r["reason"])], f"{path}:{line}")
+        skips.add(SKIP_REASONS[int(r["reason"])], f"{path}:{line}")
         return
     if kind == K_PY:
         name, reason, stamp, data = decode_line(scan.py_line(i), decoder)

@@ -13,7 +13,8 @@ is the steadier one):
 * bare parse: gunzip + line split + msgspec JSON decode, the floor of any decoder-based
   rebuild (no book at all);
 * native: `rebuild_captures(..., "native")` (C scanner + C steady-state loop, outputs as
-  arrays, no Parquet write);
+  arrays, no Parquet write; by default a reader thread inflates and scans the next block
+  while the book runs on this one);
 * python: the pure-Python path (`--python-diffs` of the diffs only: it is ~100x slower).
 
 The goal is >= 1M book messages/s.
@@ -32,6 +33,7 @@ import msgspec
 from isal import igzip
 
 from mega_trading.book import capture
+from mega_trading.book import native as book_native
 from mega_trading.book.build import rebuild_captures
 from mega_trading.book.synthetic import synthetic_capture
 
@@ -78,16 +80,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--python-diffs", type=int, default=20_000,
                     help="diffs for the pure-Python path (0: skip it)")
+    ap.add_argument("--scan-thread", type=int, default=int(book_native.SCAN_THREAD),
+                    choices=(0, 1), help="native: 1 = inflate + scan in a reader thread while "
+                    "the book runs on the previous block")
     ap.add_argument("--inflate-threads", type=int, default=capture.INFLATE_THREADS,
-                    choices=(0, 1), help="1: ISA-L inflates in a background thread")
+                    choices=(0, 1), help="1: ISA-L inflates in a background thread (the "
+                    "Python path, and the native one without --scan-thread)")
     args = ap.parse_args()
     capture.INFLATE_THREADS = args.inflate_threads
+    book_native.SCAN_THREAD = bool(args.scan_thread)
     lines = synthetic_capture(args.diffs, levels_per_diff=args.levels, tickers=args.tickers)
     n_msgs = len(lines)
     print(f"synthetic capture: {n_msgs:,} messages ({args.diffs:,} diffs x {args.levels} "
           f"levels{', + bookTickers' if args.tickers else ''}), "
-          f"{sum(map(len, lines)) / 1e6:,.0f} MB of lines; inflate threads: "
-          f"{args.inflate_threads}; load average {os.getloadavg()[0]:.2f} on "
+          f"{sum(map(len, lines)) / 1e6:,.0f} MB of lines; scan thread: {args.scan_thread}, "
+          f"inflate threads: {args.inflate_threads}; load average {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
         path = write(Path(tmp) / "spot-BTCUSDT-20240808.gz", lines)

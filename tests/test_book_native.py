@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from mega_trading import native
+from mega_trading.book import capture
 from mega_trading.book import native as book_native
 from mega_trading.book.build import check_document, rebuild_captures, write_book
 from mega_trading.book.synthetic import synthetic_capture
@@ -254,6 +255,29 @@ def test_files_named_without_their_market_hold_messages_until_one_tells(tmp_path
              for line in trades + lines]
     check = both_paths([write_capture(tmp_path / "btcusdt_20240808.gz", micro)], tmp_path)
     assert check["bookticker_mismatches"] == 0 and list(check["books"]) == ["um:BTCUSDT"]
+
+
+@needs_native
+@pytest.mark.parametrize("scan_thread", [False, True], ids=["inline", "reader-thread"])
+def test_small_blocks_with_and_without_the_reader_thread(monkeypatch, tmp_path, scan_thread):
+    """Hundreds of blocks (lines cut across them, buffers recycled), a cut gzip and an
+    error in the middle of a file: the same as the Python path, and no thread left."""
+    import threading
+
+    monkeypatch.setattr(book_native, "SCAN_THREAD", scan_thread)
+    monkeypatch.setattr(capture, "BLOCK_BYTES", 4096)
+    check = both_paths([UM_BTC, *NEXO], tmp_path / "all")
+    assert check["bookticker_mismatches"] == 0 and check["bookticker_checked"] > 400
+    data = UM_BTC.read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / UM_BTC.name).write_bytes(data[: len(data) // 2])
+    check = both_paths([tmp_path / "cut" / UM_BTC.name], tmp_path / "cut")
+    assert any("truncated" in reason for reason in check["skipped_lines"])
+    lines = lines_of(SPOT_BTC)
+    lines[-20] = lines[-20].replace(b'"s":"BTCUSDT"', b'"s":"ETHUSDT"')
+    python, ours = both_rebuilds([write_capture(tmp_path / SPOT_BTC.name, lines)])
+    assert ours == python and "ETHUSDT message in a BTCUSDT capture" in ours
+    assert not [t for t in threading.enumerate() if t.name == "book-scan"]
 
 
 def test_the_engine_is_chosen_by_option_then_environment(monkeypatch):

@@ -78,6 +78,7 @@ void scan_reset(scan_t *s) { s->n = s->nlv = s->npy = 0; }
 
 int64_t scan_count(const scan_t *s) { return s->n; }
 int64_t scan_lines(const scan_t *s) { return s->line_no; }
+void scan_set_lines(scan_t *s, int64_t n) { s->line_no = n; }
 const rec_t *scan_records(const scan_t *s) { return s->recs; }
 const double *scan_levels(const scan_t *s) { return s->lv; }
 int64_t scan_level_count(const scan_t *s) { return s->nlv; }

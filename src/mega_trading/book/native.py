@@ -24,6 +24,8 @@ import collections
 import ctypes
 import functools
 import os
+import queue
+import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +64,10 @@ SOURCE = Path(__file__).with_name("book_native.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
 ENGINE_ENV = "MEGA_TRADING_BOOK_ENGINE"
 ENGINES = ("auto", "native", "python")
+# Inflate + scan in a reader thread (ctypes and ISA-L release the GIL) while this thread
+# runs the book on the previous block: the two halves take about the same time.
+SCAN_THREAD = True
+SCANNERS = 3   # scanner buffers in flight: one being filled, one queued, one in use
 
 K_DIFF, K_TRADE, K_TICKER, K_SNAPSHOT, K_PY, K_SKIP = 1, 2, 3, 4, 5, 6
 SKIP_REASONS = {1: "line without a receive time", 2: "stream not used by the book"}
@@ -107,7 +113,7 @@ def library() -> ctypes.CDLL:
     signatures = {
         "scan_new": ([], p), "scan_free": ([p], None), "scan_reset": ([p], None),
         "scan_feed": ([p, ctypes.c_char_p, i64], None), "scan_count": ([p], i64),
-        "scan_lines": ([p], i64),
+        "scan_lines": ([p], i64), "scan_set_lines": ([p, i64], None),
         "scan_records": ([p], p), "scan_levels": ([p], p), "scan_level_count": ([p], i64),
         "scan_py": ([p], p), "scan_symbol_count": ([p], ctypes.c_int32),
         "scan_symbol": ([p, ctypes.c_int32], ctypes.c_char_p),
@@ -315,6 +321,7 @@ class _Scan:
     block) and the scanner's symbol table."""
 
     def __init__(self, lib: ctypes.CDLL, handle: int):
+        self.handle = handle
         self.records = _array(lib.scan_records(handle), lib.scan_count(handle), RECORD)
         n_levels = lib.scan_level_count(handle)
         self.levels = _array(lib.scan_levels(handle), 2 * n_levels,
@@ -391,34 +398,101 @@ def feed_file(path: Path, feeder: Any, skips: Skips, threads: int | None = None)
     """One capture through the scanner and `feeder` (build._FileFeeder: the file's
     identity, held messages, the symbol check and the feed into its builder)."""
     lib = library()
-    handle = lib.scan_new()
-    if not handle:
-        raise MemoryError("scan_new")
     decoder = msgspec.json.Decoder()
     deferred = _DeferredSkips(path)
     state = {"scale": None}
-    blocks = capture_blocks(path, threads=threads)
+    reader = _ScannedBlocks(lib, path, threads)
     try:
-        while True:
-            try:
-                data, n = next(blocks)
-            except StopIteration:
-                deferred.flush(skips)
-                break
-            except READ_ERRORS as exc:   # a cut gzip: the lines before the cut are kept
-                deferred.flush(skips)
-                skips.add(truncation_reason(exc, lib.scan_lines(handle)), str(path))
-                break
-            lib.scan_reset(handle)
-            lib.scan_feed(handle, data, n)
-            if lib.scan_oom(handle):
-                raise MemoryError("the capture scanner ran out of memory")
-            _feed_block(_Scan(lib, handle), path, feeder, skips, deferred, decoder, state)
+        for scan in reader:
+            _feed_block(scan, path, feeder, skips, deferred, decoder, state)
+            reader.done(scan)
+        deferred.flush(skips)
+        if reader.error is not None:   # a cut gzip: the lines before the cut were kept
+            skips.add(truncation_reason(reader.error, reader.lines), str(path))
     finally:
-        blocks.close()
+        reader.close()
         if isinstance(feeder.builder, NativeBookBuilder):
             feeder.builder.collect_counts()
-        lib.scan_free(handle)
+
+
+class _ScannedBlocks:
+    """The file's blocks, scanned: in a reader thread (`SCAN_THREAD`) that inflates and
+    scans ahead into a small pool of scanner buffers, else inline. Iterating yields
+    `_Scan`s in file order; `done(scan)` gives its buffer back; `error` / `lines` say where
+    a cut gzip ended the file."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, threads: int | None):
+        self.lib, self.path = lib, path
+        self.error: BaseException | None = None
+        self.lines = 0
+        self.handles = [lib.scan_new() for _ in range(SCANNERS if SCAN_THREAD else 1)]
+        if not all(self.handles):
+            self.close()
+            raise MemoryError("scan_new")
+        self.free: queue.Queue = queue.Queue()
+        for handle in self.handles:
+            self.free.put(handle)
+        self.ready: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        # the reader thread inflates itself: a third busy thread would only compete
+        self.blocks = capture_blocks(path, threads=0 if SCAN_THREAD else threads)
+        self.worker = None
+        if SCAN_THREAD:
+            self.worker = threading.Thread(target=self._read, name="book-scan", daemon=True)
+            self.worker.start()
+
+    def _scan_next(self) -> int | None:
+        """The next block scanned into a free buffer; None at the end (or a cut)."""
+        try:
+            data, n = next(self.blocks)
+        except StopIteration:
+            return None
+        except READ_ERRORS as exc:
+            self.error = exc
+            return None
+        handle = self.free.get()
+        if self.stop.is_set() or not handle:   # closing: the consumer has stopped
+            return None
+        self.lib.scan_reset(handle)
+        self.lib.scan_set_lines(handle, self.lines)
+        self.lib.scan_feed(handle, data, n)
+        self.lines = self.lib.scan_lines(handle)
+        if self.lib.scan_oom(handle):
+            raise MemoryError("the capture scanner ran out of memory")
+        return handle
+
+    def _read(self) -> None:
+        try:
+            while not self.stop.is_set():
+                handle = self._scan_next()
+                self.ready.put(handle)
+                if handle is None:
+                    return
+        except BaseException as exc:   # handed to the consumer, raised there
+            self.ready.put(exc)
+
+    def __iter__(self):
+        while True:
+            item = self.ready.get() if self.worker else self._scan_next()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield _Scan(self.lib, item)
+
+    def done(self, scan: _Scan) -> None:
+        self.free.put(scan.handle)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.worker is not None:
+            self.free.put(0)    # wakes a reader waiting for a buffer: it stops there
+            self.worker.join()
+        self.blocks.close()
+        for handle in self.handles:
+            if handle:
+                self.lib.scan_free(handle)
+        self.handles = []
 
 
 def _feed_block(scan: _Scan, path: Path, feeder: Any, skips: Skips,

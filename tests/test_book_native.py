@@ -222,6 +222,46 @@ def scanned_kinds(path: Path) -> np.ndarray:
 
 
 @needs_native
+def test_a_garbled_level_is_a_gap_not_a_traceback(tmp_path):
+    lines = lines_of(SPOT_BTC)
+    diffs = [i for i, line in enumerate(lines) if b"depthUpdate" in line]
+    stamp, body = lines[diffs[150]].split(b" ", 1)
+    doc = json.loads(body)
+    side = "b" if doc["data"]["b"] else "a"
+    doc["data"][side][0][0] = "618f0.68000000"
+    lines[diffs[150]] = stamp + b" " + json.dumps(doc).encode()
+    check = both_paths([write_capture(tmp_path / SPOT_BTC.name, lines)], tmp_path)
+    assert [g["reason"] for g in check["gaps"]] == ["diff with a malformed level"]
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomly_corrupted_captures_give_the_same_result(tmp_path, seed):
+    """Cut lines and stray bytes (quotes, brackets, digits, NUL, 0xFF) in every bundled
+    capture: the same outputs, or the same one-line error."""
+    rng = random.Random(seed)
+    for path in sorted(CAPTURES.glob("*.gz")):
+        lines = lines_of(path)
+        for i, line in enumerate(lines):
+            r = rng.random()
+            if r < 0.01 and line:
+                lines[i] = line[:rng.randrange(len(line))]
+            elif r < 0.03 and line:
+                j = rng.randrange(len(line))
+                stray = bytes([rng.choice(b'{}[]",:0123456789.-eE \\tfu\x00\xff')])
+                lines[i] = line[:j] + stray + line[j + 1:]
+        out = tmp_path / path.stem
+        out.mkdir()
+        corrupted = write_capture(out / path.name, lines)
+        try:
+            both_paths([corrupted], out)
+        except DataError as error:   # the Python path's: the native one must say the same
+            with pytest.raises(DataError) as native_error:
+                write_book([corrupted], out / "native-error", "native")
+            assert str(native_error.value) == str(error)
+
+
+@needs_native
 def test_decimal_strings_become_the_floats_python_reads(tmp_path):
     """Prices of every length, through trades.parquet: float(s) bit for bit."""
     rng = np.random.default_rng(0)

@@ -279,13 +279,12 @@ class NativeBookBuilder(BookBuilder):
         self._check(self.lib.book_load_snapshot(self.book, _ptr(bid_lv), len(bid_lv),
                                                 _ptr(ask_lv), len(ask_lv), time_ns, last_id))
 
-    def _apply(self, data: dict, time_ns: int, last: int) -> None:
-        bid_lv, ask_lv = _levels(data.get("b")), _levels(data.get("a"))
-        exchange_ms = data.get("E")
-        has_e = isinstance(exchange_ms, int) and not isinstance(exchange_ms, bool)
+    def _apply(self, levels: tuple[list, list], exchange_ms: int | None, time_ns: int,
+               last: int) -> None:
+        bid_lv, ask_lv = _levels(levels[0]), _levels(levels[1])
         self._check(self.lib.book_apply(self.book, _ptr(bid_lv), len(bid_lv), _ptr(ask_lv),
-                                        len(ask_lv), time_ns, last, int(has_e),
-                                        exchange_ms if has_e else 0))
+                                        len(ask_lv), time_ns, last, int(exchange_ms is not None),
+                                        exchange_ms or 0))
         self.last_u = last   # diffs_applied and crossed_after_diff are counted in C
 
     # ---- the loop ---------------------------------------------------------------------

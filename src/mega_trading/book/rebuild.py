@@ -81,6 +81,22 @@ class Rows:
         return pl.DataFrame(self.rows, schema={n: schema[n] for n in self.names}, orient="row")
 
 
+def diff_levels(data: dict) -> tuple[list, list] | None:
+    """A diff's (bid, ask) level changes as (price, size) floats; None when one is not a
+    [price, size] pair of numbers."""
+    try:
+        return ([(float(p), float(q)) for p, q in data.get("b") or ()],
+                [(float(p), float(q)) for p, q in data.get("a") or ()])
+    except (TypeError, ValueError):
+        return None
+
+
+def exchange_time_ms(data: dict) -> int | None:
+    """The diff's event time "E" when it is an integer (else null in top.parquet)."""
+    value = data.get("E")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _depths(bid_qty: list[float], ask_qty: list[float]) -> tuple[float, float, float, float]:
     """(bid_depth_5, ask_depth_5, bid_depth_10, ask_depth_10) of sizes listed from the
     touch out, added in that order (spelled out: sum() of floats is compensated from
@@ -224,6 +240,10 @@ class BookBuilder:
         except (KeyError, TypeError, ValueError):
             self._break(where, time_ns, "diff without U/u" + ("/pu" if self.market == "um" else ""))
             return
+        levels = diff_levels(data)
+        if levels is None:   # a garbled diff: what it changed is unknown, so is the book
+            self._break(where, time_ns, "diff with a malformed level")
+            return
         if self.synced:
             if last <= self.last_u:
                 self.counts["diffs_stale"] += 0 if replay else 1
@@ -252,7 +272,7 @@ class BookBuilder:
             return
         if replay:
             self.counts["diffs_untrusted"] -= 1
-        self._apply(data, time_ns, last)
+        self._apply(levels, exchange_time_ms(data), time_ns, last)
 
     def _hold(self, data: dict, time_ns: int, where: str, replay: bool) -> None:
         """No trusted book: keep the diff for the next snapshot; untrusted unless a
@@ -288,24 +308,24 @@ class BookBuilder:
             self.gaps.append(Gap(where, time_ns, reason, expected, got))
             self._drop_book()
 
-    def _apply(self, data: dict, time_ns: int, last: int) -> None:
+    def _apply(self, levels: tuple[list, list], exchange_ms: int | None, time_ns: int,
+               last: int) -> None:
         """The diff's level changes (against the mid before it), then its top-of-book row."""
         mid = self._mid()
         append = self.events.rows.append
-        for side, levels, key in ((1, self.bids, "b"), (-1, self.asks, "a")):
-            for p, q in data.get(key) or ():
-                price, qty = float(p), float(q)
-                old = levels.get(price, 0.0)
+        for side, book, changes in ((1, self.bids, levels[0]), (-1, self.asks, levels[1])):
+            for price, qty in changes:
+                old = book.get(price, 0.0)
                 if qty == old:
                     continue
                 if qty > 0:
-                    levels[price] = qty
+                    book[price] = qty
                 else:
-                    levels.pop(price, None)  # a size <= 0 for a level not held
+                    book.pop(price, None)  # a size <= 0 for a level not held
                 append((time_ns, last, side, price, mid, old, qty, False))
         self.last_u = last
         self.counts["diffs_applied"] += 1
-        self._emit_top(time_ns, data.get("E"), last)
+        self._emit_top(time_ns, exchange_ms, last)
 
     def _mid(self) -> float | None:
         if not self.bids or not self.asks:

@@ -12,7 +12,8 @@
  * that fit int64, decimal strings "-?d+(.d+)?"). Every other line becomes a PY record whose
  * bytes go back to Python, which decodes it with the same code as the pure-Python path.
  * Decimal strings become the float64 Python's float() gives (correctly rounded): digits
- * <= 2^53 over a power of ten <= 10^22 is one exact division (Clinger's fast path), and
+ * <= 2^53 over a power of ten <= 10^22 are two exact doubles, and one IEEE division rounds
+ * their quotient correctly (Clinger's fast path);
  * anything longer goes through strtod, which glibc rounds correctly too. The loop stops
  * at every message that needs the book's control logic (a snapshot, a diff while no
  * book is synced or one that breaks the chain, a PY record, any price while a snapshot
@@ -797,7 +798,8 @@ static inline int apply_level(book_t *b, int is_bid, double px, double q) {
     return push_event(b, is_bid ? 1 : -1, px, old, q);
 }
 
-/* depth over the best `upto` levels, summed from the touch outwards like Python's loop */
+/* size at the touch and depth over the best 5 and 10 levels, added from the touch out in
+ * the order rebuild._depths adds them */
 static inline void depth(const side_t *s, double *q1, double *d5, double *d10) {
     double total = 0.0, five = 0.0;
     int64_t k = 0;

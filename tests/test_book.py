@@ -16,6 +16,18 @@ from mega_trading.cli import main
 from mega_trading.errors import DataError
 
 CAPTURES = Path(__file__).parent / "data" / "captures"
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def book_engine(request, monkeypatch):
+    """Every test here runs on both book paths (tests/test_book_native.py holds them to
+    equal outputs; these hold each to the rules)."""
+    from mega_trading.book.native import ENGINE_ENV, native_error
+
+    if request.param == "native" and native_error() is not None:
+        pytest.skip(f"no native book path here: {native_error()}")
+    monkeypatch.setenv(ENGINE_ENV, request.param)
+    return request.param
 SPOT_BTC = CAPTURES / "spot-BTCUSDT-20240808.gz"
 UM_BTC = CAPTURES / "um-BTCUSDT-20240808.gz"
 NEXO = [CAPTURES / "spot-NEXOUSDT-20240723.gz", CAPTURES / "spot-NEXOUSDT-20240724.gz"]

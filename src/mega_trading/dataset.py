@@ -222,17 +222,28 @@ class ShardSet:
         return events.with_columns(token=pl.Series(tokens, dtype=pl.Int32),
                                    token_pos=pl.Series(token_pos, dtype=pl.Int64))
 
-    def _rows(self, symbol: str, lo: int, hi: int) -> pl.DataFrame:
-        """Stored event rows [lo, hi) of a symbol's files (only those rows are read)."""
+    def _rows(self, symbol: str, lo: int, hi: int, global_segments: bool = True) -> pl.DataFrame:
+        """Stored event rows [lo, hi) of a symbol's files.
+
+        With ``global_segments=False`` the segment ids are counted from the first row read
+        (they still change exactly at segment starts), which lets Polars read only the rows
+        asked for: global ids need every earlier row's segment_start, so a slice of them
+        reads (and, as a zero-copy view, keeps alive) the whole file.
+        """
         parts = self.manifest["events"][symbol]
-        frames, start = [_scan_part(self.root, parts[0], symbol).head(0)], 0
+        scan = _scan_part if global_segments else _scan_part_rows
+        frames, start = [scan(self.root, parts[0], symbol).head(0)], 0
         for part in parts:
             end = start + part["n_events"]
             first, last = max(lo, start), min(hi, end)
             if last > first:
-                frames.append(_scan_part(self.root, part, symbol).slice(first - start, last - first))
+                frames.append(scan(self.root, part, symbol).slice(first - start, last - first))
             start = end
-        return pl.concat(frames).collect()
+        events = pl.concat(frames).collect()
+        if global_segments:
+            return events
+        segment = events["segment_start"].cast(pl.Int32).cum_sum()
+        return events.with_columns(segment=segment).select(EVENT_COLUMNS)
 
     def n_events(self, split: str, symbol: str) -> int:
         lo, hi = self.manifest["shards"][split][symbol]["rows"]
@@ -259,11 +270,20 @@ class ShardSet:
             events = pl.concat(frames) if frames else pl.DataFrame()
             return events, {**info, "complete": True, "windows": None, "events": events.height}
         ranges = {s: tuple(self.manifest["shards"][split][s]["rows"]) for s in symbols}
-        frames = [self._rows(symbol, start, stop).with_columns(window=pl.lit(i, dtype=pl.Int64))
-                  for i, (symbol, start, stop) in enumerate(window_plan(ranges, max_events,
-                                                                        window, seed))]
-        drawn = len(frames)
-        events = pl.concat(frames)
+        # A window read is a zero-copy view of the whole row group it came from: keep a copy
+        # of its columns only, so memory holds the sample, not every row group read.
+        plan = window_plan(ranges, max_events, window, seed)
+        columns: dict[str, list[np.ndarray]] = {}
+        schema = None
+        for i, (symbol, start, stop) in enumerate(plan):
+            rows = self._rows(symbol, start, stop, global_segments=False)
+            schema = rows.schema
+            rows = rows.with_columns(window=pl.lit(i, dtype=pl.Int64))
+            for name in rows.columns:
+                columns.setdefault(name, []).append(rows[name].to_numpy().copy())
+        events = pl.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
+        events = events.cast({name: dtype for name, dtype in schema.items()})
+        drawn = len(plan)
         window_ids, segments = events["window"].to_numpy(), events["segment"].to_numpy()
         changed = np.r_[False, (window_ids[1:] != window_ids[:-1]) | (segments[1:] != segments[:-1])]
         events = events.with_columns(segment=pl.Series(np.cumsum(changed), dtype=pl.Int32))
@@ -517,6 +537,17 @@ def _scan_part(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
     segment = pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + part["segment_offset"]
     return events.with_columns(symbol=pl.lit(symbol, dtype=pl.Utf8),
                                segment=segment.cast(pl.Int32)).select(EVENT_COLUMNS)
+
+
+def _scan_part_rows(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
+    """One file's stored events with its patched head, its symbol and no segment ids (see
+    ``ShardSet._rows``)."""
+    events = pl.scan_parquet(root / part["events"])
+    if part.get("head"):
+        head = pl.scan_parquet(root / part["head"])
+        events = pl.concat([head, events.slice(part["head_rows"])])
+    return events.with_columns(symbol=pl.lit(symbol, dtype=pl.Utf8)).select(
+        [c for c in EVENT_COLUMNS if c != "segment"])
 
 
 def _encode_part(root: str, symbol: str, part: dict, tokenizer_path: str, offset: int,

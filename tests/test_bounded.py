@@ -96,3 +96,21 @@ def test_bounded_facts_stay_within_the_full_computations_cis(demo_data):
             part = bounded["distances"][name]["model"][metric]
             overlap = part["ci_low"] <= whole["ci_high"] and whole["ci_low"] <= part["ci_high"]
             assert overlap, (name, metric, part, whole)
+
+
+def test_event_at_token_reads_the_same_row_as_the_whole_split(demo_data):
+    """Prompts are anchored on the last real event of their window, read alone; it must be
+    the row the whole split's table gives for that token position."""
+    rng = np.random.default_rng(0)
+    for symbol in demo_data.symbols("backtest"):
+        full = demo_data.events("backtest", symbol).sort("token_pos")
+        token_pos = full["token_pos"].to_numpy()
+        segs = demo_data.seg_positions("backtest", symbol)
+        n_tokens = demo_data.n_tokens("backtest", symbol)
+        assert len(segs) + full.height == n_tokens
+        for position in [*rng.integers(int(token_pos[0]), n_tokens, 25), n_tokens - 1, *segs[1:3]]:
+            expected = full.row(int(np.searchsorted(token_pos, position, side="right")) - 1,
+                                named=True)
+            expected.pop("token")
+            got = demo_data.event_at_token("backtest", symbol, int(position), segs).row(0, named=True)
+            assert got == expected, (symbol, position)

@@ -290,6 +290,32 @@ class ShardSet:
         events = events.drop("window")
         return events, {**info, "complete": False, "windows": drawn, "events": events.height}
 
+    def seg_positions(self, split: str, symbol: str) -> np.ndarray:
+        """Token positions of the shard's SEG tokens (one per segment start), read from the
+        memory-mapped tokens a million at a time."""
+        tokens, seg = self.tokens(split, symbol), self.tokenizer.seg_id
+        step = 1 << 20
+        found = [lo + np.flatnonzero(np.asarray(tokens[lo:lo + step]) == seg)
+                 for lo in range(0, len(tokens), step)]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def event_at_token(self, split: str, symbol: str, token_pos: int,
+                       seg_positions: np.ndarray | None = None) -> pl.DataFrame:
+        """The one event row (with `token_pos`) that is the last at or before token position
+        `token_pos` of the shard, read alone: a shard's tokens are its events with one SEG
+        before each segment start, so that event is number token_pos - (SEGs up to it)."""
+        segs = self.seg_positions(split, symbol) if seg_positions is None else seg_positions
+        index = token_pos - int(np.searchsorted(segs, token_pos, side="right"))
+        if index < 0:
+            raise DataError(f"no event at or before token {token_pos} of the {split} shard of "
+                            f"{symbol}", self.root)
+        lo = self.manifest["shards"][split][symbol]["rows"][0]
+        row = self._rows(symbol, lo + index, lo + index + 1)
+        position = token_pos  # step back over SEG tokens to the event's own position
+        while np.any(segs == position):
+            position -= 1
+        return row.with_columns(token_pos=pl.lit(position, dtype=pl.Int64))
+
     def all_events(self, split: str) -> pl.DataFrame:
         frames = [self.events(split, s) for s in self.symbols(split)]
         return pl.concat(frames) if frames else pl.DataFrame()

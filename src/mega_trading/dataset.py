@@ -270,25 +270,23 @@ class ShardSet:
             events = pl.concat(frames) if frames else pl.DataFrame()
             return events, {**info, "complete": True, "windows": None, "events": events.height}
         ranges = {s: tuple(self.manifest["shards"][split][s]["rows"]) for s in symbols}
-        # A window read is a zero-copy view of the whole row group it came from: keep a copy
-        # of its columns only, so memory holds the sample, not every row group read.
         plan = window_plan(ranges, max_events, window, seed)
-        columns: dict[str, list[np.ndarray]] = {}
-        schema = None
-        for i, (symbol, start, stop) in enumerate(plan):
-            rows = self._rows(symbol, start, stop, global_segments=False)
-            schema = rows.schema
-            rows = rows.with_columns(window=pl.lit(i, dtype=pl.Int64))
-            for name in rows.columns:
-                columns.setdefault(name, []).append(rows[name].to_numpy().copy())
-        events = pl.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()})
-        events = events.cast({name: dtype for name, dtype in schema.items()})
+        events = pl.concat([self.window_rows(split, symbol, start, stop).with_columns(
+            window=pl.lit(i, dtype=pl.Int64)) for i, (symbol, start, stop) in enumerate(plan)])
         drawn = len(plan)
         window_ids, segments = events["window"].to_numpy(), events["segment"].to_numpy()
         changed = np.r_[False, (window_ids[1:] != window_ids[:-1]) | (segments[1:] != segments[:-1])]
         events = events.with_columns(segment=pl.Series(np.cumsum(changed), dtype=pl.Int32))
         events = events.drop("window")
         return events, {**info, "complete": False, "windows": drawn, "events": events.height}
+
+    def window_rows(self, split: str, symbol: str, start: int, stop: int) -> pl.DataFrame:
+        """Stored rows [start, stop) of the symbol's files (a window of ``window_plan``),
+        segment ids counted locally. A slice read is a zero-copy view of the whole row group
+        it came from: the copy keeps only the window's rows alive."""
+        rows = self._rows(symbol, start, stop, global_segments=False)
+        return pl.DataFrame({c: rows[c].to_numpy().copy() for c in rows.columns}).cast(
+            dict(rows.schema))
 
     def seg_positions(self, split: str, symbol: str) -> np.ndarray:
         """Token positions of the shard's SEG tokens (one per segment start), read from the

@@ -114,3 +114,18 @@ def test_event_at_token_reads_the_same_row_as_the_whole_split(demo_data):
             expected.pop("token")
             got = demo_data.event_at_token("backtest", symbol, int(position), segs).row(0, named=True)
             assert got == expected, (symbol, position)
+
+
+def test_events_between_tokens_reads_the_rows_of_the_whole_table(demo_data):
+    """The report's real continuation of a prompt is read alone; it equals the whole
+    split's rows in that token range and the n_after after it."""
+    rng = np.random.default_rng(1)
+    for symbol in demo_data.symbols("backtest"):
+        full = demo_data.events("backtest", symbol).sort("token_pos").drop("token")
+        token_pos = full["token_pos"].to_numpy()
+        n_tokens = demo_data.n_tokens("backtest", symbol)
+        for lo in [0, *rng.integers(0, n_tokens - 40, 10)]:
+            got = demo_data.events_between_tokens("backtest", symbol, int(lo), int(lo) + 32, 20)
+            first = int(np.searchsorted(token_pos, lo, side="left"))
+            stop = int(np.searchsorted(token_pos, lo + 32, side="left")) + 20
+            assert got.equals(full.slice(first, stop - first)), (symbol, lo)

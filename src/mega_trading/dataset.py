@@ -314,6 +314,20 @@ class ShardSet:
             position -= 1
         return row.with_columns(token_pos=pl.lit(position, dtype=pl.Int64))
 
+    def events_between_tokens(self, split: str, symbol: str, lo_pos: int, hi_pos: int,
+                              n_after: int = 0, seg_positions: np.ndarray | None = None,
+                              ) -> pl.DataFrame:
+        """The events whose token position lies in [lo_pos, hi_pos), then up to `n_after`
+        more, with `token_pos`; only those rows are read (see ``event_at_token``)."""
+        segs = self.seg_positions(split, symbol) if seg_positions is None else seg_positions
+        first = lo_pos - int(np.searchsorted(segs, lo_pos, side="left"))
+        stop = hi_pos - int(np.searchsorted(segs, hi_pos, side="left")) + n_after
+        lo, hi = self.manifest["shards"][split][symbol]["rows"]
+        rows = self._rows(symbol, lo + first, min(lo + stop, hi))
+        index = np.arange(first, first + rows.height)
+        token_pos = index + np.searchsorted(segs - np.arange(len(segs)), index, side="right")
+        return rows.with_columns(token_pos=pl.Series(token_pos, dtype=pl.Int64))
+
     def all_events(self, split: str) -> pl.DataFrame:
         frames = [self.events(split, s) for s in self.symbols(split)]
         return pl.concat(frames) if frames else pl.DataFrame()

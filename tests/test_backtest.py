@@ -164,3 +164,54 @@ def test_cli_prints_table_and_writes_json(run_dir, data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "markov3" in printed and "model" in printed and "zero-shot" in printed
     assert main(["backtest", "--run", str(tmp_path / "nope"), "--data", str(data_dir)]) != 0
+
+
+def test_streamed_backtest_equals_the_per_position_computation(report, run_dir, data_dir):
+    """backtest keeps only running sums (score_sums); recompute every headline figure from
+    the full per-position arrays with plain numpy and compare: means to 1e-9, the block
+    bootstrap CIs (same blocks, same seed) to 1e-9, so the bounded path loses nothing."""
+    from mega_trading.checkpoint import load_model
+    from mega_trading.scoring import (
+        FieldSpec,
+        PositionScores,
+        block_bootstrap_ci,
+        block_ids,
+        score_baseline,
+        score_model,
+    )
+
+    shards = ShardSet.open(data_dir)
+    model, _ = load_model(run_dir)
+    spec = FieldSpec.from_tokenizer(shards.tokenizer)
+    baseline = fit_train_baselines(shards)["markov1"]
+    symbols = [s for s in shards.symbols("backtest") if shards.n_tokens("backtest", s) > 0]
+    model_parts, markov_parts = [], []
+    for shard_id, symbol in enumerate(symbols):
+        tokens = np.asarray(shards.tokens("backtest", symbol))[:1500].astype(np.int64)
+        model_parts.append(score_model(model, tokens, spec, batch_size=8).with_shard(shard_id))
+        # A chunk of 7 token positions: a context often starts in the previous chunk.
+        markov_parts.append(score_baseline(baseline, tokens, spec, 7).with_shard(shard_id))
+    full = PositionScores.concat(model_parts, spec.field_names)
+    markov = PositionScores.concat(markov_parts, spec.field_names)
+    assert np.array_equal(full.positions, markov.positions)
+    blocks = block_ids(full, QUICK.summary.bootstrap_block)
+    samples = QUICK.summary.bootstrap_samples
+    nll = -full.logp
+    got = report["model"]
+    assert got["n_scored"] == len(nll)
+    assert got["nll_nats"] == pytest.approx(nll.mean(), rel=1e-9)
+    assert got["nll_nats_ci95"] == pytest.approx(block_bootstrap_ci(nll, blocks, samples), rel=1e-9)
+    assert got["top5"] == pytest.approx(full.top5_hit.mean(), rel=1e-9)
+    for name, lp in full.field_logp.items():
+        assert got["per_field"][name]["nll_nats"] == pytest.approx(-lp.mean(), rel=1e-9)
+    diff = nll - (-markov.logp)
+    paired = got["vs_baselines"]["markov1"]
+    assert paired["delta_nll_nats"] == pytest.approx(diff.mean(), rel=1e-9)
+    assert paired["ci95"] == pytest.approx(block_bootstrap_ci(diff, blocks, samples), rel=1e-9)
+    assert report["baselines"]["markov1"]["nll_nats"] == pytest.approx(-markov.logp.mean(),
+                                                                       rel=1e-9)
+    confidence_bins = np.minimum((full.top1_prob * 15).astype(int), 14)
+    ece = sum(abs(full.top1_hit[confidence_bins == b].mean() - full.top1_prob[
+        confidence_bins == b].mean()) * (confidence_bins == b).mean()
+        for b in range(15) if (confidence_bins == b).any())
+    assert got["ece"] == pytest.approx(ece, rel=1e-9)

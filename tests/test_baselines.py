@@ -225,3 +225,25 @@ def test_markov_generation_follows_the_chain_and_never_samples_pad():
                                  allow_specials=False)
     np.testing.assert_array_equal(batch, again)
     assert 0 <= noisy.sample(np.array([SEG, 1, 2]), np.random.default_rng(2)) < V
+
+
+def test_fitting_in_chunks_gives_the_same_baselines(monkeypatch):
+    """Baselines are fitted chunk by chunk (bounded memory on memory-mapped shards): with
+    chunks of 7 tokens, so contexts and segment starts straddle chunks, every fitted
+    parameter equals the one-chunk fit."""
+    import mega_trading.baselines as baselines_module
+
+    rng = np.random.default_rng(0)
+    vocab, seg, pad = 12, 10, 11
+    shards = []
+    for n in (300, 41):
+        tokens = rng.integers(0, 10, n)
+        tokens[rng.random(n) < 0.05] = seg
+        tokens[0] = seg
+        shards.append(tokens)
+    whole = fit_baselines(shards, vocab, seg, pad, 10)
+    monkeypatch.setattr(baselines_module, "FIT_CHUNK_TOKENS", 7)
+    chunked = fit_baselines(shards, vocab, seg, pad, 10)
+    for name, model in whole.items():
+        a, b = model.state(), chunked[name].state()
+        assert repr(a) == repr(b), name

@@ -19,7 +19,7 @@ STAGES: list[tuple[str, ...]] = [
     ("tokenizer_reuse", "dataset"),
     ("model", "kernels"),
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
-    ("baselines", "scoring", "backtest"),
+    ("baselines", "score_sums", "scoring", "backtest"),
     ("decode", "generate", "hawkes"),
     ("facts", "book.facts"),
     ("simulate", "serve"),

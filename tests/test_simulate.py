@@ -304,12 +304,31 @@ def test_scenarios_load_and_reject_unknown_keys(tmp_path):
 def test_high_vol_selection_draws_only_the_most_volatile_windows(shards):
     cfg = model_cfg(selection="high_vol", vol_top_fraction=0.2, episodes=40, symbol=None)
     _, starts = pick_starts(shards, cfg, 2.0, seed=0)
-    tapes = _tapes(shards, "backtest", None)
+    tapes = _tapes(shards, "backtest", None, cfg)
     vols = np.concatenate([_candidates(t, cfg, 2_000_000)[1] for t in tapes])
     threshold = np.quantile(vols, 0.8, method="higher")
     assert all(s.vol_bps >= threshold for s in starts)
     _, calm = pick_starts(shards, dataclasses.replace(cfg, selection="random"), 2.0, seed=0)
     assert np.mean([s.vol_bps for s in calm]) < np.mean([s.vol_bps for s in starts])
+
+
+def test_a_tape_over_the_cap_is_a_sample_of_real_windows(shards):
+    """Above max_tape_events the tape is windows read alone: each window's rows, tokens and
+    token positions equal the whole tape's at the same rows, and starts still come out."""
+    whole = {t.symbol: t for t in _tapes(shards, "backtest", None, model_cfg(symbol=None))}
+    cfg = model_cfg(symbol=None, max_tape_events=600, tape_window_events=150)
+    windows = _tapes(shards, "backtest", None, cfg)
+    assert len(windows) >= 4 and sum(len(t) for t in windows) <= 600 + 150 * len(whole)
+    for tape in windows:
+        full = whole[tape.symbol]
+        first = int(np.searchsorted(full.token_pos, tape.token_pos[0]))
+        rows = slice(first, first + len(tape))
+        assert np.array_equal(tape.token_pos, full.token_pos[rows])
+        assert np.array_equal(tape.token, full.token[rows])
+        assert np.array_equal(tape.time_us, full.time_us[rows])
+        assert np.array_equal(tape.price, full.price[rows])
+    _, starts = pick_starts(shards, dataclasses.replace(cfg, episodes=8), 2.0, seed=0)
+    assert len(starts) == 8
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -28,15 +28,12 @@ from mega_trading.config import to_dict
 from mega_trading.errors import ArtifactMismatchError, DataError
 from mega_trading.ingest.reader import split_stream_key
 from mega_trading.lineage import provenance, read_json, write_json_atomic
+from mega_trading.score_sums import ScoreSums
 from mega_trading.scoring import (
     FieldSpec,
-    PositionScores,
     SummaryConfig,
-    label_stats,
-    paired_difference,
-    score_baseline,
-    score_model,
-    summarize,
+    iter_baseline_scores,
+    iter_model_scores,
 )
 
 FORMAT = "mega-trading/backtest@1"
@@ -122,26 +119,28 @@ def run_backtest(
     if not symbols:
         raise DataError(f"the {split} split has no tokens", shards.root)
     scorers = ["model", *baselines]
-    per_scorer: dict[str, list[PositionScores]] = {name: [] for name in scorers}
+    per_scorer: dict[str, list[ScoreSums]] = {name: [] for name in scorers}
     elapsed = {name: 0.0 for name in scorers}
     n_tokens = {}
     for shard_id, symbol in enumerate(symbols):
-        tokens = np.asarray(shards.tokens(split, symbol))[:max_tokens]
-        tokens = shards.tokenizer.check_tokens(tokens)
+        tokens = checked_tokens(shards, split, symbol, max_tokens)
         n_tokens[symbol] = len(tokens)
-        t0 = time.perf_counter()
-        per_scorer["model"].append(score_model(
-            model, tokens, spec, block_size=block_size, batch_size=cfg.batch_size,
-            device=device, stride=cfg.stride or None).with_shard(shard_id))
-        elapsed["model"] += time.perf_counter() - t0
-        for name, baseline in baselines.items():
+        streams = {"model": iter_model_scores(model, tokens, spec, block_size=block_size,
+                                              batch_size=cfg.batch_size, device=device,
+                                              stride=cfg.stride or None)}
+        streams.update({name: iter_baseline_scores(baseline, tokens, spec, cfg.chunk_size)
+                        for name, baseline in baselines.items()})
+        for name, stream in streams.items():
             t0 = time.perf_counter()
-            per_scorer[name].append(
-                score_baseline(baseline, tokens, spec, cfg.chunk_size).with_shard(shard_id))
+            sums = ScoreSums(spec.field_names, spec.vocab_size, cfg.summary.n_bins,
+                             cfg.summary.bootstrap_block)
+            for part in stream:  # one batch at a time: nothing per position is kept
+                sums.add(part, shard_id)
+            per_scorer[name].append(sums)
             elapsed[name] += time.perf_counter() - t0
-        log(f"{symbol}: {len(per_scorer['model'][-1])} positions scored")
+        log(f"{symbol}: {per_scorer['model'][-1].n} positions scored")
 
-    doc = _report(per_scorer, symbols, _train_symbols(trained_on), spec, cfg.summary)
+    doc = _report(per_scorer, symbols, _train_symbols(trained_on), cfg.summary)
     doc.update({
         "format": FORMAT,
         "split": split,
@@ -163,11 +162,19 @@ def run_backtest(
     return doc
 
 
-def _report(per_scorer: dict[str, list[PositionScores]], symbols: list[str],
-            train_symbols: set[str], spec: FieldSpec, summary: SummaryConfig) -> dict:
-    names = spec.field_names
-    overall = {name: PositionScores.concat(parts, names) for name, parts in per_scorer.items()}
-    if len(overall["model"]) == 0:
+def checked_tokens(shards: Any, split: str, symbol: str, max_tokens: int | None) -> np.ndarray:
+    """The shard's tokens (memory-mapped, first `max_tokens` only when given), checked against
+    the vocabulary a million at a time so no int64 copy of the whole shard is made."""
+    tokens = shards.tokens(split, symbol)[:max_tokens]
+    for lo in range(0, len(tokens), 1 << 20):
+        shards.tokenizer.check_tokens(tokens[lo:lo + (1 << 20)])
+    return tokens
+
+
+def _report(per_scorer: dict[str, list[ScoreSums]], symbols: list[str],
+            train_symbols: set[str], summary: SummaryConfig) -> dict:
+    overall = {name: parts[0].merged(parts[1:]) for name, parts in per_scorer.items()}
+    if overall["model"].n == 0:
         raise DataError("no event token to score in the held-out split")
     per_symbol = {}
     for i, symbol in enumerate(symbols):
@@ -183,7 +190,7 @@ def _report(per_scorer: dict[str, list[PositionScores]], symbols: list[str],
             "vs_unigram": _vs_rival(section, "unigram"),
         }
     return {**_section(overall, summary), "per_symbol": per_symbol,
-            **label_stats(overall["model"].targets)}
+            **overall["model"].label_stats()}
 
 
 def _vs_rival(section: dict, name: str | None) -> dict | None:
@@ -204,16 +211,20 @@ def _vs_rival(section: dict, name: str | None) -> dict | None:
             "verdict": "model better" if hi < 0 else "model worse" if lo > 0 else "no clear difference"}
 
 
-def _section(scores: dict[str, PositionScores], summary: SummaryConfig) -> dict:
+def _section(scores: dict[str, ScoreSums], summary: SummaryConfig) -> dict:
+    def summarize(sums: ScoreSums) -> dict:
+        return sums.summary(summary.bootstrap_samples, summary.seed, summary.max_log_perplexity)
+
     model = scores["model"]
-    out_model = summarize(model, summary)
-    if len(model):
-        out_model["vs_baselines"] = {name: paired_difference(model, s, summary)
-                                     for name, s in scores.items() if name != "model"}
+    out_model = summarize(model)
+    if model.n:
+        out_model["vs_baselines"] = {
+            name: model.paired(s, summary.bootstrap_samples, summary.seed)
+            for name, s in scores.items() if name != "model"}
     return {
-        "n_scored": len(model),
+        "n_scored": model.n,
         "model": out_model,
-        "baselines": {name: summarize(s, summary) for name, s in scores.items() if name != "model"},
+        "baselines": {name: summarize(s) for name, s in scores.items() if name != "model"},
     }
 
 

@@ -31,7 +31,7 @@ it as a baseline generator).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,20 +93,26 @@ def tail_contexts(seqs: np.ndarray, context_len: int, seg_id: int) -> np.ndarray
     return out
 
 
-def _targets_and_contexts(
-    shards: Sequence[np.ndarray], context_len: int, seg_id: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """All training (target, context) pairs: positions >= 1 of every shard, pad excluded."""
-    targets, contexts = [], []
+FIT_CHUNK_TOKENS = 1 << 20
+
+
+def iter_targets_and_contexts(
+    shards: Sequence[np.ndarray], context_len: int, seg_id: int, pad_id: int,
+    chunk_tokens: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Training (target, context) pairs of positions >= 1 of every shard, pad excluded, a
+    chunk of positions at a time. A chunk reads its own tokens and the `context_len` before
+    them only (an earlier segment start cannot reach into the context), so a memory-mapped
+    shard of any size is fitted in bounded memory."""
+    chunk_tokens = chunk_tokens or FIT_CHUNK_TOKENS
     for raw in shards:
-        shard = np.asarray(raw, dtype=np.int64)
-        positions = np.arange(1, len(shard), dtype=np.int64)
-        positions = positions[shard[positions] != pad_id]
-        targets.append(shard[positions])
-        contexts.append(context_matrix(shard, positions, context_len, seg_id))
-    if not targets:
-        return np.zeros(0, np.int64), np.zeros((0, context_len), np.int64)
-    return np.concatenate(targets), np.concatenate(contexts)
+        for lo in range(1, len(raw), chunk_tokens):
+            hi = min(lo + chunk_tokens, len(raw))
+            start = max(0, lo - context_len - 1)
+            local = np.asarray(raw[start:hi], dtype=np.int64)
+            positions = np.arange(lo - start, hi - start, dtype=np.int64)
+            positions = positions[local[positions] != pad_id]
+            yield local[positions], context_matrix(local, positions, context_len, seg_id)
 
 
 # --- the common interface -------------------------------------------------------------------
@@ -199,8 +205,9 @@ class UnigramBaseline(Baseline):
     @classmethod
     def fit(cls, shards: Sequence[np.ndarray], vocab_size: int, seg_id: int, pad_id: int,
             add_k: float = 0.5) -> UnigramBaseline:
-        targets, _ = _targets_and_contexts(shards, 0, seg_id, pad_id)
-        counts = np.bincount(targets, minlength=vocab_size)[:vocab_size].astype(np.float64)
+        counts = np.zeros(vocab_size)
+        for targets, _ in iter_targets_and_contexts(shards, 0, seg_id, pad_id):
+            counts += np.bincount(targets, minlength=vocab_size)[:vocab_size]
         smoothed = counts + add_k
         return cls(vocab_size, seg_id, pad_id, smoothed / smoothed.sum())
 
@@ -224,11 +231,12 @@ class CopyPreviousBaseline(Baseline):
     @classmethod
     def fit(cls, shards: Sequence[np.ndarray], vocab_size: int, seg_id: int, pad_id: int,
             n_event_tokens: int) -> CopyPreviousBaseline:
-        targets, ctx = _targets_and_contexts(shards, 1, seg_id, pad_id)
-        prev = ctx[:, 0]
-        copying = (prev >= 0) & (prev < n_event_tokens) & (targets < n_event_tokens)
-        n = int(copying.sum())
-        misses = int((targets[copying] != prev[copying]).sum())
+        n = misses = 0
+        for targets, ctx in iter_targets_and_contexts(shards, 1, seg_id, pad_id):
+            prev = ctx[:, 0]
+            copying = (prev >= 0) & (prev < n_event_tokens) & (targets < n_event_tokens)
+            n += int(copying.sum())
+            misses += int((targets[copying] != prev[copying]).sum())
         # Maximum likelihood eps = misses / n; the add-half keeps it inside (0, 1).
         eps = (misses + 0.5) / (n + 1.0)
         return cls(vocab_size, seg_id, pad_id, n_event_tokens, float(eps))
@@ -317,9 +325,14 @@ class MarkovModel(Baseline):
         n = order + 1
         if float(base) ** n >= 2.0 ** 62:
             raise ValueError(f"a {n}-gram over {vocab_size} tokens does not fit an int64 key")
-        targets, ctx = _targets_and_contexts(shards, order, seg_id, pad_id)
-        grams = np.concatenate([np.where(ctx < 0, vocab_size, ctx), targets[:, None]], axis=1)
-        keys, counts = np.unique(_fold(grams, base), return_counts=True)
+        # n-gram counts merged chunk by chunk: memory follows the distinct n-grams, not the data
+        keys, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for targets, ctx in iter_targets_and_contexts(shards, order, seg_id, pad_id):
+            grams = np.concatenate([np.where(ctx < 0, vocab_size, ctx), targets[:, None]], axis=1)
+            chunk_keys, chunk_counts = np.unique(_fold(grams, base), return_counts=True)
+            keys, inverse = np.unique(np.concatenate([keys, chunk_keys]), return_inverse=True)
+            counts = np.bincount(inverse, weights=np.concatenate([counts, chunk_counts]),
+                                 minlength=len(keys)).astype(np.int64)
         levels = [_level(keys, counts, base)]
         for j in range(n - 1, 0, -1):
             # Continuation count of a j-gram: distinct tokens seen before it, i.e. the
@@ -398,7 +411,7 @@ def fit_baselines(
     n_event_tokens: int, cfg: BaselineConfig = BaselineConfig(),
 ) -> dict[str, Baseline]:
     """Every baseline, fitted on the given TRAINING shards (one 1-D token array per shard)."""
-    shards = [np.asarray(s, dtype=np.int64) for s in train_shards]
+    shards = list(train_shards)  # memory-mapped shards stay on disk: fitting reads chunks
     out: dict[str, Baseline] = {
         "uniform": UniformBaseline(vocab_size, seg_id, pad_id),
         "unigram": UnigramBaseline.fit(shards, vocab_size, seg_id, pad_id, cfg.unigram_add_k),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -82,12 +83,16 @@ class PrepareConfig:
 
 # --- windows ------------------------------------------------------------------------------
 
+def n_windows(n_tokens: int, block_size: int, stride: int) -> int:
+    """How many windows of block_size + 1 tokens (inputs + shifted targets) a shard holds;
+    window i starts at token i * stride."""
+    last = n_tokens - (block_size + 1)
+    return 0 if last < 0 else last // stride + 1
+
+
 def window_starts(n_tokens: int, block_size: int, stride: int) -> np.ndarray:
     """Starts of the windows of block_size + 1 tokens (inputs + shifted targets) in a shard."""
-    last = n_tokens - (block_size + 1)
-    if last < 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.arange(0, last + 1, stride, dtype=np.int64)
+    return np.arange(n_windows(n_tokens, block_size, stride), dtype=np.int64) * stride
 
 
 def sequential_windows(
@@ -207,15 +212,7 @@ class ShardSet:
         lo, hi = shard["rows"]
         if tail is not None:
             lo = max(lo, hi - max(tail, 0))
-        parts = self.manifest["events"][symbol]
-        frames, start = [_scan_part(self.root, parts[0], symbol).head(0)], 0
-        for part in parts:
-            end = start + part["n_events"]
-            first, last = max(lo, start), min(hi, end)
-            if last > first:
-                frames.append(_scan_part(self.root, part, symbol).slice(first - start, last - first))
-            start = end
-        events = pl.concat(frames).collect()
+        events = self._rows(symbol, lo, hi)
         # The shard ends with its last event; before an event come the events after it and
         # one SEG token before each segment start after it.
         starts = events["segment_start"].to_numpy().astype(np.int64)
@@ -225,9 +222,135 @@ class ShardSet:
         return events.with_columns(token=pl.Series(tokens, dtype=pl.Int32),
                                    token_pos=pl.Series(token_pos, dtype=pl.Int64))
 
+    def _rows(self, symbol: str, lo: int, hi: int, global_segments: bool = True) -> pl.DataFrame:
+        """Stored event rows [lo, hi) of a symbol's files.
+
+        With ``global_segments=False`` the segment ids are counted from the first row read
+        (they still change exactly at segment starts), which lets Polars read only the rows
+        asked for: global ids need every earlier row's segment_start, so a slice of them
+        reads (and, as a zero-copy view, keeps alive) the whole file.
+        """
+        parts = self.manifest["events"][symbol]
+        scan = _scan_part if global_segments else _scan_part_rows
+        frames, start = [scan(self.root, parts[0], symbol).head(0)], 0
+        for part in parts:
+            end = start + part["n_events"]
+            first, last = max(lo, start), min(hi, end)
+            if last > first:
+                frames.append(scan(self.root, part, symbol).slice(first - start, last - first))
+            start = end
+        events = pl.concat(frames).collect()
+        if global_segments:
+            return events
+        segment = events["segment_start"].cast(pl.Int32).cum_sum()
+        return events.with_columns(segment=segment).select(EVENT_COLUMNS)
+
+    def n_events(self, split: str, symbol: str) -> int:
+        lo, hi = self.manifest["shards"][split][symbol]["rows"]
+        return hi - lo
+
+    def sample_events(self, split: str, max_events: int, window: int,
+                      seed: int = 0) -> tuple[pl.DataFrame, dict]:
+        """At most ~`max_events` event rows of `split`: all of them when they fit, else a
+        seeded sample of `window`-event windows, stratified by symbol (in proportion to its
+        events) and by time (one window drawn inside each of equal strata of its rows).
+
+        Only the drawn rows are read, so memory does not grow with the split. A window's
+        rows get segment ids of their own (``segment`` is renumbered over (window,
+        segment)), so no statistic runs across the hole between two windows. Returns the
+        rows and a description of the sample for facts.json.
+        """
+        symbols = [s for s in self.symbols(split) if self.n_events(split, s) > 0]
+        sizes = {s: self.n_events(split, s) for s in symbols}
+        total = sum(sizes.values())
+        info = {"split": split, "events_in_split": total, "max_events": max_events,
+                "window_events": window, "seed": seed}
+        if total <= max_events:
+            frames = [self._rows(s, *self.manifest["shards"][split][s]["rows"]) for s in symbols]
+            events = pl.concat(frames) if frames else pl.DataFrame()
+            return events, {**info, "complete": True, "windows": None, "events": events.height}
+        ranges = {s: tuple(self.manifest["shards"][split][s]["rows"]) for s in symbols}
+        plan = window_plan(ranges, max_events, window, seed)
+        events = pl.concat([self.window_rows(split, symbol, start, stop).with_columns(
+            window=pl.lit(i, dtype=pl.Int64)) for i, (symbol, start, stop) in enumerate(plan)])
+        drawn = len(plan)
+        window_ids, segments = events["window"].to_numpy(), events["segment"].to_numpy()
+        changed = np.r_[False, (window_ids[1:] != window_ids[:-1]) | (segments[1:] != segments[:-1])]
+        events = events.with_columns(segment=pl.Series(np.cumsum(changed), dtype=pl.Int32))
+        events = events.drop("window")
+        return events, {**info, "complete": False, "windows": drawn, "events": events.height}
+
+    def window_rows(self, split: str, symbol: str, start: int, stop: int) -> pl.DataFrame:
+        """Stored rows [start, stop) of the symbol's files (a window of ``window_plan``),
+        segment ids counted locally. A slice read is a zero-copy view of the whole row group
+        it came from: the copy keeps only the window's rows alive."""
+        rows = self._rows(symbol, start, stop, global_segments=False)
+        return pl.DataFrame({c: rows[c].to_numpy().copy() for c in rows.columns}).cast(
+            dict(rows.schema))
+
+    def seg_positions(self, split: str, symbol: str) -> np.ndarray:
+        """Token positions of the shard's SEG tokens (one per segment start), read from the
+        memory-mapped tokens a million at a time."""
+        tokens, seg = self.tokens(split, symbol), self.tokenizer.seg_id
+        step = 1 << 20
+        found = [lo + np.flatnonzero(np.asarray(tokens[lo:lo + step]) == seg)
+                 for lo in range(0, len(tokens), step)]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def event_at_token(self, split: str, symbol: str, token_pos: int,
+                       seg_positions: np.ndarray | None = None) -> pl.DataFrame:
+        """The one event row (with `token_pos`) that is the last at or before token position
+        `token_pos` of the shard, read alone: a shard's tokens are its events with one SEG
+        before each segment start, so that event is number token_pos - (SEGs up to it)."""
+        segs = self.seg_positions(split, symbol) if seg_positions is None else seg_positions
+        index = token_pos - int(np.searchsorted(segs, token_pos, side="right"))
+        if index < 0:
+            raise DataError(f"no event at or before token {token_pos} of the {split} shard of "
+                            f"{symbol}", self.root)
+        lo = self.manifest["shards"][split][symbol]["rows"][0]
+        row = self._rows(symbol, lo + index, lo + index + 1)
+        position = token_pos  # step back over SEG tokens to the event's own position
+        while np.any(segs == position):
+            position -= 1
+        return row.with_columns(token_pos=pl.lit(position, dtype=pl.Int64))
+
+    def events_between_tokens(self, split: str, symbol: str, lo_pos: int, hi_pos: int,
+                              n_after: int = 0, seg_positions: np.ndarray | None = None,
+                              ) -> pl.DataFrame:
+        """The events whose token position lies in [lo_pos, hi_pos), then up to `n_after`
+        more, with `token_pos`; only those rows are read (see ``event_at_token``)."""
+        segs = self.seg_positions(split, symbol) if seg_positions is None else seg_positions
+        first = lo_pos - int(np.searchsorted(segs, lo_pos, side="left"))
+        stop = hi_pos - int(np.searchsorted(segs, hi_pos, side="left")) + n_after
+        lo, hi = self.manifest["shards"][split][symbol]["rows"]
+        rows = self._rows(symbol, lo + first, min(lo + stop, hi))
+        index = np.arange(first, first + rows.height)
+        token_pos = index + np.searchsorted(segs - np.arange(len(segs)), index, side="right")
+        return rows.with_columns(token_pos=pl.Series(token_pos, dtype=pl.Int64))
+
     def all_events(self, split: str) -> pl.DataFrame:
         frames = [self.events(split, s) for s in self.symbols(split)]
         return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def window_plan(ranges: dict[str, tuple[int, int]], max_events: int, window: int,
+                seed: int = 0) -> list[tuple[str, int, int]]:
+    """(symbol, first row, end row) of ~`max_events // window` windows of `window` rows:
+    each symbol gets windows in proportion to its rows (at least one), one drawn uniformly
+    inside each of that many equal strata of its row range, so the sample covers the
+    whole time range and never overlaps itself."""
+    rng = np.random.default_rng(seed)
+    total = sum(hi - lo for lo, hi in ranges.values())
+    n_total = max(1, max_events // window)
+    plan = []
+    for symbol, (lo, hi) in ranges.items():
+        share = max(1, round(n_total * (hi - lo) / total))
+        n_strata = min(share, max(1, (hi - lo) // window))
+        edges = np.linspace(lo, hi, n_strata + 1).astype(np.int64)
+        for a, b in itertools.pairwise(edges):
+            start = int(rng.integers(a, max(a, b - window) + 1))
+            plan.append((symbol, start, min(start + window, int(b))))
+    return plan
 
 
 class WindowSampler:
@@ -245,15 +368,17 @@ class WindowSampler:
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         stride = stride or shards.manifest["config"]["stride"]
+        self.stride = stride
         self.symbols = [s for s in shards.symbols(split)
-                        if len(window_starts(shards.n_tokens(split, s), block_size, stride))]
+                        if n_windows(shards.n_tokens(split, s), block_size, stride)]
         if not self.symbols:
             raise DataError(
                 f"no {split} window of {block_size + 1} tokens fits in any shard; "
                 f"use a smaller block_size", shards.root)
+        # Memory-mapped shards, read one window at a time: nothing grows with the data.
         self._tokens = {s: shards.tokens(split, s) for s in self.symbols}
-        self._starts = [window_starts(len(self._tokens[s]), block_size, stride) for s in self.symbols]
-        counts = np.array([len(st) for st in self._starts], dtype=np.float64)
+        self._n_windows = [n_windows(len(self._tokens[s]), block_size, stride) for s in self.symbols]
+        counts = np.array(self._n_windows, dtype=np.float64)
         self._weights = counts / counts.sum()
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.seen = {s: 0 for s in self.symbols}
@@ -261,19 +386,19 @@ class WindowSampler:
 
     @property
     def windows_per_symbol(self) -> dict[str, int]:
-        return {s: len(st) for s, st in zip(self.symbols, self._starts)}
+        return dict(zip(self.symbols, self._n_windows))
 
     def next_batch(self):
         import torch
 
         global_batch = self.batch_size * self.world_size
         which = self.rng.choice(len(self.symbols), size=global_batch, p=self._weights)
-        picks = [int(self.rng.integers(len(self._starts[i]))) for i in which]
+        picks = [int(self.rng.integers(self._n_windows[i])) for i in which]
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         rows, names = [], []
         for i, pick in zip(which[lo:hi], picks[lo:hi]):
             symbol = self.symbols[i]
-            start = int(self._starts[i][pick])
+            start = pick * self.stride
             rows.append(np.asarray(self._tokens[symbol][start:start + self.block_size + 1], dtype=np.int64))
             names.append(symbol)
         for i in which:
@@ -450,6 +575,17 @@ def _scan_part(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
     segment = pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + part["segment_offset"]
     return events.with_columns(symbol=pl.lit(symbol, dtype=pl.Utf8),
                                segment=segment.cast(pl.Int32)).select(EVENT_COLUMNS)
+
+
+def _scan_part_rows(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
+    """One file's stored events with its patched head, its symbol and no segment ids (see
+    ``ShardSet._rows``)."""
+    events = pl.scan_parquet(root / part["events"])
+    if part.get("head"):
+        head = pl.scan_parquet(root / part["head"])
+        events = pl.concat([head, events.slice(part["head_rows"])])
+    return events.with_columns(symbol=pl.lit(symbol, dtype=pl.Utf8)).select(
+        [c for c in EVENT_COLUMNS if c != "segment"])
 
 
 def _encode_part(root: str, symbol: str, part: dict, tokenizer_path: str, offset: int,
@@ -707,7 +843,7 @@ def _assemble_shards(tmp: Path, parts: dict, encoded: list, cuts: dict, cfg: Pre
             shard["end_time_us"] = info["last_time_us"]
     for by_symbol in shards.values():
         for shard in by_symbol.values():
-            shard["n_windows"] = len(window_starts(shard["n_tokens"], cfg.block_size, cfg.stride))
+            shard["n_windows"] = n_windows(shard["n_tokens"], cfg.block_size, cfg.stride)
     return shards
 
 

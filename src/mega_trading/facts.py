@@ -118,6 +118,10 @@ class FactsConfig:
     block_len: int = 1
     n_bins: int = 50
     max_distance_samples: int = 20000
+    # Real data read per split (backtest = the target, train = the noise floor and Hawkes):
+    # all of it up to this many events, else a seeded stratified sample of windows.
+    max_real_events: int = 200_000
+    real_window_events: int = 0  # sampled window length; 0: the rollout length
 
     def __post_init__(self) -> None:
         if self.max_lag < 1:
@@ -126,6 +130,8 @@ class FactsConfig:
             raise ConfigError("facts.hill_fraction must be in (0, 1)")
         if any(h < 1 for h in self.event_horizons) or any(h <= 0 for h in self.wallclock_horizons_s):
             raise ConfigError("facts horizons must be positive")
+        if self.max_real_events < 100 or self.real_window_events < 0:
+            raise ConfigError("facts: need max_real_events >= 100, real_window_events >= 0")
         if self.n_boot < 0 or self.block_len < 1 or self.n_bins < 2 or self.max_distance_samples < 10:
             raise ConfigError("facts: need n_boot >= 0, block_len >= 1, n_bins >= 2, "
                               "max_distance_samples >= 10")
@@ -642,25 +648,23 @@ def summary_table(card: Mapping[str, Any]) -> list[dict[str, str]]:
 
 # --- the facts stage: real vs rollouts vs baseline generators --------------------------------
 
-def tokenized_real(shards: Any, split: str) -> pl.DataFrame:
+def tokenized_real(tokenizer: Any, events: pl.DataFrame) -> pl.DataFrame:
     """Real events passed through the tokenizer and decoded back (the quantization floor).
 
     Model rollouts are decoded tokens, so part of their distance from real flow is just the
     bins; this source shows how much, so the model is not blamed for the tokenizer.
     """
-    frames = []
-    for symbol in shards.symbols(split):
-        events = shards.events(split, symbol)
-        decoded = shards.tokenizer.decode(events["token"].to_numpy())
-        frames.append(events.select("symbol", "time_us", "segment", "segment_start").hstack(
-            decoded.select("side", "move_bps", "log_size", "dt_us")))
-    return pl.concat(frames)
+    decoded = tokenizer.decode(tokenizer.encode(events))
+    return events.select("symbol", "time_us", "segment", "segment_start").hstack(
+        decoded.select("side", "move_bps", "log_size", "dt_us"))
 
 
 def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int,
-                      trained: Any = None) -> dict[str, pl.DataFrame]:
+                      trained: Any = None, train_events: pl.DataFrame | None = None,
+                      ) -> dict[str, pl.DataFrame]:
     """Markov-3 continuations of the model's own prompts, and a compound Hawkes process,
-    both fitted on the train split of ``trained`` (default: ``shards`` itself)."""
+    both fitted on the train split of ``trained`` (default: ``shards`` itself); Hawkes on
+    `train_events` when given (the bounded sample of that split)."""
     trained = trained or shards
     from mega_trading.backtest import fit_train_baselines
     from mega_trading.generate import make_prompts, rollouts_to_events
@@ -672,7 +676,8 @@ def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int,
     markov_events = rollouts_to_events(
         tokens[:, prompts.shape[1]:], shards.tokenizer, info["last_price"].to_numpy(),
         info["last_time_us"].to_numpy(), info["symbol"].to_list(), info["size_level"].to_numpy())
-    hawkes = CompoundHawkes.fit(trained.all_events("train"))
+    hawkes = CompoundHawkes.fit(train_events if train_events is not None
+                                else trained.all_events("train"))
     hawkes_events = hawkes.sample(n_events, np.random.default_rng(seed + 1))
     return {"markov3": markov_events, "compound_hawkes": hawkes_events}
 
@@ -699,10 +704,13 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
     # the noise floor come from the data the run was trained on.
     run_config = Path(lineage.get("run") or "/nonexistent") / "config.json"
     trained = shards.training_data(read_json(run_config) if run_config.is_file() else None)
-    baselines = baseline_rollouts(shards, gen_cfg, n_events, seed, trained)
-    baselines["tokenized_real"] = tokenized_real(shards, "backtest")
-    card = scorecard(shards.all_events("backtest"), trained.all_events("train"), model_events,
-                     baselines, cfg, seed)
+    window = cfg.real_window_events or gen_cfg.length
+    real, real_sample = shards.sample_events("backtest", cfg.max_real_events, window, seed)
+    floor, floor_sample = trained.sample_events("train", cfg.max_real_events, window, seed + 1)
+    baselines = baseline_rollouts(shards, gen_cfg, n_events, seed, trained, floor)
+    baselines["tokenized_real"] = tokenized_real(shards.tokenizer, real)
+    card = scorecard(real, floor, model_events, baselines, cfg, seed)
+    card["real_sample"] = {"real": real_sample, "noise_floor": floor_sample}
     write_scorecard(out, card, stage="facts", tokenizer_hash=shards.tokenizer_hash,
                     manifest_hash=shards.manifest_hash,
                     rollouts=str(rollouts_path) if rollouts_path else None,

@@ -338,22 +338,21 @@ def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None
     size_window = _size_window(shards)
     which = rng.choice(len(names), size=n, p=weights)
     rows, info = [], []
-    cache: dict[str, tuple[np.ndarray, pl.DataFrame, np.ndarray]] = {}
+    segs: dict[str, np.ndarray] = {}  # SEG positions per shard: the event index of a token
     for i, k in enumerate(which):
         name = names[k]
-        if name not in cache:
-            events = shards.events(split, name).sort("token_pos")
-            cache[name] = (shards.tokens(split, name), events, events["token_pos"].to_numpy())
-        tokens, events, token_pos = cache[name]
+        if name not in segs:
+            segs[name] = shards.seg_positions(split, name)
         start = lowest + int(rng.integers(n_starts(name)))
-        rows.append(np.asarray(tokens[start:start + length], dtype=np.int64))
-        last = int(np.searchsorted(token_pos, start + length, side="left")) - 1
+        rows.append(np.asarray(shards.tokens(split, name)[start:start + length], dtype=np.int64))
+        # The last real event in the window, read alone (never the whole split).
+        last = shards.event_at_token(split, name, start + length - 1, segs[name])
         info.append({
             "rollout": i, "symbol": name, "split": split, "start_pos": start, "length": length,
-            "last_trade_id": int(events["trade_id"][last]),
-            "last_price": float(events["price"][last]),
-            "last_time_us": int(events["time_us"][last]),
-            "size_level": _next_size_level(events, last, size_window),
+            "last_trade_id": int(last["trade_id"][0]),
+            "last_price": float(last["price"][0]),
+            "last_time_us": int(last["time_us"][0]),
+            "size_level": _next_size_level(last, 0, size_window),
         })
     return torch.from_numpy(np.stack(rows)), pl.DataFrame(info)
 

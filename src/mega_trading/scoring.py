@@ -31,11 +31,13 @@ Per position:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from mega_trading.score_sums import ScoreSums, bootstrap_mean_ci
 
 TOP_KS = (1, 5)
 
@@ -98,6 +100,13 @@ class PositionScores:
 
     def __len__(self) -> int:
         return len(self.logp)
+
+    def subset(self, keep: np.ndarray) -> PositionScores:
+        return PositionScores(
+            self.positions[keep], self.targets[keep], self.logp[keep], self.top1_prob[keep],
+            self.top1_hit[keep], self.top5_hit[keep],
+            {n: v[keep] for n, v in self.field_logp.items()},
+            None if self.shard_ids is None else self.shard_ids[keep])
 
     def with_shard(self, shard_id: int) -> PositionScores:
         ids = np.full(len(self), shard_id, dtype=np.int64)
@@ -193,19 +202,34 @@ def _field_log_probs(lp, tgt, spec: FieldSpec) -> dict:
 
 # --- scorers ----------------------------------------------------------------------------------
 
-def score_baseline(baseline, tokens: np.ndarray, spec: FieldSpec,
-                   chunk_size: int = 2048) -> PositionScores:
-    """Score every event target of one shard with a baseline (``baselines.Baseline``)."""
+def iter_baseline_scores(baseline, tokens: np.ndarray, spec: FieldSpec,
+                         chunk_size: int = 2048) -> Iterator[PositionScores]:
+    """Score every event target of one shard with a baseline (``baselines.Baseline``), a
+    chunk of `chunk_size` token positions at a time.
+
+    Each chunk reads only its own tokens and the `context_len` before them: a segment start
+    further back cannot matter (every context slot lies inside that stretch), so memory does
+    not grow with the shard (which may be a memory-mapped file of any size).
+    """
     from mega_trading.baselines import segment_floor
 
-    tokens = np.asarray(tokens, dtype=np.int64)
-    positions = spec.scored_positions(tokens)
-    floor = segment_floor(tokens, spec.seg_id)
-    parts = []
-    for lo in range(0, len(positions), chunk_size):
-        pos = positions[lo:lo + chunk_size]
-        ctx = baseline.contexts_for(tokens, pos, floor)
-        parts.append(reduce_log_probs(baseline.log_probs(ctx), tokens[pos], pos, spec))
+    reach = baseline.context_len + 1
+    for lo in range(1, len(tokens), chunk_size):
+        hi = min(lo + chunk_size, len(tokens))
+        start = max(0, lo - reach)
+        local = np.asarray(tokens[start:hi], dtype=np.int64)
+        local_pos = np.arange(lo - start, hi - start, dtype=np.int64)
+        local_pos = local_pos[local[local_pos] < spec.n_event_tokens]
+        if len(local_pos) == 0:
+            continue
+        ctx = baseline.contexts_for(local, local_pos, segment_floor(local, spec.seg_id))
+        yield reduce_log_probs(baseline.log_probs(ctx), local[local_pos], local_pos + start, spec)
+
+
+def score_baseline(baseline, tokens: np.ndarray, spec: FieldSpec,
+                   chunk_size: int = 2048) -> PositionScores:
+    """All of ``iter_baseline_scores`` at once (small shards; tests)."""
+    parts = list(iter_baseline_scores(baseline, tokens, spec, chunk_size))
     return PositionScores.concat(parts, spec.field_names) if parts else _empty(spec)
 
 
@@ -215,11 +239,12 @@ def _empty(spec: FieldSpec) -> PositionScores:
                           {n: z for n in spec.field_names})
 
 
-def score_model(
+def iter_model_scores(
     model: Callable, tokens: np.ndarray, spec: FieldSpec, block_size: int | None = None,
     batch_size: int = 16, device: Any = None, stride: int | None = None,
-) -> PositionScores:
-    """Score every event target of one shard exactly once, each with maximal past context.
+) -> Iterator[PositionScores]:
+    """Score every event target of one shard exactly once, each with maximal past context;
+    yields one batch of windows' scores at a time.
 
     ``model`` maps ``LongTensor[B, T] -> logits[B, T, V]`` (a ``Transformer`` or any causal
     callable). Windows of ``block_size + 1`` tokens slide with ``stride`` (default half a
@@ -231,7 +256,6 @@ def score_model(
 
     from mega_trading.dataset import sequential_windows
 
-    tokens = np.asarray(tokens, dtype=np.int64)
     block_size = block_size or model.cfg.block_size
     if device is None:
         params = getattr(model, "parameters", None)
@@ -239,20 +263,24 @@ def score_model(
         device = first.device if first is not None else torch.device("cpu")
     if hasattr(model, "eval"):
         model.eval()
-    parts: list[PositionScores] = []
     pending: list[tuple[int, np.ndarray, int]] = []
-
-    def flush() -> None:
-        if pending:
-            parts.append(_score_windows(model, pending, spec, device))
-            pending.clear()
-
     with torch.inference_mode():
         for start, window, score_from in sequential_windows(tokens, block_size, stride):
             if pending and (len(pending) == batch_size or len(window) != len(pending[0][1])):
-                flush()
+                yield _score_windows(model, pending, spec, device)
+                pending = []
             pending.append((start, window, score_from))
-        flush()
+        if pending:
+            yield _score_windows(model, pending, spec, device)
+
+
+def score_model(
+    model: Callable, tokens: np.ndarray, spec: FieldSpec, block_size: int | None = None,
+    batch_size: int = 16, device: Any = None, stride: int | None = None,
+) -> PositionScores:
+    """All of ``iter_model_scores`` at once (small shards; tests)."""
+    parts = list(iter_model_scores(model, np.asarray(tokens, dtype=np.int64), spec, block_size,
+                                   batch_size, device, stride))
     return PositionScores.concat(parts, spec.field_names) if parts else _empty(spec)
 
 
@@ -292,21 +320,10 @@ def reliability(confidence: np.ndarray, correct: np.ndarray,
                 n_bins: int = 15) -> tuple[float, list[dict]]:
     """Expected calibration error of the top-1 probability, and the bin table behind it."""
     confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
-    which = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(which, minlength=n_bins)
-    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
-    hit_sum = np.bincount(which, weights=correct, minlength=n_bins)
-    bins, ece = [], 0.0
-    for b in range(n_bins):
-        n = int(count[b])
-        conf = conf_sum[b] / n if n else None
-        acc = hit_sum[b] / n if n else None
-        if n:
-            ece += n / len(confidence) * abs(acc - conf)
-        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": n,
-                     "confidence": conf, "accuracy": acc})
-    return float(ece), bins
+    n = len(confidence)
+    scores = PositionScores(np.arange(n), np.zeros(n, np.int64), np.zeros(n), confidence,
+                            np.asarray(correct, dtype=np.float64), np.zeros(n))
+    return ScoreSums((), n_bins=n_bins).add(scores).reliability()
 
 
 def block_ids(scores: PositionScores, block: int) -> np.ndarray:
@@ -318,27 +335,13 @@ def block_ids(scores: PositionScores, block: int) -> np.ndarray:
 
 def block_bootstrap_ci(values: np.ndarray, blocks: np.ndarray, samples: int = 1000,
                        seed: int = 0, level: float = 0.95) -> list[float]:
-    """Percentile CI of the mean of `values`, resampling whole blocks with replacement.
-
-    Blocks keep the serial dependence of order flow inside each resampled unit, so the
-    interval is not falsely narrow the way a per-position bootstrap would be.
-    """
+    """Percentile CI of the mean of `values`, resampling whole blocks with replacement
+    (``score_sums.bootstrap_mean_ci`` on the blocks' sums)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return [None, None]
-    sums = np.bincount(blocks, weights=values)
-    counts = np.bincount(blocks).astype(np.float64)
-    n_blocks = len(sums)
-    rng = np.random.default_rng(seed)
-    means = np.empty(samples)
-    per_round = max(1, 4_000_000 // n_blocks)  # bounded memory for many blocks
-    for lo in range(0, samples, per_round):
-        hi = min(samples, lo + per_round)
-        pick = rng.integers(0, n_blocks, size=(hi - lo, n_blocks))
-        means[lo:hi] = sums[pick].sum(1) / counts[pick].sum(1)
-    alpha = (1.0 - level) / 2
-    lo_q, hi_q = np.quantile(means, [alpha, 1 - alpha])
-    return [float(lo_q), float(hi_q)]
+    return bootstrap_mean_ci(np.bincount(blocks, weights=values),
+                             np.bincount(blocks).astype(np.float64), samples, seed, level)
 
 
 def label_stats(targets: np.ndarray) -> dict:
@@ -352,30 +355,20 @@ def label_stats(targets: np.ndarray) -> dict:
             "n_distinct_labels": int((counts > 0).sum())}
 
 
+def sums_of(scores: PositionScores, cfg: SummaryConfig = SummaryConfig()) -> ScoreSums:
+    """The running sums of a whole ``PositionScores`` (shard by shard)."""
+    sums = ScoreSums(tuple(scores.field_logp), n_bins=cfg.n_bins,
+                     bootstrap_block=cfg.bootstrap_block)
+    if scores.shard_ids is None:
+        return sums.add(scores)
+    for shard_id in np.unique(scores.shard_ids):
+        sums.add(scores.subset(scores.shard_ids == shard_id), int(shard_id))
+    return sums
+
+
 def summarize(scores: PositionScores, cfg: SummaryConfig = SummaryConfig()) -> dict:
     """Every reported metric of one scorer on one set of positions."""
-    n = len(scores)
-    if n == 0:
-        return {"n_scored": 0}
-    nll = -scores.logp
-    mean_nll = float(nll.mean())
-    ece, bins = reliability(scores.top1_prob, scores.top1_hit, cfg.n_bins)
-    blocks = block_ids(scores, cfg.bootstrap_block)
-    return {
-        "n_scored": n,
-        "nll_nats": mean_nll,
-        "nll_nats_ci95": block_bootstrap_ci(nll, blocks, cfg.bootstrap_samples, cfg.seed),
-        "bits_per_event": float(nll.sum() / n / math.log(2)),
-        "perplexity": perplexity(mean_nll, cfg.max_log_perplexity),
-        "top1": float(scores.top1_hit.mean()),
-        "top5": float(scores.top5_hit.mean()),
-        "ece": ece,
-        "reliability": bins,
-        "per_field": {name: {"nll_nats": float(-lp.mean()),
-                             "bits": float(-lp.mean() / math.log(2))}
-                      for name, lp in scores.field_logp.items()},
-        **label_stats(scores.targets),
-    }
+    return sums_of(scores, cfg).summary(cfg.bootstrap_samples, cfg.seed, cfg.max_log_perplexity)
 
 
 def paired_difference(a: PositionScores, b: PositionScores,
@@ -387,9 +380,4 @@ def paired_difference(a: PositionScores, b: PositionScores,
     """
     if not (np.array_equal(a.positions, b.positions) and np.array_equal(a.targets, b.targets)):
         raise ValueError("paired comparison needs two scorers on exactly the same positions")
-    if len(a) == 0:
-        return {"delta_nll_nats": None, "ci95": [None, None]}
-    diff = b.logp - a.logp  # = nll_a - nll_b
-    blocks = block_ids(a, cfg.bootstrap_block)
-    return {"delta_nll_nats": float(diff.mean()),
-            "ci95": block_bootstrap_ci(diff, blocks, cfg.bootstrap_samples, cfg.seed)}
+    return sums_of(a, cfg).paired(sums_of(b, cfg), cfg.bootstrap_samples, cfg.seed)

@@ -583,7 +583,7 @@ class RolloutService:
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
                                     settings.batch_rows)
         self.batcher = Batcher(self.engine, settings)
-        self._windows: dict[tuple[str, str], tuple[np.ndarray, pl.DataFrame, np.ndarray]] = {}
+        self._windows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._windows_lock = threading.Lock()
 
     # startup ---------------------------------------------------------------------------
@@ -671,7 +671,8 @@ class RolloutService:
             anchor, price=req.start_price if req.start_price is not None else anchor.price,
             time_us=req.start_time_us if req.start_time_us is not None else anchor.time_us)
 
-    def _shard(self, split: str, symbol: str) -> tuple[np.ndarray, pl.DataFrame, np.ndarray]:
+    def _shard(self, split: str, symbol: str) -> tuple[np.ndarray, np.ndarray]:
+        """(memory-mapped tokens, SEG positions) of a shard: events are read one at a time."""
         if self.shards is None:
             raise ServeError("this server has no prepared data (start it with --data DIR), "
                              "so it cannot serve named windows")
@@ -681,9 +682,8 @@ class RolloutService:
                              f"(it has {', '.join(symbols) or 'none'})")
         with self._windows_lock:
             if (split, symbol) not in self._windows:
-                events = self.shards.events(split, symbol).sort("token_pos")
-                self._windows[split, symbol] = (np.asarray(self.shards.tokens(split, symbol)),
-                                                events, events["token_pos"].to_numpy())
+                self._windows[split, symbol] = (self.shards.tokens(split, symbol),
+                                                self.shards.seg_positions(split, symbol))
             return self._windows[split, symbol]
 
     def _segment_start(self, symbol: str | None) -> tuple[np.ndarray, Anchor]:
@@ -701,12 +701,20 @@ class RolloutService:
         if not held:
             raise ServeError(f"the data has no shard for {symbol}")
         for split in held:  # the latest data first
-            starts = self._shard(split, symbol)[1].filter(pl.col("segment_start"))
-            if not starts.is_empty():
+            tokens, segs = self._shard(split, symbol)
+            # The latest SEG before an event that opens a segment (a shard's opening SEG may
+            # sit before the middle of a segment cut by the split boundary).
+            first = None
+            for seg in segs[::-1][:2]:
+                if seg + 1 < len(tokens):
+                    row = self.shards.event_at_token(split, symbol, int(seg) + 1, segs)
+                    if bool(row["segment_start"][0]):
+                        first = row.row(0, named=True)
+                        break
+            if first is not None:
                 break
         else:
             raise ServeError(f"the data holds no segment start of {symbol}")
-        first = starts.row(starts.height - 1, named=True)
         level = math.exp(math.log(first["quote_qty"]) - first["log_size"])
         return seed, Anchor("segment_start", price=float(first["price"]),
                             time_us=int(first["time_us"]), size_level=level, split=split,
@@ -714,22 +722,24 @@ class RolloutService:
 
     def _window(self, ref: WindowRef) -> tuple[np.ndarray, Anchor]:
         """Tokens of a named window and the last real trade at or before its end (the same
-        anchor rule as generate.prompt_from_split)."""
+        anchor rule as generate.prompt_from_split), read alone."""
         from mega_trading.generate import _next_size_level, _size_window
 
-        tokens, events, token_pos = self._shard(ref.split, ref.symbol)
+        tokens, segs = self._shard(ref.split, ref.symbol)
         n_tokens = len(tokens)
         length = ref.length or min(DEFAULT_WINDOW, self.block_size, n_tokens)
         start = n_tokens - length if ref.start is None else ref.start
         if start < 0 or start + length > n_tokens:
             raise ServeError(f"window [{start}, {start + length}) does not fit in the "
                              f"{ref.split} {ref.symbol} shard of {n_tokens} tokens")
-        last = int(np.searchsorted(token_pos, start + length, side="left")) - 1
-        if last < 0:
-            raise ServeError(f"window [{start}, {start + length}) holds no trade to start from")
-        anchor = Anchor("window", price=float(events["price"][last]),
-                        time_us=int(events["time_us"][last]),
-                        size_level=_next_size_level(events, last, _size_window(self.shards)),
+        try:
+            last = self.shards.event_at_token(ref.split, ref.symbol, start + length - 1, segs)
+        except DataError:
+            raise ServeError(f"window [{start}, {start + length}) holds no trade to start "
+                             "from") from None
+        anchor = Anchor("window", price=float(last["price"][0]),
+                        time_us=int(last["time_us"][0]),
+                        size_level=_next_size_level(last, 0, _size_window(self.shards)),
                         split=ref.split, symbol=ref.symbol, start=start)
         return np.asarray(tokens[start:start + length], dtype=np.int64), anchor
 

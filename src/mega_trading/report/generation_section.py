@@ -68,31 +68,32 @@ def group_prompts(prompts: list[dict]) -> list[Prompt]:
 
 
 class RealEvents:
-    """Real events of the prompts' shards, loaded once per (split, symbol)."""
+    """Real events around the prompts, read prompt by prompt (never a whole split)."""
 
     def __init__(self, shards):
         self.shards = shards
-        self._cache: dict[tuple[str, str], object] = {}
+        self._segs: dict[tuple[str, str], object] = {}
 
-    def frame(self, split: str, symbol: str):
+    def _seg_positions(self, split: str, symbol: str):
         key = (split, symbol)
-        if key not in self._cache:
+        if key not in self._segs:
             try:
-                self._cache[key] = self.shards.events(split, symbol).sort("token_pos")
+                self._segs[key] = self.shards.seg_positions(split, symbol)
             except (KeyError, OSError):
-                self._cache[key] = None
-        return self._cache[key]
+                self._segs[key] = None
+        return self._segs[key]
 
     def around(self, prompt: Prompt, n_after: int):
         """(prompt events, real continuation) of a prompt; the continuation stops at a new
         segment (a hole in the data), so it never jumps across a gap."""
-        import polars as pl
-
-        events = self.frame(prompt.split, prompt.symbol)
-        if events is None:
+        segs = self._seg_positions(prompt.split, prompt.symbol)
+        if segs is None:
             return None, None
-        inside = events.filter((pl.col("token_pos") >= prompt.start_pos)
-                               & (pl.col("token_pos") < prompt.start_pos + prompt.length))
+        end = prompt.start_pos + prompt.length
+        # the anchor (last event of the window, or the event after a bare SEG) and n_after more
+        events = self.shards.events_between_tokens(prompt.split, prompt.symbol, prompt.start_pos,
+                                                   end, n_after + 1, segs)
+        inside = events.filter(events["token_pos"] < end)
         anchor = np.flatnonzero(events["trade_id"].to_numpy() == prompt.last_trade_id)
         if not len(anchor):
             return inside, None

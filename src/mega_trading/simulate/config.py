@@ -69,11 +69,16 @@ class SimConfig:
     queue: Literal["through", "touch"] = "through"  # when a resting limit order fills
     keep: int | None = None  # tokens kept when the context window slides; None: half
     bootstrap_samples: int = 1000
+    # Real tape held per split: all of it up to max_tape_events, else a seeded stratified
+    # sample of windows of tape_window_events (memory does not grow with the data).
+    max_tape_events: int = 200_000
+    tape_window_events: int = 20_000
     impact: ImpactConfig = field(default_factory=ImpactConfig)
     sampling: SamplingConfig = field(default_factory=_default_sampling)
 
     def __post_init__(self) -> None:
-        for name in ("prompt_length", "episodes", "batch_size", "max_events", "bootstrap_samples"):
+        for name in ("prompt_length", "episodes", "batch_size", "max_events", "bootstrap_samples",
+                     "max_tape_events", "tape_window_events"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"simulate.{name} must be >= 1, got {getattr(self, name)}")
         if self.impact_lags < 0:

@@ -185,7 +185,7 @@ class Tape:
             return frame[name].to_numpy().astype(dtype) if name in frame.columns else None
 
         token_pos = col("token_pos", np.int64)
-        token = (np.asarray(tokens, dtype=np.int64)[token_pos] if tokens is not None
+        token = (np.asarray(tokens[token_pos], dtype=np.int64) if tokens is not None
                  and token_pos is not None else np.full(frame.height, -1, dtype=np.int64))
         name = symbol or (str(frame["symbol"][0]) if "symbol" in frame.columns else "?")
         return cls(name, col("price", np.float64), col("time_us", np.int64),
@@ -250,7 +250,9 @@ class ReplaySource:
 
 # --- where episodes start ----------------------------------------------------------------------
 
-def _tapes(shards, split: str, symbol: str | None) -> list[Tape]:
+def _tapes(shards, split: str, symbol: str | None, cfg: SimConfig, seed: int = 0) -> list[Tape]:
+    """The split's real tape, one per symbol; above cfg.max_tape_events, a seeded stratified
+    sample of windows instead (one tape each), read window by window."""
     if split not in shards.manifest["shards"]:
         raise ConfigError(f"unknown split {split!r}; "
                           f"the data has {sorted(shards.manifest['shards'])}")
@@ -259,12 +261,31 @@ def _tapes(shards, split: str, symbol: str | None) -> list[Tape]:
         if symbol not in names:
             raise DataError(f"symbol {symbol} has no {split} shard (it has {names})", shards.root)
         names = [symbol]
+    names = [name for name in names if shards.n_tokens(split, name) > 0]
+    if sum(shards.n_events(split, name) for name in names) > cfg.max_tape_events:
+        return _window_tapes(shards, split, names, cfg, seed)
     tapes = []
     for name in names:
-        if shards.n_tokens(split, name) == 0:
-            continue
         frame = shards.events(split, name).sort("token_pos")
         tapes.append(Tape.from_frame(frame, name, np.asarray(shards.tokens(split, name))))
+    return tapes
+
+
+def _window_tapes(shards, split: str, names: list[str], cfg: SimConfig, seed: int) -> list[Tape]:
+    from mega_trading.dataset import window_plan
+
+    ranges = {name: tuple(shards.manifest["shards"][split][name]["rows"]) for name in names}
+    segs = {name: shards.seg_positions(split, name) for name in names}
+    tapes = []
+    for name, start, stop in window_plan(ranges, cfg.max_tape_events, cfg.tape_window_events,
+                                         seed):
+        frame = shards.window_rows(split, name, start, stop)
+        # Event k of the shard sits after every SEG that has at most k events before it.
+        events_before_seg = segs[name] - np.arange(len(segs[name]))
+        index = np.arange(start, stop) - ranges[name][0]
+        token_pos = index + np.searchsorted(events_before_seg, index, side="right")
+        frame = frame.with_columns(token_pos=pl.Series(token_pos, dtype=pl.Int64))
+        tapes.append(Tape.from_frame(frame, name, shards.tokens(split, name)))
     return tapes
 
 
@@ -295,7 +316,7 @@ def pick_starts(shards, cfg: SimConfig, horizon_s: float,
     ``selection: high_vol`` only the top `vol_top_fraction` of windows by realized
     volatility (RMS move in bps per event) are eligible.
     """
-    tapes = _tapes(shards, cfg.split, cfg.symbol)
+    tapes = _tapes(shards, cfg.split, cfg.symbol, cfg, seed)
     horizon_us = round(horizon_s * 1e6)
     pool = [(k, *_candidates(t, cfg, horizon_us)) for k, t in enumerate(tapes)]
     which = np.concatenate([np.full(len(r), k) for k, r, _ in pool]) if pool else np.zeros(0, int)

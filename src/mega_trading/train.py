@@ -114,6 +114,18 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 # --- config resolution (CLI) -------------------------------------------------------------------
 
+def resume_base(out_dir: str | Path, resume: bool = False,
+                data_dir: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """With --resume: the run's saved training config (what later layers change) and its
+    data directory (unless one is given); else nothing."""
+    saved_path = Path(out_dir) / "config.json"
+    if not (resume and saved_path.is_file()):
+        return {}, Path(data_dir) if data_dir is not None else None
+    saved = read_json(saved_path)
+    data_dir = data_dir or saved.get("data_dir")
+    return saved["train"], Path(data_dir) if data_dir is not None else None
+
+
 def resolve_config(out_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
                    flags: Mapping[str, Any] | None = None, overrides: list[str] | None = None,
                    data_dir: str | Path | None = None) -> tuple[TrainConfig, Path]:
@@ -122,16 +134,15 @@ def resolve_config(out_dir: str | Path, resume: bool = False, config_file: str |
     Layers, later wins: defaults (or, with --resume, the run's saved config) < YAML file <
     flags given on the command line < `key=value` overrides.
     """
-    saved_path = Path(out_dir) / "config.json"
-    base: dict[str, Any] = {}
-    if resume and saved_path.is_file():
-        saved = read_json(saved_path)
-        base = saved["train"]
-        data_dir = data_dir or saved.get("data_dir")
+    base, data_dir = resume_base(out_dir, resume, data_dir)
     cfg = load_config(TrainConfig, config_file, overrides or [], base=base, flags=flags)
+    return cfg, require_data_dir(data_dir)
+
+
+def require_data_dir(data_dir: Path | None) -> Path:
     if data_dir is None:
         raise ConfigError("no data directory: pass --data DIR (the output of `mega-trading prepare`)")
-    return cfg, Path(data_dir)
+    return data_dir
 
 
 # --- derived numbers ---------------------------------------------------------------------------

@@ -157,6 +157,7 @@ def _dotted(loc: tuple, cls: Any) -> list[str]:
 def describe_error(exc: ValidationError, cls: Any = None, prefix: str = "") -> str:
     """The first error of a pydantic ValidationError as one line naming the dotted key."""
     errors = exc.errors(include_url=False)
+    errors.sort(key=lambda e: e["type"] not in _UNKNOWN_KEY)  # a misspelt key explains the rest
     err = errors[0]
     path = [prefix.rstrip(".")] if prefix else []
     path += _dotted(err["loc"], cls)

@@ -548,8 +548,8 @@ def simulate(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder (needed for --source model)."),
     policy: str = typer.Option("twap", "--policy",
                                help="immediate, twap, twap_limit, participation; comma-separated to compare."),
-    side: str = typer.Option("buy", "--side", help="buy or sell."),
-    horizon: str = typer.Option("60s", "--horizon", help="Simulated market time, e.g. 300s, 5m."),
+    side: Optional[str] = typer.Option(None, "--side", help="buy or sell (default buy)."),
+    horizon: Optional[str] = typer.Option(None, "--horizon", help="Simulated market time, e.g. 300s, 5m (default 60s)."),
     episodes: Optional[int] = typer.Option(None, "--episodes", help="Episodes per policy (default: scenario's)."),
     open_loop: bool = typer.Option(False, "--open-loop", help="Do not insert agent fills into the model's context."),
     scenario: Optional[str] = typer.Option(None, "--scenario", help="calm, stressed, hot or a YAML path."),
@@ -582,12 +582,12 @@ def simulate(
     cfg = resolve("simulate", config, overrides, base=load_scenario(scenario) if scenario else None,
                   source=source, episodes=episodes, symbol=symbol,
                   closed_loop=False if open_loop else None)
-    given = {"slices": slices, "rate": rate, "max_child_fraction": max_child,
-             "limit_offset_bps": limit_offset_bps}
+    given = {"side": side, "horizon_s": parse_duration(horizon) if horizon is not None else None,
+             "slices": slices, "rate": rate, "max_child_fraction": max_child,
+             "limit_offset_bps": limit_offset_bps, "finish": False if no_finish else None}
     if max_child is not None:  # the child floor must stay below a lowered cap
         given["min_child_fraction"] = min(PolicyConfig.min_child_fraction, max_child)
-    policies = policy_configs(policy, side=side, qty=qty, horizon_s=parse_duration(horizon),
-                              finish=not no_finish,
+    policies = policy_configs(policy, qty=qty,
                               **{k: v for k, v in given.items() if v is not None})
     if out is None and run is None:
         raise ConfigError("give --out (or --run, to write RUN/simulate.json)")

@@ -283,3 +283,5 @@ def test_config_show_prints_resolved_yaml_with_derived_numbers(capsys):
     assert main(["config", "show", "--command", "generate", "--set", "sampling.top_k=4"]) == 0
     gen = yaml.safe_load(capsys.readouterr().out)
     assert gen["sampling"]["top_k"] == 4 and gen["n"] == 32  # GenerateConfig defaults
+    assert main(["config", "show", "--command", "facts"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["on_degenerate"] == "flag"  # what `facts` uses

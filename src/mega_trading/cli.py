@@ -433,9 +433,9 @@ def facts(
     """Stylized facts: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
     from rich.table import Table
 
-    from mega_trading.facts import FactsConfig, run_facts, summary_table
+    from mega_trading.facts import run_facts, summary_table
 
-    cfg = resolve("facts", config, overrides, base=FactsConfig(on_degenerate="flag"))
+    cfg = resolve("facts", config, overrides)
     if rollouts is None and run is not None and (run / "rollouts.parquet").is_file():
         rollouts = run / "rollouts.parquet"
     card = run_facts(data, rollouts, out, cfg, seed)
@@ -663,7 +663,7 @@ def record(
     """Record trades, depth diffs and bookTicker (+ REST snapshots at start and after gaps) until Ctrl-C."""
     from mega_trading.book.record import run_record
 
-    cfg = resolve("record", config, overrides, base={"market": "spot"}, symbols=symbols,
+    cfg = resolve("record", config, overrides, symbols=symbols,
                   market=market, out=out, ws_url=ws_url, rest_url=rest_url)
     typer.echo(f"recording {', '.join(cfg.symbols)} ({cfg.market}) into {cfg.out}; Ctrl-C to stop")
     counts = run_record(cfg)

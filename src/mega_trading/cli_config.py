@@ -66,6 +66,14 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
 }
 
 
+# Where a command's defaults differ from its class's: the facts command (and the pipeline)
+# flag degenerate sources instead of raising; record listens to spot unless told otherwise.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "facts": {"on_degenerate": "flag"},
+    "record": {"market": "spot"},
+}
+
+
 def config_class(command: str) -> type:
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; one of {', '.join(sorted(COMMANDS))}")
@@ -93,6 +101,8 @@ def command_config(command: str, config_file: str | Path | None = None,
                    base: Any = None) -> Any:
     """The resolved config of `command`: defaults (or `base`) < file < flags < overrides."""
     cls = config_class(command)
+    if base is None:
+        base = COMMAND_DEFAULTS.get(command)
     section = COMMANDS[command][1]
     if config_file is not None and _is_pipeline_file(read_yaml_mapping(config_file), cls):
         if not section:

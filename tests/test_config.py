@@ -285,3 +285,25 @@ def test_config_show_prints_resolved_yaml_with_derived_numbers(capsys):
     assert gen["sampling"]["top_k"] == 4 and gen["n"] == 32  # GenerateConfig defaults
     assert main(["config", "show", "--command", "facts"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["on_degenerate"] == "flag"  # what `facts` uses
+
+
+def test_a_real_command_layers_file_flags_and_set(tmp_path, capsys):
+    """prepare: the file's values, beaten by a flag given, beaten by --set."""
+    import json
+
+    from mega_trading.cli import main
+
+    config = tmp_path / "prepare.yaml"
+    config.write_text("block_size: 48\nstride: 24\nworkers: 1\ntokenizer:\n  size_bins: 6\n")
+    out = tmp_path / "data"
+    assert main(["prepare", "--out", str(out), "--config", str(config), "--block-size", "40",
+                 "--set", "stride=16"]) == 0
+    recorded = json.loads((out / "manifest.json").read_text())["config"]
+    assert (recorded["block_size"], recorded["stride"], recorded["workers"]) == (40, 16, 1)
+    assert recorded["tokenizer"]["size_bins"] == 6 and recorded["kind"] == "trades"  # file, default
+    capsys.readouterr()
+    assert main(["prepare", "--out", str(tmp_path / "bad"), "--config", str(config),
+                 "--set", "tokenizer.size_bins=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tokenizer.size_bins must be >= 1, got 0" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()

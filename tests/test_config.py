@@ -210,6 +210,9 @@ def test_block_size_disagreement_is_one_line_error_naming_both():
         apply_overrides(RunConfig(), ["prepare.block_size=128", "train.model.block_size=64"])
     same = apply_overrides(RunConfig(), ["prepare.block_size=128", "train.block_size=128"])
     assert same.train.block_size == 128  # repeating the one value is allowed
+    with pytest.raises(ConfigError, match=r"generate.prompt_length=96 exceeds the run's block_size "
+                                          r"\(prepare.block_size=64\)"):
+        load_yaml(RunConfig, CONFIGS / "demo.yaml", ["prepare.block_size=64"])
 
 
 def test_demo_sets_block_size_once():

@@ -67,6 +67,11 @@ class RunConfig:
         for name, value in (("train.block_size", self.train.block_size),
                             ("train.model.block_size", self.train.model.get("block_size"))):
             check_block_size(name, value, self.prepare.block_size, "prepare.block_size")
+        for name, length in (("generate.prompt_length", self.generate.prompt_length),
+                             ("simulate.scenario.prompt_length", self.simulate.scenario.prompt_length)):
+            if length > self.prepare.block_size:  # a prompt must fit the model's context
+                raise ValueError(f"{name}={length} exceeds the run's block_size "
+                                 f"(prepare.block_size={self.prepare.block_size})")
         return self
 
     @property

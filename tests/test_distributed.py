@@ -29,8 +29,14 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def data_dir(tiny_data_dir):
-    return tiny_data_dir
+def data_dir(tmp_path_factory, sample_trade_zips):
+    """The bundled sample prepared with 16-token blocks: block_size is the data's (one
+    setting per run), and 16 keeps these multi-process runs short."""
+    from mega_trading.dataset import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("ddp_data") / "data"
+    prepare(sample_trade_zips, out, PrepareConfig(block_size=16, stride=16, workers=1))
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ STAGES: list[tuple[str, ...]] = [
     ("facts", "book.facts"),
     ("simulate", "serve"),
     ("report",),
-    ("pipeline", "ablation", "cli"),  # orchestration: may import every stage
+    ("pipeline", "ablation", "cli", "cli_config"),  # orchestration: may import every stage
 ]
 
 

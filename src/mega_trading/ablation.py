@@ -11,28 +11,34 @@ chart ``ablation.html``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from rich.console import Console
 
-from mega_trading.config import load_yaml
+from mega_trading.config import (
+    PositiveInt,
+    apply_overrides,
+    config_dataclass,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from mega_trading.errors import ConfigError
 from mega_trading.lineage import provenance, read_json, write_json_atomic, write_text_atomic
 from mega_trading.pipeline import RunConfig, load_run_config, run_pipeline
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class AblationConfig:
     base_config: str = "configs/demo.yaml"  # the RunConfig every cell starts from
     out_dir: str = "runs/ablation"
     models: tuple[str, ...] = ("micro",)  # "preset" or "preset:key=value,key=value"
     symbol_sets: tuple[str, ...] = ("BTCUSDT,ETHUSDT",)  # comma-separated symbols per subset
-    steps: tuple[int, ...] = (200,)
+    steps: tuple[PositiveInt, ...] = (200,)
     overrides: tuple[str, ...] = ()  # dotted overrides applied to every cell
-    tracking: str = "mlflow"  # or "none"
+    tracking: Literal["mlflow", "none"] = "mlflow"
 
 
 def parse_model(spec: str) -> tuple[str, dict[str, Any]]:
@@ -55,8 +61,6 @@ def cell_name(model: str, symbols: str, steps: int) -> str:
 
 
 def cell_config(base: RunConfig, cfg: AblationConfig, model: str, symbols: str, steps: int) -> RunConfig:
-    from mega_trading.config import apply_overrides, to_dict
-
     preset, model_overrides = parse_model(model)
     out = Path(cfg.out_dir)
     data = to_dict(base)
@@ -65,8 +69,6 @@ def cell_config(base: RunConfig, cfg: AblationConfig, model: str, symbols: str, 
     data["prepare"]["symbols"] = [s.strip() for s in symbols.split(",") if s.strip()]
     data["train"].update(preset=preset, model=model_overrides, steps=steps)
     data["simulate"]["enabled"] = False
-    from mega_trading.config import from_dict
-
     return apply_overrides(from_dict(RunConfig, data), cfg.overrides)
 
 
@@ -151,7 +153,7 @@ def run_ablation(cfg: AblationConfig, force: bool = False, console: Console | No
         run_pipeline(run_cfg, force=force, console=console)
         rows.append(_cell_result(run_cfg, model, symbols, steps))
     out = Path(cfg.out_dir)
-    write_json_atomic(out / "ablation.json", {"config": cfg.__dict__, "cells": rows,
+    write_json_atomic(out / "ablation.json", {"config": to_dict(cfg), "cells": rows,
                                               "provenance": provenance(stage="ablate")})
     flat = [{k: (str(v) if isinstance(v, list) else v) for k, v in row.items()} for row in rows]
     pl.DataFrame(flat).write_csv(out / "ablation.csv")
@@ -161,4 +163,4 @@ def run_ablation(cfg: AblationConfig, force: bool = False, console: Console | No
 
 
 def load_ablation_config(path: str | Path, overrides=()) -> AblationConfig:
-    return load_yaml(AblationConfig, path, overrides)
+    return load_config(AblationConfig, path, overrides)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mega_trading.baselines import Baseline, BaselineConfig, fit_baselines
-from mega_trading.config import to_dict
+from mega_trading.config import NonNegativeInt, PositiveInt, config_dataclass, to_dict
 from mega_trading.errors import ArtifactMismatchError, DataError
 from mega_trading.ingest.reader import split_stream_key
 from mega_trading.lineage import provenance, read_json, write_json_atomic
@@ -41,14 +41,15 @@ LN2 = float(np.log(2.0))
 SPLITS = ("train", "validation", "backtest")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class BacktestConfig:
-    batch_size: int = 16
-    block_size: int = 0  # 0: the model's own block_size
-    stride: int = 0  # 0: half a block (each target then sees >= block/2 tokens of past)
+    batch_size: PositiveInt = 16
+    # scoring context; 0: the model's own block_size (= the data's, see PrepareConfig)
+    block_size: NonNegativeInt = 0
+    stride: NonNegativeInt = 0  # 0: half a block (each target then sees >= block/2 tokens of past)
     device: str = "auto"  # auto: cuda when available, else cpu
-    step: int | None = None  # checkpoint step; None: the run's latest
-    chunk_size: int = 2048  # baseline positions per scoring batch
+    step: NonNegativeInt | None = None  # checkpoint step; None: the run's latest
+    chunk_size: PositiveInt = 2048  # baseline positions per scoring batch
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
 

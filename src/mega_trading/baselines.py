@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mega_trading.config import PositiveFloat, PositiveInt, config_dataclass
+
 NONE = -1  # a context slot before the segment (or shard) start
 
 
@@ -400,10 +402,10 @@ class MarkovModel(Baseline):
 
 # --- all of them ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@config_dataclass
 class BaselineConfig:
-    unigram_add_k: float = 0.5
-    markov_orders: tuple[int, ...] = (1, 3)
+    unigram_add_k: PositiveFloat = 0.5
+    markov_orders: tuple[PositiveInt, ...] = (1, 3)
 
 
 def fit_baselines(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -46,6 +46,27 @@ def run_cli() -> None:
     sys.exit(main())
 
 
+# Every command takes --config FILE and --set key=value (tests/test_config.py checks it):
+# settings resolve as config defaults < FILE < flags given < --set (cli_config.py). A flag
+# left unset (None) means "the config's value", so no option restates a default here.
+def config_option() -> Any:
+    return typer.Option(None, "--config", help="YAML mirroring this command's config, or a "
+                        "pipeline YAML (e.g. configs/demo.yaml: the command's section).")
+
+
+def set_option() -> Any:
+    return typer.Option([], "--set", help="Dotted override key=value (repeatable), e.g. "
+                        "--set sampling.top_k=8.")
+
+
+def resolve(command: str, config: Optional[Path], overrides: Optional[List[str]],
+            base: Any = None, **flags: Any) -> Any:
+    """The command's config: defaults (or `base`) < --config < flags given < --set."""
+    from mega_trading.cli_config import command_config
+
+    return command_config(command, config, list(overrides or []), flags=flags, base=base)
+
+
 @app.command()
 def version() -> None:
     """Print the package version and git commit."""
@@ -64,20 +85,22 @@ def download(
     end: str = typer.Option(..., "--end", help="YYYY-MM (or YYYY-MM-DD with --daily)."),
     daily: bool = typer.Option(False, "--daily", help="Daily files instead of monthly."),
     out: Path = typer.Option(..., "--out", help="Folder to mirror the archive layout into."),
-    base_url: str = typer.Option("https://data.binance.vision", "--base-url"),
-    workers: int = typer.Option(4, "--workers", min=1, max=64),
-    retries: int = typer.Option(4, "--retries", min=0),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Archive mirror (default: Binance's)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel downloads (1-64)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Extra attempts per request."),
     market: str = typer.Option("spot", "--market", help="spot, or um (USD-M futures: futures/um/...)."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Download Binance archive zips: SHA-256 verified, resumable, skips finished files."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
     from rich.table import Table
 
     from mega_trading.errors import DataError
-    from mega_trading.ingest.download import DownloadConfig, download_archive, plan_files
+    from mega_trading.ingest.download import download_archive, plan_files
 
+    cfg = resolve("download", config, overrides, base_url=base_url, workers=workers, retries=retries)
     files = plan_files(symbols.split(","), kind, start, end, daily=daily, market=market)
-    cfg = DownloadConfig(base_url=base_url, workers=workers, retries=retries)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         overall = progress.add_task(f"{len(files)} file(s)", total=len(files))
@@ -116,6 +139,8 @@ def ingest(
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Symbol, if not in the name."),
     kind: Optional[str] = typer.Option(None, "--kind", help="trades or aggTrades (default: detect)."),
     market: Optional[str] = typer.Option(None, "--market", help="spot or um (USD-M futures); default: detect."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Read local Binance trade files into validated, typed Parquet partitions."""
     import datetime as dt
@@ -128,6 +153,7 @@ def ingest(
         stamp = dt.datetime.fromtimestamp(time_us / 1e6, dt.UTC)
         return stamp.strftime("%Y-%m-%d %H:%M:%S")
 
+    opts = resolve("ingest", config, overrides, symbol=symbol, kind=kind, market=market)
     lines: list[str] = []
     files = expand_inputs(paths)
     with Progress(console=console, transient=True) as progress:
@@ -143,7 +169,8 @@ def ingest(
             )
             progress.advance(task)
 
-        results = ingest_files(files, out, symbol=symbol, kind=kind, on_file=on_file, market=market)
+        results = ingest_files(files, out, symbol=opts.symbol, kind=opts.kind, on_file=on_file,
+                               market=opts.market)
     for line in lines:
         typer.echo(line)
     rows = sum(r.report.n_rows for r in results)
@@ -154,31 +181,28 @@ def ingest(
 def prepare(
     inputs: List[Path] = typer.Argument(None, help="Trade files (.zip/.csv) or folders; default: the bundled sample."),
     out: Path = typer.Option(..., "--out", help="Prepared data directory to write."),
-    block_size: int = typer.Option(512, "--block-size"),
-    stride: int = typer.Option(256, "--stride"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="The run's context length (train and generate read it from the data)."),
+    stride: Optional[int] = typer.Option(None, "--stride"),
     splits: Optional[str] = typer.Option(None, "--splits", help="train,validation,backtest fractions (default 0.8,0.1,0.1; with --tokenizer 0,0,1)."),
     split_times: Optional[str] = typer.Option(None, "--split-times", help="validation-start,backtest-start (ISO UTC)."),
-    kind: str = typer.Option("trades", "--kind", help="trades or aggTrades."),
-    workers: int = typer.Option(2, "--workers"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="trades or aggTrades."),
+    workers: Optional[int] = typer.Option(None, "--workers"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Reuse a fitted tokenizer: a tokenizer.json or a run folder (never refits; every event to backtest by default)."),
     market: Optional[str] = typer.Option(None, "--market", help="spot or um (USD-M futures); default: detected per file."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Symbols (or SYMBOL.um streams) kept out of training: all their events go to backtest."),
-    overrides: List[str] = typer.Option([], "--set", help="Dotted overrides, e.g. tokenizer.size_bins=6."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Raw trades -> events -> tokenizer (train split only) -> chronological token shards."""
-    from mega_trading.config import apply_overrides, from_dict
     from mega_trading.data import sample_files
-    from mega_trading.dataset import PrepareConfig
     from mega_trading.dataset import prepare as run_prepare
 
-    default_splits = "0,0,1" if tokenizer is not None and not split_times else "0.8,0.1,0.1"
-    cfg = from_dict(PrepareConfig, {
-        "block_size": block_size, "stride": stride, "splits": splits or default_splits, "kind": kind,
-        "workers": workers, "split_times": split_times or (), "market": market,
-        "holdout_symbols": tuple(s.strip() for s in (holdout or "").split(",") if s.strip()),
-    })
-    cfg = apply_overrides(cfg, overrides)
-    paths = list(inputs) if inputs else sample_files(kind)
+    # Data encoded with a reused tokenizer is new data to score: all of it to backtest.
+    base = {"splits": [0, 0, 1]} if tokenizer is not None and not split_times else None
+    cfg = resolve("prepare", config, overrides, base=base, block_size=block_size, stride=stride,
+                  splits=splits, split_times=split_times, kind=kind, workers=workers,
+                  market=market, holdout_symbols=holdout)
+    paths = list(inputs) if inputs else sample_files(cfg.kind)
     manifest = run_prepare(paths, out, cfg, show_progress=True, reuse_tokenizer=tokenizer)
     _print_manifest_summary(manifest, out)
 
@@ -236,15 +260,18 @@ def train_command(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/latest."),
     tracking: Optional[str] = typer.Option(None, "--tracking", help="mlflow (RUN/mlruns.db) or none."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file mirroring TrainConfig."),
+    config: Optional[Path] = config_option(),
+    set_overrides: List[str] = set_option(),
 ) -> None:
     """Train the decoder on prepared shards (also under `torchrun --nproc_per_node=N`)."""
     import os
 
-    from mega_trading.train import resolve_config, train
+    from mega_trading.train import require_data_dir, resume_base, train
 
-    flags = {"preset": preset, "steps": steps, "tracking": tracking}
-    cfg, data_dir = resolve_config(out, resume, config, flags, list(overrides or []), data)
+    base, data_dir = resume_base(out, resume, data)
+    cfg = resolve("train", config, [*(overrides or []), *set_overrides], base=base,
+                  preset=preset, steps=steps, tracking=tracking)
+    data_dir = require_data_dir(data_dir)
     summary = train(data_dir, out, cfg, resume=resume, show_progress=True,
                     log=lambda message: console.print(message, highlight=False, soft_wrap=True))
     if os.environ.get("RANK", "0") != "0":
@@ -261,6 +288,8 @@ def export_hf_command(
     run: Path = typer.Option(..., "--run", help="Run folder written by `train`."),
     out: Path = typer.Option(..., "--out", help="Folder for LlamaForCausalLM.from_pretrained."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Export a run's model as a Hugging Face Llama folder (config.json + safetensors)."""
     from mega_trading.checkpoint import load_model
@@ -268,9 +297,10 @@ def export_hf_command(
     from mega_trading.export_hf import export_hf
     from mega_trading.tokenizer import Tokenizer
 
+    opts = resolve("export-hf", config, overrides, step=step)
     if not run.is_dir():
         raise DataError("run folder does not exist", run)
-    model, state = load_model(run, step=step)
+    model, state = load_model(run, step=opts.step)
     tokenizer_path = run / "tokenizer.json"
     special, metadata = {}, {"run": str(run.resolve())}
     if isinstance(state, dict):
@@ -293,16 +323,16 @@ def backtest(
     split: str = typer.Option("backtest", "--split", help="Held-out split to score."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="First N tokens per symbol."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON path (default RUN/backtest.json)."),
-    overrides: List[str] = typer.Option([], "--set", help="Dotted overrides, e.g. batch_size=8."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Score the model and the baselines on held-out tokens (NLL, top-k, calibration, CIs)."""
-    from mega_trading.backtest import BacktestConfig, run_backtest
-    from mega_trading.config import apply_overrides
+    from mega_trading.backtest import run_backtest
     from mega_trading.errors import DataError
 
+    cfg = resolve("backtest", config, overrides)
     if not run.is_dir():
         raise DataError("run folder does not exist", run)
-    cfg = apply_overrides(BacktestConfig(), overrides)
     doc = run_backtest(run, data, split=split, max_tokens=max_tokens, cfg=cfg, out=out,
                        log=lambda msg: console.print(msg, highlight=False))
     _print_backtest(doc, out or run / "backtest.json")
@@ -347,40 +377,35 @@ def _print_backtest(doc: dict, path: Path) -> None:
 def generate(
     run: Path = typer.Option(..., "--run", help="Run folder written by `train`."),
     data: Path = typer.Option(..., "--data", help="Prepared data directory (prompts, tokenizer)."),
-    n: int = typer.Option(32, "--n", min=1, help="Number of rollouts."),
-    length: int = typer.Option(512, "--length", min=1, help="New tokens per rollout."),
-    prompt_from: str = typer.Option("backtest", "--prompt-from",
-                                    help="train|validation|backtest (real windows) or seg."),
-    prompt_length: int = typer.Option(128, "--prompt-length", min=1),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of rollouts."),
+    length: Optional[int] = typer.Option(None, "--length", help="New tokens per rollout."),
+    prompt_from: Optional[str] = typer.Option(None, "--prompt-from",
+                                              help="train|validation|backtest (real windows) or seg."),
+    prompt_length: Optional[int] = typer.Option(None, "--prompt-length"),
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Only prompts of this symbol."),
-    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(16, "--top-k", help="0 = off."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass; 1 = off."),
-    forbid_seg: bool = typer.Option(False, "--forbid-seg", help="Never sample segment starts."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rollouts decoded together."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="0 = off."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass; 1 = off."),
+    forbid_seg: Optional[bool] = typer.Option(None, "--forbid-seg/--allow-seg",
+                                              help="Never sample segment starts."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rollouts decoded together."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     out: Optional[Path] = typer.Option(None, "--out",
                                        help=".parquet or .csv (default RUN/rollouts.parquet)."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Sample synthetic order flow from a trained model and decode it to trades."""
     from mega_trading.checkpoint import load_model
-    from mega_trading.config import from_dict
     from mega_trading.dataset import ShardSet
-    from mega_trading.generate import (
-        GenerateConfig,
-        generate_rollouts,
-        rollout_lineage,
-        write_rollouts,
-    )
+    from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
 
-    cfg = from_dict(GenerateConfig, {
-        "n": n, "length": length, "prompt_from": prompt_from, "prompt_length": prompt_length,
-        "symbol": symbol, "seed": seed, "batch_size": batch_size,
-        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                     "forbid_seg": forbid_seg},
-    })
+    cfg = resolve("generate", config, overrides, n=n, length=length, prompt_from=prompt_from,
+                  prompt_length=prompt_length, symbol=symbol, seed=seed, batch_size=batch_size,
+                  **{"sampling.temperature": temperature, "sampling.top_k": top_k,
+                     "sampling.top_p": top_p, "sampling.forbid_seg": forbid_seg})
     shards = ShardSet.open(data)
     model, state = load_model(run, step=step, expect_tokenizer_hash=shards.tokenizer_hash,
                               expect_manifest_hash=shards.model_manifest_hash, device=device)
@@ -402,17 +427,17 @@ def facts(
     rollouts: Optional[Path] = typer.Option(None, "--rollouts", help="Model rollouts (generate's output)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder; default rollouts RUN/rollouts.parquet."),
     seed: int = typer.Option(0, "--seed"),
-    overrides: List[str] = typer.Option([], "--set", help="FactsConfig overrides, e.g. n_boot=100."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Stylized facts: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
     from rich.table import Table
 
-    from mega_trading.config import apply_overrides
-    from mega_trading.facts import FactsConfig, run_facts, summary_table
+    from mega_trading.facts import run_facts, summary_table
 
+    cfg = resolve("facts", config, overrides)
     if rollouts is None and run is not None and (run / "rollouts.parquet").is_file():
         rollouts = run / "rollouts.parquet"
-    cfg = apply_overrides(FactsConfig(on_degenerate="flag"), overrides)
     card = run_facts(data, rollouts, out, cfg, seed)
     rows = summary_table(card)
     table = Table(title=f"stylized facts  ->  {out}")
@@ -430,11 +455,15 @@ def report(
     run: Path = typer.Option(..., "--run", help="Run folder (train, backtest, generate, facts output)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data directory (default: the one in RUN/config.json)."),
     out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html)."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Render the run's artifacts as one self-contained, offline HTML report."""
     from mega_trading.report import build_report
 
-    path = build_report(run, data, out, log=lambda msg: console.print(msg, highlight=False))
+    opts = resolve("report", config, overrides, data=str(data) if data else None,
+                   out=str(out) if out else None)
+    path = build_report(run, opts.data, opts.out, log=lambda msg: console.print(msg, highlight=False))
     size_mb = path.stat().st_size / 1e6
     typer.echo(f"wrote {path} ({size_mb:.1f} MB); open it in a browser (works offline)")
 
@@ -444,13 +473,14 @@ def run_all(
     config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Pipeline YAML (RunConfig)."),
     overrides: List[str] = typer.Argument(None, help="Dotted overrides, e.g. train.steps=200."),
     force: bool = typer.Option(False, "--force", help="Redo every stage, even up-to-date ones."),
+    set_overrides: List[str] = set_option(),
 ) -> None:
     """The whole pipeline: prepare -> train -> backtest -> generate -> facts -> simulate -> report."""
     import time
 
-    from mega_trading.pipeline import load_run_config, run_pipeline
+    from mega_trading.pipeline import run_pipeline
 
-    cfg = load_run_config(config, overrides or [])
+    cfg = resolve("run", config, [*(overrides or []), *set_overrides])
     start = time.perf_counter()
     summary = run_pipeline(cfg, force=force, console=console)
     ran = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in summary.items() if v["status"] == "ran")
@@ -463,13 +493,14 @@ def ablate(
     config: Path = typer.Option(Path("configs/ablation.yaml"), "--config", help="AblationConfig YAML."),
     overrides: List[str] = typer.Argument(None, help="Dotted overrides, e.g. steps=[50,100]."),
     force: bool = typer.Option(False, "--force"),
+    set_overrides: List[str] = set_option(),
 ) -> None:
     """A grid of pipelines over model x symbol subset x steps; table, chart and MLflow runs."""
     from rich.table import Table
 
-    from mega_trading.ablation import load_ablation_config, run_ablation
+    from mega_trading.ablation import run_ablation
 
-    cfg = load_ablation_config(config, overrides or [])
+    cfg = resolve("ablate", config, [*(overrides or []), *set_overrides])
     rows = run_ablation(cfg, force=force, console=console)
     table = Table(title=f"ablation  ->  {cfg.out_dir}/ablation.{{json,csv,html}}")
     for column in ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
@@ -492,15 +523,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default cpu)."),
+    config: Optional[Path] = config_option(),
     overrides: List[str] = typer.Option([], "--set", help="ServeSettings overrides, e.g. "
                                         "batch_window_ms=10 max_batch_requests=1 batch_rows=8."),
 ) -> None:
     """Serve rollouts over HTTP: POST /v1/rollouts, GET /v1/model, GET /healthz."""
-    from mega_trading.config import apply_overrides
-    from mega_trading.serve import ServeSettings, create_app, serve_forever
+    from mega_trading.serve import create_app, serve_forever
 
-    settings = apply_overrides(ServeSettings(step=step, device=device), overrides)
+    settings = resolve("serve", config, overrides, step=step, device=device)
     application = create_app(run, data, settings)
     service = application.state.service
     console.print(f"serving {run} (step {service.state.get('step')}, "
@@ -517,30 +548,30 @@ def simulate(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder (needed for --source model)."),
     policy: str = typer.Option("twap", "--policy",
                                help="immediate, twap, twap_limit, participation; comma-separated to compare."),
-    side: str = typer.Option("buy", "--side", help="buy or sell."),
-    horizon: str = typer.Option("60s", "--horizon", help="Simulated market time, e.g. 300s, 5m."),
+    side: Optional[str] = typer.Option(None, "--side", help="buy or sell (default buy)."),
+    horizon: Optional[str] = typer.Option(None, "--horizon", help="Simulated market time, e.g. 300s, 5m (default 60s)."),
     episodes: Optional[int] = typer.Option(None, "--episodes", help="Episodes per policy (default: scenario's)."),
     open_loop: bool = typer.Option(False, "--open-loop", help="Do not insert agent fills into the model's context."),
     scenario: Optional[str] = typer.Option(None, "--scenario", help="calm, stressed, hot or a YAML path."),
     source: Optional[str] = typer.Option(None, "--source", help="model or replay (default: scenario's)."),
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Start only on this symbol's tape."),
     seed: int = typer.Option(0, "--seed"),
-    slices: int = typer.Option(10, "--slices", help="TWAP slices."),
-    rate: float = typer.Option(0.1, "--rate", help="Participation rate."),
-    max_child: float = typer.Option(0.1, "--max-child", help="Participation child cap, fraction of qty."),
-    limit_offset_bps: float = typer.Option(1.0, "--limit-offset-bps", help="twap_limit: bps inside the last price."),
+    slices: Optional[int] = typer.Option(None, "--slices", help="TWAP slices."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Participation rate."),
+    max_child: Optional[float] = typer.Option(None, "--max-child", help="Participation child cap, fraction of qty."),
+    limit_offset_bps: Optional[float] = typer.Option(None, "--limit-offset-bps", help="twap_limit: bps inside the last price."),
     no_finish: bool = typer.Option(False, "--no-finish", help="Leave the rest unfilled at the horizon."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON path (default RUN/simulate.json)."),
+    config: Optional[Path] = config_option(),
     overrides: List[str] = typer.Option([], "--set", help="SimConfig overrides, e.g. impact.coef_bps=5."),
 ) -> None:
     """Execute a parent order in a simulated market (model-generated or replayed flow)."""
     from mega_trading.backtest import resolve_device
-    from mega_trading.config import apply_overrides, from_dict, to_dict
     from mega_trading.errors import ConfigError
     from mega_trading.simulate import (
-        SimConfig,
+        PolicyConfig,
         load_scenario,
         parse_duration,
         policy_configs,
@@ -548,15 +579,16 @@ def simulate(
     )
     from mega_trading.simulate.config import scenario_path
 
-    cfg = to_dict(load_scenario(scenario) if scenario else SimConfig())
-    flags = {"source": source, "episodes": episodes, "symbol": symbol,
-             "closed_loop": False if open_loop else None}
-    cfg.update({k: v for k, v in flags.items() if v is not None})
-    cfg = apply_overrides(from_dict(SimConfig, cfg), overrides)
-    policies = policy_configs(policy, side=side, qty=qty, horizon_s=parse_duration(horizon),
-                              slices=slices, rate=rate, max_child_fraction=max_child,
-                              min_child_fraction=min(0.01, max_child),
-                              limit_offset_bps=limit_offset_bps, finish=not no_finish)
+    cfg = resolve("simulate", config, overrides, base=load_scenario(scenario) if scenario else None,
+                  source=source, episodes=episodes, symbol=symbol,
+                  closed_loop=False if open_loop else None)
+    given = {"side": side, "horizon_s": parse_duration(horizon) if horizon is not None else None,
+             "slices": slices, "rate": rate, "max_child_fraction": max_child,
+             "limit_offset_bps": limit_offset_bps, "finish": False if no_finish else None}
+    if max_child is not None:  # the child floor must stay below a lowered cap
+        given["min_child_fraction"] = min(PolicyConfig.min_child_fraction, max_child)
+    policies = policy_configs(policy, qty=qty,
+                              **{k: v for k, v in given.items() if v is not None})
     if out is None and run is None:
         raise ConfigError("give --out (or --run, to write RUN/simulate.json)")
     path = out or run / "simulate.json"
@@ -595,8 +627,10 @@ def _print_simulation(doc: dict, path: Path) -> None:
 def book(
     captures: List[Path] = typer.Argument(..., help="Capture files (gzip lines '<recv time> <json>'), any order."),
     out: Path = typer.Option(..., "--out", help="Directory for book_events/trades/top.parquet, check.json, book_facts.json."),
-    facts: bool = typer.Option(True, "--facts/--no-facts", help="Also compute the order-book facts."),
-    engine: str = typer.Option(
+    facts: Optional[bool] = typer.Option(None, "--facts/--no-facts", help="Also compute the order-book facts (default: yes)."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
+    engine: Optional[str] = typer.Option(
         None, "--engine",
         help="auto (native C path when it builds here, else pure Python), native or python; "
              "default $MEGA_TRADING_BOOK_ENGINE, else auto. Both give the same outputs."),
@@ -604,6 +638,7 @@ def book(
     """Rebuild order books from snapshot + depth diffs, exactly, and check them against @bookTicker."""
     from mega_trading.book.build import write_book
 
+    opts = resolve("book", config, overrides, facts=facts)
     check = write_book(captures, out, engine)
     note = check["provenance"].get("book_engine_note")
     if note:
@@ -615,7 +650,7 @@ def book(
                    f"{b['bookticker_mismatches']} mismatches")
     if check["skipped_lines"]:
         typer.echo(f"skipped lines: {check['skipped_lines']}")
-    if facts:
+    if opts.facts:
         from mega_trading.book.facts import write_book_facts
 
         write_book_facts(out)
@@ -624,20 +659,41 @@ def book(
 
 @app.command()
 def record(
-    symbols: str = typer.Option(..., "--symbols", help="Comma-separated, e.g. BTCUSDT,ETHUSDT."),
-    market: str = typer.Option("spot", "--market", help="spot or um (USD-M futures)."),
-    out: Path = typer.Option(..., "--out", help="Directory for <market>-<SYMBOL>-<YYYYMMDD>.gz and record_log.jsonl."),
+    symbols: Optional[str] = typer.Option(None, "--symbols", help="Comma-separated, e.g. BTCUSDT,ETHUSDT (required here or in --config)."),
+    market: Optional[str] = typer.Option(None, "--market", help="spot or um (USD-M futures); default spot."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for <market>-<SYMBOL>-<YYYYMMDD>.gz and record_log.jsonl (required here or in --config)."),
     ws_url: Optional[str] = typer.Option(None, "--ws-url", help="Combined-stream base URL (default: Binance's public one)."),
     rest_url: Optional[str] = typer.Option(None, "--rest-url", help="REST depth endpoint (default: Binance's public one)."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
 ) -> None:
     """Record trades, depth diffs and bookTicker (+ REST snapshots at start and after gaps) until Ctrl-C."""
-    from mega_trading.book.record import RecordConfig, run_record
+    from mega_trading.book.record import run_record
 
-    cfg = RecordConfig(symbols=symbols.split(","), market=market, out=out, ws_url=ws_url,
-                       rest_url=rest_url)
-    typer.echo(f"recording {', '.join(cfg.symbols)} ({market}) into {out}; Ctrl-C to stop")
+    cfg = resolve("record", config, overrides, symbols=symbols,
+                  market=market, out=out, ws_url=ws_url, rest_url=rest_url)
+    typer.echo(f"recording {', '.join(cfg.symbols)} ({cfg.market}) into {cfg.out}; Ctrl-C to stop")
     counts = run_record(cfg)
     typer.echo(f"stopped: {counts}")
+
+
+# --- config show ------------------------------------------------------------------------------
+config_app = typer.Typer(help="Inspect the resolved configuration of a command.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    command: str = typer.Option("run", "--command", help="Whose config: run, train, generate, ..."),
+    config: Optional[Path] = config_option(),
+    overrides: List[str] = set_option(),
+) -> None:
+    """Print the resolved config (YAML, usable as --config) with derived numbers."""
+    from mega_trading.cli_config import show
+
+    if command == "run" and config is None and Path("configs/demo.yaml").is_file():
+        config = Path("configs/demo.yaml")  # what `mega-trading run` reads by default
+    typer.echo(show(command, resolve(command, config, overrides)), nl=False)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import polars as pl
+from pydantic import Field, model_validator
 
-from mega_trading.config import to_dict
+from mega_trading.config import NonNegativeInt, PositiveInt, config_dataclass, to_dict
 from mega_trading.errors import DataError
 from mega_trading.events import EVENT_COLUMNS, EventConfig, compute_events
 from mega_trading.lineage import (
@@ -51,16 +53,18 @@ MANIFEST_FORMAT = "mega-trading/shards@2"
 TOKEN_DTYPE = np.uint16
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class PrepareConfig:
-    block_size: int = 512
-    stride: int = 256
-    splits: tuple[float, ...] = (0.8, 0.1, 0.1)
+    # Context of the model trained on this data: THE block_size of a run (train and
+    # generate read it from here); also the default gap after each split boundary.
+    block_size: Annotated[int, Field(ge=2)] = 512
+    stride: PositiveInt = 256
+    splits: tuple[Annotated[float, Field(ge=0)], ...] = (0.8, 0.1, 0.1)
     split_times: tuple[str, ...] = ()  # two ISO UTC timestamps: validation start, backtest start
-    gap_events: int | None = None  # events dropped after each boundary; default block_size
+    gap_events: NonNegativeInt | None = None  # events dropped after each boundary; default block_size
     kind: str = "trades"  # trades or aggTrades: one event grammar per data set
     symbols: tuple[str, ...] = ()  # empty: every symbol found
-    workers: int = 2
+    workers: PositiveInt = 2
     market: str | None = None  # spot | um: every file must be of that market; None: detected per file
     # Streams (`NEXOUSDT`, `BTCUSDT.um`) or base symbols (every market) kept out of training
     # and validation entirely: all their events go to the backtest split (zero-shot rows).
@@ -68,13 +72,13 @@ class PrepareConfig:
     events: EventConfig = field(default_factory=EventConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
-    def __post_init__(self) -> None:
-        if len(self.splits) != 3 or abs(sum(self.splits) - 1.0) > 1e-6 or min(self.splits) < 0:
-            raise DataError(f"splits must be three non-negative fractions summing to 1, got {self.splits}")
+    @model_validator(mode="after")
+    def _check_splits(self) -> PrepareConfig:
+        if len(self.splits) != 3 or abs(sum(self.splits) - 1.0) > 1e-6:
+            raise ValueError(f"splits must be three non-negative fractions summing to 1, got {list(self.splits)}")
         if self.split_times and len(self.split_times) != 2:
-            raise DataError("split_times takes two timestamps: validation start, backtest start")
-        if self.block_size < 2 or self.stride < 1:
-            raise DataError("block_size must be >= 2 and stride >= 1")
+            raise ValueError("split_times takes two timestamps: validation start, backtest start")
+        return self
 
     @property
     def gap(self) -> int:
@@ -188,6 +192,11 @@ class ShardSet:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        """The run's one block_size: prepare's, recorded in the manifest."""
+        return int(self.manifest["config"]["block_size"])
 
     def symbols(self, split: str) -> list[str]:
         return sorted(self.manifest["shards"].get(split, {}))

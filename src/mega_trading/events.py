@@ -23,9 +23,9 @@ token there so the model never reads a price move across a hole in the data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import polars as pl
+
+from mega_trading.config import PositiveFloat, PositiveInt, config_dataclass
 
 EVENT_COLUMNS = (
     "symbol", "trade_id", "time_us", "price", "quote_qty",
@@ -33,10 +33,10 @@ EVENT_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class EventConfig:
-    size_window: int = 1000
-    max_pause_s: float = 60.0
+    size_window: PositiveInt = 1000
+    max_pause_s: PositiveFloat = 60.0
 
 
 def compute_events(

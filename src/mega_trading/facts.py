@@ -84,14 +84,21 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
+from pydantic import Field
 from scipy import stats
 
-from mega_trading.config import to_dict
-from mega_trading.errors import ConfigError, DataError
+from mega_trading.config import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_dataclass,
+    to_dict,
+)
+from mega_trading.errors import DataError
 from mega_trading.lineage import provenance, read_json, write_json_atomic
 
 SCHEMA = "mega_trading.facts/v1"
@@ -104,37 +111,24 @@ class DegenerateReturnsError(DataError):
     """Returns with too few distinct values for tail / moment / correlation facts."""
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class FactsConfig:
-    max_lag: int = 50
-    event_horizons: tuple[int, ...] = (1, 4, 16, 64)
-    wallclock_horizons_s: tuple[float, ...] = (1.0, 10.0, 60.0)
-    hill_fraction: float = 0.05
-    size_quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+    max_lag: PositiveInt = 50
+    event_horizons: tuple[PositiveInt, ...] = (1, 4, 16, 64)
+    wallclock_horizons_s: tuple[PositiveFloat, ...] = (1.0, 10.0, 60.0)
+    hill_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    size_quantiles: tuple[Annotated[float, Field(ge=0, le=1)], ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
     min_distinct_returns: int = 5
     on_degenerate: Literal["raise", "flag"] = "raise"
     min_events: int = 50
-    n_boot: int = 200
-    block_len: int = 1
-    n_bins: int = 50
-    max_distance_samples: int = 20000
+    n_boot: NonNegativeInt = 200
+    block_len: PositiveInt = 1
+    n_bins: Annotated[int, Field(ge=2)] = 50
+    max_distance_samples: Annotated[int, Field(ge=10)] = 20000
     # Real data read per split (backtest = the target, train = the noise floor and Hawkes):
     # all of it up to this many events, else a seeded stratified sample of windows.
-    max_real_events: int = 200_000
-    real_window_events: int = 0  # sampled window length; 0: the rollout length
-
-    def __post_init__(self) -> None:
-        if self.max_lag < 1:
-            raise ConfigError("facts.max_lag must be >= 1")
-        if not 0 < self.hill_fraction < 1:
-            raise ConfigError("facts.hill_fraction must be in (0, 1)")
-        if any(h < 1 for h in self.event_horizons) or any(h <= 0 for h in self.wallclock_horizons_s):
-            raise ConfigError("facts horizons must be positive")
-        if self.max_real_events < 100 or self.real_window_events < 0:
-            raise ConfigError("facts: need max_real_events >= 100, real_window_events >= 0")
-        if self.n_boot < 0 or self.block_len < 1 or self.n_bins < 2 or self.max_distance_samples < 10:
-            raise ConfigError("facts: need n_boot >= 0, block_len >= 1, n_bins >= 2, "
-                              "max_distance_samples >= 10")
+    max_real_events: Annotated[int, Field(ge=100)] = 200_000
+    real_window_events: NonNegativeInt = 0  # sampled window length; 0: the rollout length
 
 
 # --- input preparation ----------------------------------------------------------------------

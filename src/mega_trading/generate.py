@@ -73,62 +73,55 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 import torch
 
+from mega_trading.config import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    UnitFraction,
+    config_dataclass,
+)
 from mega_trading.decode import decode_step, decode_weights
 from mega_trading.errors import ConfigError, DataError
 from mega_trading.model import Transformer
 
 LINEAGE_KEY = b"mega_trading"
-PROMPT_SOURCES = ("train", "validation", "backtest", "seg")
+PromptSource = Literal["train", "validation", "backtest", "seg"]
+PROMPT_SOURCES: tuple[str, ...] = typing.get_args(PromptSource)
 DEFAULT_SIZE_WINDOW = 1000  # EventConfig.size_window, if a manifest does not record it
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class SamplingConfig:
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: int = 16  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # nucleus: the smallest set whose probability reaches p; 1 = off
+    temperature: NonNegativeFloat = 1.0  # 0 = greedy (argmax)
+    top_k: NonNegativeInt = 16  # keep the k most likely tokens; 0 = off
+    top_p: UnitFraction = 1.0  # nucleus: the smallest set whose probability reaches p; 1 = off
     forbid_pad: bool = True
     forbid_seg: bool = False
 
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class GenerateConfig:
-    n: int = 32  # rollouts
-    length: int = 512  # new tokens per rollout
-    prompt_from: str = "backtest"  # a split to draw real prompt windows from, or "seg"
-    prompt_length: int = 128  # tokens per real prompt (a "seg" prompt is one SEG token)
+    n: PositiveInt = 32  # rollouts
+    length: PositiveInt = 512  # new tokens per rollout
+    prompt_from: PromptSource = "backtest"  # a split to draw real prompt windows from, or "seg"
+    prompt_length: PositiveInt = 128  # tokens per real prompt (a "seg" prompt is one SEG token)
     symbol: str | None = None  # None: symbols drawn in proportion to their windows
     split: str = "backtest"  # where a "seg" prompt finds its anchor price / time / size
     seed: int = 0
-    rollouts_per_prompt: int = 1  # >1: several rollouts continue each prompt (a fan)
-    batch_size: int = 32  # rollouts decoded together
+    rollouts_per_prompt: PositiveInt = 1  # >1: several rollouts continue each prompt (a fan)
+    batch_size: PositiveInt = 32  # rollouts decoded together
     keep: int | None = None  # tokens kept when the window slides; None: half the cache
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-
-    def __post_init__(self) -> None:
-        if self.prompt_from not in PROMPT_SOURCES:
-            raise ConfigError(f"generate.prompt_from must be one of {PROMPT_SOURCES}, "
-                              f"got {self.prompt_from!r}")
-        for name in ("n", "length", "prompt_length", "batch_size", "rollouts_per_prompt"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"generate.{name} must be positive, got {getattr(self, name)}")
 
 
 # --- decoding steps ---------------------------------------------------------------------

@@ -12,12 +12,13 @@ SwiGLU as `w2(silu(w1 x) * w3 x)`, input and output embeddings tied by default.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 
+from mega_trading.config import PositiveInt, config_dataclass
 from mega_trading.errors import ConfigError
 
 # vocab_size never appears here: it always comes from the tokenizer.
@@ -40,37 +41,34 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ModelConfig:
-    vocab_size: int
-    block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 2
-    d_model: int = 128
-    ffn_hidden: int = 352
+    vocab_size: PositiveInt
+    block_size: PositiveInt = 256
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    n_kv_head: PositiveInt = 2
+    d_model: PositiveInt = 128
+    ffn_hidden: PositiveInt = 352
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
     dropout: float = 0.0
 
-    def __post_init__(self) -> None:
-        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model",
-                    "ffn_hidden")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
         if self.d_model % self.n_head:
-            raise ConfigError(f"model.d_model={self.d_model} is not a multiple of "
-                              f"n_head={self.n_head}")
+            raise ValueError(f"d_model={self.d_model} is not a multiple of "
+                             f"n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
-            raise ConfigError(f"model.n_head={self.n_head} is not a multiple of "
-                              f"n_kv_head={self.n_kv_head}")
+            raise ValueError(f"n_head={self.n_head} is not a multiple of "
+                             f"n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
-            raise ConfigError(f"head dim {self.head_dim} must be even for RoPE")
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
         if self.dropout != 0.0:
-            raise ConfigError("model.dropout is not supported (must be 0)")
+            raise ValueError("dropout is not supported (must be 0)")
+        return self
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> ModelConfig:
@@ -80,7 +78,7 @@ class ModelConfig:
             raise ConfigError("model preset needs vocab_size (it comes from the tokenizer)")
         from mega_trading.config import from_dict
 
-        return from_dict(cls, {**PRESETS[name], **overrides})
+        return from_dict(cls, {**PRESETS[name], **overrides}, prefix="model.")
 
     @property
     def head_dim(self) -> int:

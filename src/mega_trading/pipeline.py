@@ -9,37 +9,46 @@ from its last checkpoint. ``force=True`` redoes every stage.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
+from typing import Literal
 
+from pydantic import model_validator
 from rich.console import Console
 
 from mega_trading.backtest import BacktestConfig
-from mega_trading.config import apply_overrides, load_yaml, to_dict
+from mega_trading.config import (
+    NonNegativeFloat,
+    PositiveFloat,
+    apply_overrides,
+    config_dataclass,
+    load_config,
+    to_dict,
+)
 from mega_trading.dataset import PrepareConfig
-from mega_trading.errors import ConfigError
 from mega_trading.facts import FactsConfig
 from mega_trading.generate import GenerateConfig
 from mega_trading.lineage import read_json, sha256_file
 from mega_trading.simulate import SimConfig
 from mega_trading.stages import Stage, code_identity, run_stages, stamp_path
-from mega_trading.train import TrainConfig
+from mega_trading.train import TrainConfig, check_block_size
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class SimulateStage:
     """Closed-loop execution episodes on the trained model (`simulate/`)."""
 
     enabled: bool = True
-    policies: tuple[str, ...] = ("immediate", "twap", "participation")
-    side: str = "buy"
-    qty: float = 0.05  # base units
-    horizon_s: float = 30.0
+    policies: tuple[Literal["immediate", "twap", "twap_limit", "participation"], ...] = (
+        "immediate", "twap", "participation")
+    side: Literal["buy", "sell"] = "buy"
+    qty: PositiveFloat = 0.05  # base units
+    horizon_s: NonNegativeFloat = 30.0
     seed: int = 0
     scenario: SimConfig = field(default_factory=lambda: SimConfig(symbol="BTCUSDT", episodes=16))
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     data_dir: str = ""  # default: <run_dir>/data
@@ -47,10 +56,23 @@ class RunConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     backtest: BacktestConfig = field(default_factory=BacktestConfig)
-    backtest_split: str = "backtest"
+    backtest_split: Literal["validation", "backtest"] = "backtest"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     facts: FactsConfig = field(default_factory=lambda: FactsConfig(on_degenerate="flag"))
     simulate: SimulateStage = field(default_factory=SimulateStage)
+
+    @model_validator(mode="after")
+    def _one_block_size(self) -> RunConfig:
+        """prepare.block_size is the run's one block_size; train may only repeat it."""
+        for name, value in (("train.block_size", self.train.block_size),
+                            ("train.model.block_size", self.train.model.get("block_size"))):
+            check_block_size(name, value, self.prepare.block_size, "prepare.block_size")
+        for name, length in (("generate.prompt_length", self.generate.prompt_length),
+                             ("simulate.scenario.prompt_length", self.simulate.scenario.prompt_length)):
+            if length > self.prepare.block_size:  # a prompt must fit the model's context
+                raise ValueError(f"{name}={length} exceeds the run's block_size "
+                                 f"(prepare.block_size={self.prepare.block_size})")
+        return self
 
     @property
     def run_path(self) -> Path:
@@ -62,7 +84,7 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    return load_yaml(RunConfig, path, overrides)
+    return load_config(RunConfig, path, overrides)
 
 
 def _input_files(cfg: RunConfig) -> list[Path]:
@@ -210,8 +232,6 @@ def _hashable(cfg) -> dict:
 
 def run_pipeline(cfg: RunConfig, force: bool = False, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
-    if cfg.backtest_split not in ("validation", "backtest"):
-        raise ConfigError(f"backtest_split must be validation or backtest, got {cfg.backtest_split!r}")
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     from mega_trading.config import dump_yaml
     from mega_trading.lineage import write_text_atomic

@@ -33,10 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
+from mega_trading.config import NonNegativeInt, PositiveInt, config_dataclass
 from mega_trading.score_sums import ScoreSums, bootstrap_mean_ci
 
 TOP_KS = (1, 5)
@@ -300,13 +302,14 @@ def _score_windows(model: Callable, windows: list, spec: FieldSpec, device: Any)
 
 # --- metrics ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@config_dataclass
 class SummaryConfig:
-    n_bins: int = 15  # reliability bins of equal width on [0, 1]
-    bootstrap_samples: int = 1000
-    bootstrap_block: int = 256  # positions per bootstrap block (contiguous in one shard)
+    n_bins: PositiveInt = 15  # reliability bins of equal width on [0, 1]
+    bootstrap_samples: NonNegativeInt = 1000
+    bootstrap_block: PositiveInt = 256  # positions per bootstrap block (contiguous in one shard)
     seed: int = 0
-    max_log_perplexity: float = 700.0  # exp() stays a finite float (JSON has no inf)
+    # exp() stays a finite float (JSON has no inf)
+    max_log_perplexity: Annotated[float, Field(gt=0, le=709)] = 700.0
 
 
 def perplexity(mean_nll: float, cap: float = SummaryConfig.max_log_perplexity) -> float:

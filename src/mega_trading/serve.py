@@ -74,7 +74,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mega_trading import __version__
-from mega_trading.errors import ConfigError, DataError, MegaTradingError
+from mega_trading.config import NonNegativeFloat, NonNegativeInt, PositiveInt, config_dataclass
+from mega_trading.errors import DataError, MegaTradingError
 
 log = logging.getLogger("mega_trading.serve")
 
@@ -92,28 +93,18 @@ MAX_SEED = 2**63 - 1
 DEFAULT_START_PRICE = 1.0  # tokens / events prompts: the price path is an index from 1
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ServeSettings:
-    batch_window_ms: float = 5.0  # how long the worker waits for more jobs to batch
-    max_batch_requests: int = 16  # requests per forward batch; 1 = batching off
-    batch_rows: int = 16  # rows of EVERY forward pass (fixed shape: see the docstring)
-    max_new_tokens: int = 8192  # n * length per request
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 256  # queued jobs before new ones get 503
-    queue_timeout_s: float = 30.0  # a job not started by then gets 503
-    request_timeout_s: float = 300.0  # a job not finished by then gets 504
-    step: int | None = None  # checkpoint step (default: latest)
+    batch_window_ms: NonNegativeFloat = 5.0  # how long the worker waits for more jobs to batch
+    max_batch_requests: PositiveInt = 16  # requests per forward batch; 1 = batching off
+    batch_rows: PositiveInt = 16  # rows of EVERY forward pass (fixed shape: see the docstring)
+    max_new_tokens: PositiveInt = 8192  # n * length per request
+    max_body_bytes: PositiveInt = 1 << 20
+    max_queue: PositiveInt = 256  # queued jobs before new ones get 503
+    queue_timeout_s: NonNegativeFloat = 30.0  # a job not started by then gets 503
+    request_timeout_s: NonNegativeFloat = 300.0  # a job not finished by then gets 504
+    step: NonNegativeInt | None = None  # checkpoint step (default: latest)
     device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_requests", "batch_rows", "max_new_tokens", "max_body_bytes",
-                     "max_queue"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_window_ms", "queue_timeout_s", "request_timeout_s"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"serve.{name} must be a finite number >= 0, got {value}")
 
 
 class ServeError(MegaTradingError):

@@ -29,10 +29,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import polars as pl
+from pydantic import Field
 
+from mega_trading.config import PositiveInt, config_dataclass
 from mega_trading.errors import DataError
 from mega_trading.lineage import json_hash, write_text_atomic
 
@@ -41,13 +44,13 @@ FIELD_NAMES = ("side", "move", "size", "dt")
 SPECIAL_TOKENS = ("PAD", "SEG")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TokenizerConfig:
-    move_bins_per_side: int = 7  # quantile bins for falling (and for rising) moves, tail included
-    size_bins: int = 8
-    dt_bins: int = 8  # including the zero bin
-    tail_quantile: float = 0.995  # beyond it (and below 1 - it): the outlier bins
-    fit_sample: int = 500_000  # fit quantiles on at most this many training events (seeded sample)
+    move_bins_per_side: PositiveInt = 7  # quantile bins for falling (and for rising) moves, tail included
+    size_bins: PositiveInt = 8
+    dt_bins: Annotated[int, Field(ge=2)] = 8  # including the zero bin
+    tail_quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.995  # beyond it (and below 1 - it): the outlier bins
+    fit_sample: PositiveInt = 500_000  # fit quantiles on at most this many training events (seeded sample)
 
 
 @dataclass(frozen=True)

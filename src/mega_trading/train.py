@@ -20,12 +20,21 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
-from mega_trading.config import apply_overrides, from_dict, to_dict
+from mega_trading.config import (
+    AutoBool,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    config_dataclass,
+    load_config,
+    to_dict,
+)
 from mega_trading.errors import ConfigError, MegaTradingError
 from mega_trading.lineage import provenance, read_json, write_json_atomic
 from mega_trading.optim import _unwrap
@@ -43,69 +52,53 @@ class NonFiniteLossError(MegaTradingError):
     """The loss or gradient norm became NaN/inf: training stopped before the bad update."""
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrainConfig:
     preset: str = "micro"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on the preset
-    steps: int = 1000
-    batch_size: int = 32  # windows per micro-batch, over all ranks together
-    grad_accum: int = 1
-    block_size: int | None = None  # default: the preset's; capped by the data
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 32  # windows per micro-batch, over all ranks together
+    grad_accum: PositiveInt = 1
+    # None: the data's (prepare.block_size, recorded in the manifest). It is ONE setting
+    # per run: a value here (or in model.block_size) that disagrees with the data's is an error.
+    block_size: Annotated[int, Field(ge=2)] | None = None
     lr: float = 3e-3  # AdamW (embeddings, head, norm gains)
     muon_lr: float = 0.02  # Muon (hidden matrices)
     # Newton-Schulz precision; auto: bf16 on CUDA and on CPUs that multiply bf16 natively
     muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     weight_decay: float = 0.0
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    eval_every: int = 100  # 0 disables periodic validation (the final one still runs)
-    eval_batches: int = 8
-    log_every: int = 10
-    ckpt_every: int = 500  # a checkpoint is also written at the end
-    keep_last: int = 3
+    warmup_steps: NonNegativeInt = 50
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine floor, as a fraction of the peak
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping (the norm is still logged)
+    eval_every: NonNegativeInt = 100  # 0 disables periodic validation (the final one still runs)
+    eval_batches: PositiveInt = 8
+    log_every: PositiveInt = 10
+    ckpt_every: NonNegativeInt = 500  # a checkpoint is also written at the end
+    keep_last: NonNegativeInt = 3
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA
-    compile: str | bool = "auto"  # auto: torch.compile on CUDA only
-    fsdp: str | bool = "auto"  # auto: FSDP2 for large models on several GPUs, else DDP
-    liger: str | bool = "auto"  # auto: Liger-Kernel fused ops on CUDA when installed (accel.py)
-    cpu_attention: str | bool = "auto"  # auto: our causal-attention kernel on CPU if it builds
+    compile: AutoBool = "auto"  # auto: torch.compile on CUDA only
+    fsdp: AutoBool = "auto"  # auto: FSDP2 for large models on several GPUs, else DDP
+    liger: AutoBool = "auto"  # auto: Liger-Kernel fused ops on CUDA when installed (accel.py)
+    cpu_attention: AutoBool = "auto"  # auto: our causal-attention kernel on CPU if it builds
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     tracking: Literal["mlflow", "none"] = "mlflow"
     peak_flops: float | None = None  # per device, for MFU; default: table (CUDA) / measured (CPU)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, Mapping):
-            raise ConfigError(f"config key 'model' must be a mapping, got {self.model!r}")
-        # A private copy: a frozen config must not change when a caller's dict does.
-        object.__setattr__(self, "model", dict(self.model))
-        _check_model_overrides(self.model)
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_last", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.block_size is not None and self.block_size < 2:
-            raise ConfigError(f"block_size must be >= 2, got {self.block_size}")
-        for name in ("compile", "fsdp", "liger", "cpu_attention"):
-            if getattr(self, name) not in ("auto", "true", "false", True, False):
-                raise ConfigError(f"{name} must be auto, true or false, got {getattr(self, name)!r}")
+    @field_validator("model")
+    @classmethod
+    def _check_model_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        from mega_trading.model import ModelConfig
 
-
-def _check_model_overrides(overrides: Mapping[str, Any]) -> None:
-    from mega_trading.model import ModelConfig
-
-    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
-    if "vocab_size" in overrides:
-        raise ConfigError("model.vocab_size comes from the data's tokenizer; do not set it")
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
-                          f"valid keys: {', '.join('model.' + n for n in sorted(names))}")
+        names = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+        if "vocab_size" in overrides:
+            raise ValueError("vocab_size comes from the data's tokenizer; do not set it")
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
+                              f"valid keys: {', '.join('model.' + n for n in sorted(names))}")
+        return dict(overrides)  # a private copy: a frozen config must not change with the caller's dict
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:
@@ -121,6 +114,18 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 # --- config resolution (CLI) -------------------------------------------------------------------
 
+def resume_base(out_dir: str | Path, resume: bool = False,
+                data_dir: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """With --resume: the run's saved training config (what later layers change) and its
+    data directory (unless one is given); else nothing."""
+    saved_path = Path(out_dir) / "config.json"
+    if not (resume and saved_path.is_file()):
+        return {}, Path(data_dir) if data_dir is not None else None
+    saved = read_json(saved_path)
+    data_dir = data_dir or saved.get("data_dir")
+    return saved["train"], Path(data_dir) if data_dir is not None else None
+
+
 def resolve_config(out_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
                    flags: Mapping[str, Any] | None = None, overrides: list[str] | None = None,
                    data_dir: str | Path | None = None) -> tuple[TrainConfig, Path]:
@@ -129,28 +134,15 @@ def resolve_config(out_dir: str | Path, resume: bool = False, config_file: str |
     Layers, later wins: defaults (or, with --resume, the run's saved config) < YAML file <
     flags given on the command line < `key=value` overrides.
     """
-    saved_path = Path(out_dir) / "config.json"
-    base: dict[str, Any] = {}
-    if resume and saved_path.is_file():
-        saved = read_json(saved_path)
-        base = saved["train"]
-        data_dir = data_dir or saved.get("data_dir")
-    if config_file is not None:
-        import yaml
+    base, data_dir = resume_base(out_dir, resume, data_dir)
+    cfg = load_config(TrainConfig, config_file, overrides or [], base=base, flags=flags)
+    return cfg, require_data_dir(data_dir)
 
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        model = {**base.get("model", {}), **(loaded.pop("model", None) or {})}
-        base = {**base, **loaded, "model": model}
-    base.update({k: v for k, v in (flags or {}).items() if v is not None})
-    cfg = apply_overrides(from_dict(TrainConfig, base), overrides or [])
+
+def require_data_dir(data_dir: Path | None) -> Path:
     if data_dir is None:
         raise ConfigError("no data directory: pass --data DIR (the output of `mega-trading prepare`)")
-    return cfg, Path(data_dir)
+    return data_dir
 
 
 # --- derived numbers ---------------------------------------------------------------------------
@@ -285,12 +277,22 @@ def _want_compile(setting: str | bool, device: torch.device) -> bool:
     return setting in (True, "true") or (setting == "auto" and device.type == "cuda")
 
 
+def check_block_size(name: str, value: Any, expected: int, expected_name: str) -> None:
+    """block_size is one setting per run (prepare's); an explicit other value is an error."""
+    if value is not None and int(value) != expected:
+        raise ConfigError(f"{name}={value} disagrees with {expected_name}={expected}: "
+                          f"block_size is set once, by prepare (prepare.block_size / --block-size)")
+
+
 def _model_config(cfg: TrainConfig, shards, log: Callable[[str], None]):
     from mega_trading.model import PRESETS, ModelConfig
 
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown model preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
-    wanted = cfg.block_size or int(cfg.model.get("block_size", PRESETS[cfg.preset]["block_size"]))
+    wanted = shards.block_size  # the data's: prepare.block_size is the one setting
+    for name, value in (("train.block_size", cfg.block_size),
+                        ("train.model.block_size", cfg.model.get("block_size"))):
+        check_block_size(name, value, wanted, f"the data's block_size ({shards.root})")
     longest = max((shards.n_tokens("train", s) for s in shards.symbols("train")), default=0)
     block = min(wanted, longest - 1)
     if block < 2:

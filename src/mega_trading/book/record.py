@@ -20,7 +20,6 @@ day's file (concatenated members are one valid gzip stream).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import gzip
 import json
@@ -34,6 +33,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from mega_trading.book.capture import MARKETS, sequence_continues
+from mega_trading.config import config_dataclass
 from mega_trading.errors import ConfigError
 
 WS_URLS = {"spot": "wss://stream.binance.com:9443/stream", "um": "wss://fstream.binance.com/stream"}
@@ -43,7 +43,7 @@ DEPTH_STREAM = {"spot": "depth@100ms", "um": "depth@0ms"}
 LOG_NAME = "record_log.jsonl"
 
 
-@dataclasses.dataclass
+@config_dataclass(frozen=False)  # __post_init__ normalizes symbols and URLs
 class RecordConfig:
     symbols: list[str]
     market: str

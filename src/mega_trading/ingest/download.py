@@ -30,7 +30,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import Field
+
+from mega_trading.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, config_dataclass
 from mega_trading.errors import ConfigError
 from mega_trading.ingest.reader import normalize_kind, normalize_market
 from mega_trading.lineage import provenance, sha256_file, write_json_atomic, write_text_atomic
@@ -43,13 +47,13 @@ _MONTH = re.compile(r"^\d{4}-\d{2}$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-@dataclasses.dataclass(frozen=True)
+@config_dataclass
 class DownloadConfig:
     base_url: str = DEFAULT_BASE_URL
-    workers: int = 4
-    retries: int = 4  # extra attempts after the first, per request
-    backoff_s: float = 1.0  # first retry waits this long, then doubles
-    timeout_s: float = 60.0
+    workers: Annotated[int, Field(ge=1, le=64)] = 4
+    retries: NonNegativeInt = 4  # extra attempts after the first, per request
+    backoff_s: NonNegativeFloat = 1.0  # first retry waits this long, then doubles
+    timeout_s: PositiveFloat = 60.0
 
 
 @dataclasses.dataclass(frozen=True)

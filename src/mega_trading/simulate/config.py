@@ -2,17 +2,27 @@
 orders (`ImpactConfig`) and the parent order with its execution policy (`PolicyConfig`).
 
 A named scenario (``configs/scenarios/<name>.yaml``) mirrors `SimConfig` exactly: unknown
-keys are an error (`mega_trading.config.load_yaml`).
+keys are an error (`mega_trading.config.load_config`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
+from pydantic import model_validator
+
+from mega_trading.config import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitFraction,
+    config_dataclass,
+)
 from mega_trading.errors import ConfigError
 from mega_trading.generate import SamplingConfig
 
@@ -21,7 +31,7 @@ POLICY_KINDS = ("immediate", "twap", "twap_limit", "participation")
 SCENARIO_DIR = Path("configs") / "scenarios"
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ImpactConfig:
     """Cost of a market order of notional Q against the recent traded notional V.
 
@@ -32,17 +42,9 @@ class ImpactConfig:
     """
 
     model: Literal["sqrt", "linear"] = "sqrt"
-    coef_bps: float = 10.0  # impact when Q equals the recent notional V
-    window_events: int = 200
-    min_recent_notional: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (self.coef_bps >= 0 and math.isfinite(self.coef_bps)):
-            raise ConfigError(f"impact.coef_bps must be >= 0, got {self.coef_bps}")
-        if self.window_events < 1:
-            raise ConfigError(f"impact.window_events must be >= 1, got {self.window_events}")
-        if not self.min_recent_notional > 0:
-            raise ConfigError("impact.min_recent_notional must be > 0")
+    coef_bps: NonNegativeFloat = 10.0  # impact when Q equals the recent notional V
+    window_events: PositiveInt = 200
+    min_recent_notional: PositiveFloat = 1.0
 
 
 def _default_sampling() -> SamplingConfig:
@@ -50,7 +52,7 @@ def _default_sampling() -> SamplingConfig:
     return SamplingConfig(forbid_seg=True)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class SimConfig:
     name: str = "default"
     description: str = ""
@@ -58,37 +60,26 @@ class SimConfig:
     closed_loop: bool = True  # insert agent fills into the model's context (model source only)
     split: str = "backtest"  # where episodes start (prompts / replayed flow)
     symbol: str | None = None  # None: every symbol of the split
-    prompt_length: int = 128  # real tokens of context before the start (<= model block_size)
+    prompt_length: PositiveInt = 128  # real tokens of context before the start (<= model block_size)
     selection: Literal["random", "high_vol"] = "random"  # which real windows start episodes
-    vol_top_fraction: float = 0.1  # high_vol: draw from this top fraction by realized vol
+    vol_top_fraction: UnitFraction = 0.1  # high_vol: draw from this top fraction by realized vol
     replayable_starts: bool = True  # only starts whose real continuation covers the episode
-    episodes: int = 16
-    batch_size: int = 16  # episodes decoded together (model source: one row each)
-    impact_lags: int = 32  # market events after completion on the impact path
-    max_events: int = 20_000  # per episode; an episode still running then is truncated
+    episodes: PositiveInt = 16
+    batch_size: PositiveInt = 16  # episodes decoded together (model source: one row each)
+    impact_lags: NonNegativeInt = 32  # market events after completion on the impact path
+    max_events: PositiveInt = 20_000  # per episode; an episode still running then is truncated
     queue: Literal["through", "touch"] = "through"  # when a resting limit order fills
     keep: int | None = None  # tokens kept when the context window slides; None: half
-    bootstrap_samples: int = 1000
+    bootstrap_samples: PositiveInt = 1000
     # Real tape held per split: all of it up to max_tape_events, else a seeded stratified
     # sample of windows of tape_window_events (memory does not grow with the data).
-    max_tape_events: int = 200_000
-    tape_window_events: int = 20_000
+    max_tape_events: PositiveInt = 200_000
+    tape_window_events: PositiveInt = 20_000
     impact: ImpactConfig = field(default_factory=ImpactConfig)
     sampling: SamplingConfig = field(default_factory=_default_sampling)
 
-    def __post_init__(self) -> None:
-        for name in ("prompt_length", "episodes", "batch_size", "max_events", "bootstrap_samples",
-                     "max_tape_events", "tape_window_events"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"simulate.{name} must be >= 1, got {getattr(self, name)}")
-        if self.impact_lags < 0:
-            raise ConfigError(f"simulate.impact_lags must be >= 0, got {self.impact_lags}")
-        if not 0 < self.vol_top_fraction <= 1:
-            raise ConfigError("simulate.vol_top_fraction must be in (0, 1], "
-                              f"got {self.vol_top_fraction}")
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class PolicyConfig:
     """A parent order (side, qty in base units, horizon) and how to execute it.
 
@@ -108,32 +99,21 @@ class PolicyConfig:
 
     kind: Literal["immediate", "twap", "twap_limit", "participation"] = "twap"
     side: Literal["buy", "sell"] = "buy"
-    qty: float = 1.0  # base units, e.g. BTC
-    horizon_s: float = 60.0
-    slices: int = 10
-    limit_offset_bps: float = 1.0
-    rate: float = 0.1
-    max_child_fraction: float = 0.1
-    min_child_fraction: float = 0.01
+    qty: PositiveFloat = 1.0  # base units, e.g. BTC
+    horizon_s: NonNegativeFloat = 60.0
+    slices: PositiveInt = 10
+    limit_offset_bps: NonNegativeFloat = 1.0  # a limit rests inside the last price
+    rate: UnitFraction = 0.1
+    max_child_fraction: UnitFraction = 0.1
+    min_child_fraction: NonNegativeFloat = 0.01
     finish: bool = True
 
-    def __post_init__(self) -> None:
-        if not (self.qty > 0 and math.isfinite(self.qty)):
-            raise ConfigError(f"policy qty must be > 0, got {self.qty}")
-        if not (self.horizon_s >= 0 and math.isfinite(self.horizon_s)):
-            raise ConfigError(f"policy horizon must be >= 0 s, got {self.horizon_s}")
-        if self.slices < 1:
-            raise ConfigError(f"policy slices must be >= 1, got {self.slices}")
-        if self.limit_offset_bps < 0:
-            raise ConfigError("policy limit_offset_bps must be >= 0 "
-                              "(a limit rests inside the last price)")
-        if not 0 < self.rate <= 1:
-            raise ConfigError(f"participation rate must be in (0, 1], got {self.rate}")
-        if not 0 < self.max_child_fraction <= 1:
-            raise ConfigError(f"max_child_fraction must be in (0, 1], "
-                              f"got {self.max_child_fraction}")
-        if not 0 <= self.min_child_fraction <= self.max_child_fraction:
-            raise ConfigError("min_child_fraction must be in [0, max_child_fraction]")
+    @model_validator(mode="after")
+    def _check_child_fractions(self) -> PolicyConfig:
+        if self.min_child_fraction > self.max_child_fraction:
+            raise ValueError(f"min_child_fraction={self.min_child_fraction} must be <= "
+                             f"max_child_fraction={self.max_child_fraction}")
+        return self
 
     @property
     def sign(self) -> int:

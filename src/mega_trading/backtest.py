@@ -81,6 +81,7 @@ def run_backtest(
     run_dir: str | Path, data_dir: str | Path, split: str = "backtest",
     max_tokens: int | None = None, cfg: BacktestConfig = BacktestConfig(),
     out: str | Path | None = None, log: Callable[[str], None] | None = None,
+    write: bool = True,
 ) -> dict:
     """Score the run's model and the baselines on `split`; write and return the report.
 
@@ -159,7 +160,8 @@ def run_backtest(
     })
     for symbol in symbols:
         doc["per_symbol"][symbol]["n_tokens"] = n_tokens[symbol]
-    write_json_atomic(Path(out) if out else run_dir / "backtest.json", doc)
+    if write:  # the notebook API scores without touching the run's backtest.json
+        write_json_atomic(Path(out) if out else run_dir / "backtest.json", doc)
     return doc
 
 

@@ -76,7 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1M,4M,16M", help="events per run, e.g. 1M,4M,16M")
     parser.add_argument("--symbols", type=int, default=2)
-    parser.add_argument("--months", type=int, default=2)
+    parser.add_argument("--rows-per-file", type=int, default=500_000,
+                        help="rows per monthly file; more data means more months, as in life "
+                             "(prepare holds one file per worker)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (micro)")
     parser.add_argument("--work", default=None, help="working folder (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -89,7 +91,8 @@ def main() -> None:
         raw, data, run = root / "raw", root / "data", root / "run"
         raw.mkdir(parents=True, exist_ok=True)
         print(f"[{size:,} events] writing the synthetic archive ...", flush=True)
-        write_synthetic_archive(raw, size, args.symbols, args.months)
+        months = max(1, size // (args.symbols * args.rows_per_file))
+        write_synthetic_archive(raw, size, args.symbols, months)
         results[size] = {}
         for stage, command in stage_commands(raw, data, run, args.steps).items():
             wall, rss = run_stage(command, root / "log.txt")

@@ -44,7 +44,7 @@ def write_synthetic_archive(root: Path, rows: int, n_symbols: int, n_months: int
                 "quote_qty": np.round(prices * qty, 8), "time": times,
                 "is_buyer_maker": rng.random(per_file) < 0.5, "is_best_match": np.ones(per_file, bool),
             })
-            name = f"{symbol}-trades-2024-{month:02d}"
+            name = f"{symbol}-trades-{2024 + (month - 1) // 12}-{(month - 1) % 12 + 1:02d}"
             buffer = io.BytesIO()
             frame.write_csv(buffer, include_header=False)
             path = root / f"{name}.zip"

@@ -215,3 +215,22 @@ def test_streamed_backtest_equals_the_per_position_computation(report, run_dir, 
         confidence_bins == b].mean()) * (confidence_bins == b).mean()
         for b in range(15) if (confidence_bins == b).any())
     assert got["ece"] == pytest.approx(ece, rel=1e-9)
+
+
+def test_baselines_fit_on_the_most_recent_train_tokens_above_the_cap(data_dir):
+    """Above baselines.max_fit_tokens the n-gram baselines are fitted on each symbol's most
+    recent train tokens, in proportion: the unigram then equals one fitted on those tails."""
+    from mega_trading.backtest import recent_tokens
+    from mega_trading.baselines import BaselineConfig, fit_baselines
+
+    shards = ShardSet.open(data_dir)
+    train = [shards.tokens("train", s) for s in shards.symbols("train")]
+    total = sum(len(t) for t in train)
+    capped = fit_train_baselines(shards, BaselineConfig(max_fit_tokens=total // 3))
+    tails = recent_tokens(train, total // 3)
+    assert sum(len(t) for t in tails) <= total // 3 and all(len(t) for t in tails)
+    assert all(np.array_equal(t, s[len(s) - len(t):]) for t, s in zip(tails, train))
+    tok = shards.tokenizer
+    expected = fit_baselines(tails, tok.vocab_size, tok.seg_id, tok.pad_id, tok.n_event_tokens)
+    assert np.array_equal(capped["unigram"].p, expected["unigram"].p)
+    assert not np.array_equal(capped["unigram"].p, fit_train_baselines(shards)["unigram"].p)

@@ -66,11 +66,21 @@ def fit_train_baselines(shards: Any, cfg: BaselineConfig | None = None) -> dict[
     """Every baseline, fitted on the TRAIN split's shards of a ShardSet (nothing else)."""
     cfg = cfg or BaselineConfig()
     tok = shards.tokenizer
-    train = [np.asarray(shards.tokens("train", s)) for s in shards.symbols("train")]
+    train = [shards.tokens("train", s) for s in shards.symbols("train")]
     train = [t for t in train if len(t)]
     if not train:
         raise DataError("the train split is empty: baselines have nothing to fit", shards.root)
-    return fit_baselines(train, tok.vocab_size, tok.seg_id, tok.pad_id, tok.n_event_tokens, cfg)
+    return fit_baselines(recent_tokens(train, cfg.max_fit_tokens), tok.vocab_size, tok.seg_id,
+                         tok.pad_id, tok.n_event_tokens, cfg)
+
+
+def recent_tokens(shards: list[np.ndarray], max_tokens: int) -> list[np.ndarray]:
+    """Each shard's most recent tokens, in proportion to its size, `max_tokens` in all (all
+    of them when they fit). A cut shard's tail starts mid-segment, as a window does."""
+    total = sum(len(t) for t in shards)
+    if total <= max_tokens:
+        return shards
+    return [t[len(t) - max(2, len(t) * max_tokens // total):] for t in shards]
 
 
 def _train_symbols(shards: Any) -> set[str]:
@@ -155,6 +165,9 @@ def run_backtest(
             tokenizer_hash=shards.tokenizer_hash, manifest_hash=shards.manifest_hash,
             checkpoint_step=state.get("step"), device=device, block_size=block_size,
             baselines_fitted_on="train", config=to_dict(cfg),
+            baseline_fit_tokens=sum(len(t) for t in recent_tokens(
+                [trained_on.tokens("train", s) for s in trained_on.symbols("train")],
+                cfg.baselines.max_fit_tokens)),
             tokenizer_reused=shards.tokenizer_reused, trained_on_manifest=trained_on.manifest_hash,
         ),
     })

@@ -406,6 +406,11 @@ class MarkovModel(Baseline):
 class BaselineConfig:
     unigram_add_k: PositiveFloat = 0.5
     markov_orders: tuple[PositiveInt, ...] = (1, 3)
+    # An n-gram table grows with the distinct n-grams of its training data (markov3: 0.8M
+    # 4-grams at 1M synthetic events, 3.2M at 4M). Above this many train tokens the
+    # baselines are fitted on the most recent ones (each symbol's tail, in proportion),
+    # which keeps backtest and facts in bounded memory; backtest.json records the count.
+    max_fit_tokens: PositiveInt = 2_000_000
 
 
 def fit_baselines(

@@ -308,8 +308,8 @@ class ShardSet:
 
     def event_at_token(self, split: str, symbol: str, token_pos: int,
                        seg_positions: np.ndarray | None = None) -> pl.DataFrame:
-        """The one event row (with `token_pos`) that is the last at or before token position
-        `token_pos` of the shard, read alone: a shard's tokens are its events with one SEG
+        """The one event row (with `token_pos`; its `segment` id is local) that is the last at
+        or before token position `token_pos` of the shard, read alone: a shard's tokens are its events with one SEG
         before each segment start, so that event is number token_pos - (SEGs up to it)."""
         segs = self.seg_positions(split, symbol) if seg_positions is None else seg_positions
         index = token_pos - int(np.searchsorted(segs, token_pos, side="right"))
@@ -317,7 +317,8 @@ class ShardSet:
             raise DataError(f"no event at or before token {token_pos} of the {split} shard of "
                             f"{symbol}", self.root)
         lo = self.manifest["shards"][split][symbol]["rows"][0]
-        row = self._rows(symbol, lo + index, lo + index + 1)
+        # Local segment ids: global ones would read the whole file up to the row.
+        row = self._rows(symbol, lo + index, lo + index + 1, global_segments=False)
         position = token_pos  # step back over SEG tokens to the event's own position
         while np.any(segs == position):
             position -= 1
@@ -327,12 +328,13 @@ class ShardSet:
                               n_after: int = 0, seg_positions: np.ndarray | None = None,
                               ) -> pl.DataFrame:
         """The events whose token position lies in [lo_pos, hi_pos), then up to `n_after`
-        more, with `token_pos`; only those rows are read (see ``event_at_token``)."""
+        more, with `token_pos` (segment ids counted from the first row); only those rows
+        are read (see ``event_at_token``)."""
         segs = self.seg_positions(split, symbol) if seg_positions is None else seg_positions
         first = lo_pos - int(np.searchsorted(segs, lo_pos, side="left"))
         stop = hi_pos - int(np.searchsorted(segs, hi_pos, side="left")) + n_after
         lo, hi = self.manifest["shards"][split][symbol]["rows"]
-        rows = self._rows(symbol, lo + first, min(lo + stop, hi))
+        rows = self._rows(symbol, lo + first, min(lo + stop, hi), global_segments=False)
         index = np.arange(first, first + rows.height)
         token_pos = index + np.searchsorted(segs - np.arange(len(segs)), index, side="right")
         return rows.with_columns(token_pos=pl.Series(token_pos, dtype=pl.Int64))

@@ -15,7 +15,7 @@ STAGES: list[tuple[str, ...]] = [
     ("__init__", "errors", "config", "lineage", "stages", "data"),  # shared plumbing
     ("ingest", "book", "book.capture", "book.record"),
     ("events", "book.rebuild", "book.build"),
-    ("tokenizer",),
+    ("binning", "tokenizer"),
     ("tokenizer_reuse", "dataset"),
     ("model", "kernels"),
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),

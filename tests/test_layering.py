@@ -20,8 +20,8 @@ STAGES: list[tuple[str, ...]] = [
     ("model", "kernels"),
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
     ("baselines", "scoring", "backtest"),
-    ("decode", "generate", "hawkes"),
-    ("facts", "book.facts"),
+    ("decode", "generate", "hawkes", "sampling"),
+    ("facts", "book.facts", "realism"),
     ("simulate", "serve"),
     ("report",),
     ("pipeline", "ablation", "cli"),  # orchestration: may import every stage

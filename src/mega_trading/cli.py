@@ -353,9 +353,12 @@ def generate(
                                     help="train|validation|backtest (real windows) or seg."),
     prompt_length: int = typer.Option(128, "--prompt-length", min=1),
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Only prompts of this symbol."),
-    temperature: float = typer.Option(1.0, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(16, "--top-k", help="0 = off."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass; 1 = off."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="0 = greedy. Sampling options left out: the run's measured "
+                                    "choice (RUN/sampling.json), else plain sampling."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="0 = off."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass; 1 = off."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Keep p >= min_p * p_max; 0 = off."),
     forbid_seg: bool = typer.Option(False, "--forbid-seg", help="Never sample segment starts."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Rollouts decoded together."),
@@ -374,24 +377,29 @@ def generate(
         rollout_lineage,
         write_rollouts,
     )
+    from mega_trading.sampling import SamplingConfig, resolve_sampling
 
+    given = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                               "min_p": min_p}.items() if v is not None}
     cfg = from_dict(GenerateConfig, {
         "n": n, "length": length, "prompt_from": prompt_from, "prompt_length": prompt_length,
         "symbol": symbol, "seed": seed, "batch_size": batch_size,
-        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                     "forbid_seg": forbid_seg},
+        "sampling": {**given, "forbid_seg": forbid_seg} if given else None,
     })
+    sampling, sampling_info = resolve_sampling(cfg.sampling, run,
+                                               SamplingConfig(forbid_seg=forbid_seg))
     shards = ShardSet.open(data)
     model, state = load_model(run, step=step, expect_tokenizer_hash=shards.tokenizer_hash,
                               expect_manifest_hash=shards.model_manifest_hash, device=device)
-    events, prompts = generate_rollouts(model, shards, cfg)
+    events, prompts = generate_rollouts(model, shards, cfg, sampling=sampling)
     out = out or run / "rollouts.parquet"
     write_rollouts(events, out, rollout_lineage(cfg, shards, prompts, run=str(run.resolve()),
-                                                step=state.get("step")))
+                                                step=state.get("step"), sampling=sampling_info))
     n_events = int(events["is_event"].sum())
     n_segments = int(events["segment_start"].sum())
     typer.echo(f"{cfg.n} rollouts x {cfg.length} tokens from {cfg.prompt_from} prompts "
-               f"(step {state.get('step')}): {n_events:,} events, {n_segments} segment starts "
+               f"(step {state.get('step')}, sampling {sampling_info['label']} "
+               f"[{sampling_info['source']}]): {n_events:,} events, {n_segments} segment starts "
                f"-> {out}")
 
 # --- facts ------------------------------------------------------------------------------

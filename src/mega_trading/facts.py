@@ -118,6 +118,8 @@ class FactsConfig:
     block_len: int = 1
     n_bins: int = 50
     max_distance_samples: int = 20000
+    realism_boot: int = 50  # block-bootstrap replicates of each source's realism score (realism.py)
+    realism_block_events: int = 256  # events per resampled block
 
     def __post_init__(self) -> None:
         if self.max_lag < 1:
@@ -126,6 +128,8 @@ class FactsConfig:
             raise ConfigError("facts.hill_fraction must be in (0, 1)")
         if any(h < 1 for h in self.event_horizons) or any(h <= 0 for h in self.wallclock_horizons_s):
             raise ConfigError("facts horizons must be positive")
+        if self.realism_boot < 0 or self.realism_block_events < 1:
+            raise ConfigError("facts: need realism_boot >= 0 and realism_block_events >= 1")
         if self.n_boot < 0 or self.block_len < 1 or self.n_bins < 2 or self.max_distance_samples < 10:
             raise ConfigError("facts: need n_boot >= 0, block_len >= 1, n_bins >= 2, "
                               "max_distance_samples >= 10")
@@ -561,8 +565,13 @@ def scorecard(
                "baselines": {b: g[name] for b, g in gaps_by_baseline.items()}}
         for name in (*_CURVE_GAPS, *_SCALAR_GAPS)
     }
+    from mega_trading.realism import realism_block
+
+    realism = realism_block(_json_ready(gap_section), {"model": model_rollouts, **baselines},
+                            facts["real"], cfg, cfg.realism_boot, cfg.realism_block_events, seed)
     return _json_ready({"schema": SCHEMA, "config": to_dict(cfg), "seed": seed,
-                        "facts": facts, "distances": dist_section, "fact_gaps": gap_section})
+                        "facts": facts, "distances": dist_section, "fact_gaps": gap_section,
+                        "realism": realism})
 
 
 def write_scorecard(path: str | Path, card: Mapping[str, Any], **lineage: Any) -> None:

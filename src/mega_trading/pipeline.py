@@ -149,13 +149,17 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         from mega_trading.checkpoint import load_model
         from mega_trading.dataset import ShardSet
         from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
+        from mega_trading.sampling import resolve_sampling
 
         shards = ShardSet.open(data)
         model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,
                                   expect_manifest_hash=shards.model_manifest_hash)
-        events, prompts = generate_rollouts(model, shards, cfg.generate)
+        sampling, sampling_info = resolve_sampling(cfg.generate.sampling, run)
+        console.print(f"generate: sampling {sampling_info['label']} ({sampling_info['source']})")
+        events, prompts = generate_rollouts(model, shards, cfg.generate, sampling=sampling)
         write_rollouts(events, run / "rollouts.parquet",
-                       rollout_lineage(cfg.generate, shards, prompts, run=str(run), step=state.get("step")))
+                       rollout_lineage(cfg.generate, shards, prompts, run=str(run), step=state.get("step"),
+                                       sampling=sampling_info))
 
     def do_facts() -> None:
         from mega_trading.facts import run_facts

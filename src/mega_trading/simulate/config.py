@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from mega_trading.errors import ConfigError
-from mega_trading.generate import SamplingConfig
+from mega_trading.sampling import SamplingConfig
 
 SIDES = {"buy": 1, "sell": -1}
 POLICY_KINDS = ("immediate", "twap", "twap_limit", "participation")
@@ -45,9 +45,8 @@ class ImpactConfig:
             raise ConfigError("impact.min_recent_notional must be > 0")
 
 
-def _default_sampling() -> SamplingConfig:
-    # SEG means "a hole in the data or a pause > 60 s": no use to a continuous market.
-    return SamplingConfig(forbid_seg=True)
+# SEG means "a hole in the data or a pause > 60 s": no use to a continuous market.
+SIM_SAMPLING_BASE = SamplingConfig(forbid_seg=True)
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,10 @@ class SimConfig:
     keep: int | None = None  # tokens kept when the context window slides; None: half
     bootstrap_samples: int = 1000
     impact: ImpactConfig = field(default_factory=ImpactConfig)
-    sampling: SamplingConfig = field(default_factory=_default_sampling)
+    # None: the run's measured choice (RUN/sampling.json) with SEG forbidden, else plain
+    # sampling with SEG forbidden; a sampling block chooses by hand
+    sampling: SamplingConfig | None = None
+    decode: Literal["in_bin", "median"] = "in_bin"  # event features: drawn in-bin or bin medians
 
     def __post_init__(self) -> None:
         for name in ("prompt_length", "episodes", "batch_size", "max_events", "bootstrap_samples"):

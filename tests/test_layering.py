@@ -19,9 +19,9 @@ STAGES: list[tuple[str, ...]] = [
     ("tokenizer_reuse", "dataset"),
     ("model", "kernels"),
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
-    ("baselines", "scoring", "backtest"),
+    ("baselines", "scoring", "backtest", "calibrate"),
     ("decode", "generate", "hawkes", "sampling"),
-    ("facts", "book.facts", "realism"),
+    ("facts", "book.facts", "realism", "sampling_search"),
     ("simulate", "serve"),
     ("report",),
     ("pipeline", "ablation", "cli"),  # orchestration: may import every stage

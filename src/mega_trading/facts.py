@@ -712,8 +712,10 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
     baselines["tokenized_real"] = tokenized_real(shards, "backtest")
     card = scorecard(shards.all_events("backtest"), trained.all_events("train"), model_events,
                      baselines, cfg, seed)
+    card["sampling"] = lineage.get("sampling")  # which sampling produced the model rollouts
     write_scorecard(out, card, stage="facts", tokenizer_hash=shards.tokenizer_hash,
                     manifest_hash=shards.manifest_hash,
                     rollouts=str(rollouts_path) if rollouts_path else None,
-                    rollouts_lineage={k: lineage.get(k) for k in ("run", "step", "seed") if k in lineage})
+                    rollouts_lineage={k: lineage.get(k) for k in ("run", "step", "seed", "sampling")
+                                      if k in lineage})
     return card

@@ -472,7 +472,8 @@ def ablate(
     overrides: List[str] = typer.Argument(None, help="Dotted overrides, e.g. steps=[50,100]."),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """A grid of pipelines over model x symbol subset x steps; table, chart and MLflow runs."""
+    """A grid of pipelines over model x symbol subset x context x steps (x sampling): NLL and
+    realism per cell with CIs; table, chart and MLflow runs."""
     from rich.table import Table
 
     from mega_trading.ablation import load_ablation_config, run_ablation
@@ -480,13 +481,21 @@ def ablate(
     cfg = load_ablation_config(config, overrides or [])
     rows = run_ablation(cfg, force=force, console=console)
     table = Table(title=f"ablation  ->  {cfg.out_dir}/ablation.{{json,csv,html}}")
-    for column in ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
-                   "realism_mean_ks_noise_floor"):
+    columns = ("model", "symbols", "context", "steps", "trained_steps", "sampling_label",
+               "model_nll", "model_nll_ci95", "within", "beat_hawkes", "geo", "geo_ci95",
+               "hawkes_geo")
+    for column in columns:
         table.add_column(column)
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return "[" + ", ".join("—" if v is None else f"{v:.3g}" for v in value) + "]"
+        return "—" if value is None else str(value)
+
     for row in rows:
-        table.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in
-                        ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
-                         "realism_mean_ks_noise_floor")))
+        table.add_row(*(cell(row.get(c)) for c in columns))
     Console().print(table)
 
 

@@ -227,8 +227,7 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         stages.append(Stage("sampling", do_sampling, (run / "sampling.json",),
                             lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),
                                      "calibration": _file_identity(run / "calibration.json"),
-                                     "search": to_dict(cfg.sampling_search),
-                                     "generate": to_dict(cfg.generate), "facts": to_dict(cfg.facts)}))
+                                     "search": to_dict(cfg.sampling_search), "facts": to_dict(cfg.facts)}))
     stages += [
         Stage("backtest", do_backtest, (run / "backtest.json",),
               lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),

@@ -388,5 +388,8 @@ def test_model_source_starts_anywhere_when_no_real_continuation_spans_the_horizo
     doc = run_simulation(shards.root, policies, cfg, run_dir=run)
     assert doc["config"]["replayable_starts"] is False
     assert doc["policies"]["twap"]["summary"]["truncated"] == 2  # 40 events < 60 s here
+    reasons = [ep["truncated"] for ep in doc["policies"]["twap"]["episodes"]]
+    assert all(r.startswith("max_events=40 reached ") and "s into the episode" in r for r in reasons)
+    assert doc["sampling"]["source"] in ("default", "measured", "explicit")
     with pytest.raises(DataError, match="replayable_starts"):
         run_simulation(shards.root, policies, dataclasses.replace(cfg, source="replay"))

@@ -33,7 +33,7 @@ TRUNCATIONS = ("none", "top_k", "top_p", "min_p")
 class SamplingSearchConfig:
     enabled: bool = True
     split: str = "validation"  # prompts and reference events; never the backtest split
-    n: int = 32  # rollouts per cell
+    n: int = 64  # rollouts per cell (16k events: a smaller sample's facts are mostly noise)
     length: int = 256  # new tokens per rollout
     prompt_length: int = 96
     rollouts_per_prompt: int = 4
@@ -43,7 +43,7 @@ class SamplingSearchConfig:
     truncations: tuple[str, ...] = TRUNCATIONS
     top_k: int = 16
     top_p: float = 0.95
-    min_p: float = 0.05
+    min_p: float = 0.02
 
     def __post_init__(self) -> None:
         if self.split == "backtest":

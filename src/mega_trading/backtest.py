@@ -142,6 +142,8 @@ def run_backtest(
         log(f"{symbol}: {len(per_scorer['model'][-1])} positions scored")
 
     doc = _report(per_scorer, symbols, _train_symbols(trained_on), spec, cfg.summary)
+    doc["calibrated"] = _calibrated(run_dir, model, shards, split, symbols, max_tokens, spec,
+                                    block_size, cfg, device)
     doc.update({
         "format": FORMAT,
         "split": split,
@@ -184,6 +186,27 @@ def _report(per_scorer: dict[str, list[PositionScores]], symbols: list[str],
         }
     return {**_section(overall, summary), "per_symbol": per_symbol,
             **label_stats(overall["model"].targets)}
+
+
+def _calibrated(run_dir: Path, model, shards, split: str, symbols: list[str],
+                max_tokens: int | None, spec: FieldSpec, block_size: int, cfg: BacktestConfig,
+                device: str) -> dict | None:
+    """The model's NLL and ECE on this split with the temperature that RUN/calibration.json
+    fitted on VALIDATION (None without one): what calibration buys on unseen data."""
+    path = run_dir / "calibration.json"
+    if not path.is_file():
+        return None
+    temperature = float(read_json(path)["temperature"])
+
+    def scaled(x):
+        return model(x) / temperature
+
+    parts = [score_model(scaled, shards.tokenizer.check_tokens(np.asarray(shards.tokens(split, s))[:max_tokens]),
+                         spec, block_size=block_size, batch_size=cfg.batch_size, device=device,
+                         stride=cfg.stride or None).with_shard(i) for i, s in enumerate(symbols)]
+    summary = summarize(PositionScores.concat(parts, spec.field_names), cfg.summary)
+    return {"temperature": temperature, "fitted_on": "validation",
+            **{k: summary.get(k) for k in ("nll_nats", "nll_nats_ci95", "ece", "top1")}}
 
 
 def _vs_rival(section: dict, name: str | None) -> dict | None:

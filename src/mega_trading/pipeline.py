@@ -231,7 +231,8 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
     stages += [
         Stage("backtest", do_backtest, (run / "backtest.json",),
               lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),
-                       "split": cfg.backtest_split, "backtest": to_dict(cfg.backtest)}),
+                       "split": cfg.backtest_split, "backtest": to_dict(cfg.backtest),
+                       "calibration": _file_identity(run / "calibration.json")}),
         Stage("generate", do_generate, (run / "rollouts.parquet",),
               lambda: {"model": _checkpoint_identity(run), "generate": to_dict(cfg.generate),
                        "sampling": _file_identity(run / "sampling.json")}),

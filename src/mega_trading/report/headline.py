@@ -45,5 +45,15 @@ def headline_cards(art: Artifacts) -> str:
                       f"{esc(cal.get('split'))} NLL {num(cal.get('before', {}).get('nll_nats'), '.4f', 'calibration:before/nll_nats')}"
                       f" → {num(cal.get('after', {}).get('nll_nats'), '.4f', 'calibration:after/nll_nats')}; ECE "
                       f"{num(cal.get('before', {}).get('ece'), '.4f', 'calibration:before/ece')} → "
-                      f"{num(cal.get('after', {}).get('ece'), '.4f', 'calibration:after/ece')}"))
+                      f"{num(cal.get('after', {}).get('ece'), '.4f', 'calibration:after/ece')}"
+                      + _calibrated_backtest(bt)))
     return cards(items) if items else ""
+
+
+def _calibrated_backtest(bt: dict) -> str:
+    cal = bt.get("calibrated") or {}
+    if cal.get("nll_nats") is None:
+        return ""
+    return (f"; at this T the backtest NLL is {num(cal['nll_nats'], '.4f', 'backtest:calibrated/nll_nats')}"
+            f" (ECE {num(cal.get('ece'), '.4f', 'backtest:calibrated/ece')} vs "
+            f"{num(bt.get('model', {}).get('ece'), '.4f', 'backtest:model/ece')} at T = 1)")

@@ -96,3 +96,19 @@ def test_tokenized_real_decoded_in_bin_is_within_the_noise_floor():
     score_median = score_source(fact_gaps(compute_facts(tokenized("median"), cfg), real), floor_gaps)
     assert score_in_bin["ratios"]["hill_index"] < 2 < 10 < score_median["ratios"]["hill_index"]
     assert score_in_bin["geo_mean_ratio"] < score_median["geo_mean_ratio"]
+
+
+def test_sampling_grid_is_temperature_by_truncation_and_never_on_backtest():
+    from mega_trading.errors import ConfigError
+    from mega_trading.sampling_search import SamplingSearchConfig, grid
+
+    cells = grid(SamplingSearchConfig(), fitted_t=1.0531)
+    assert [c.label for c in cells] == [
+        "T=1, full", "T=1, top-k 16", "T=1, top-p 0.95", "T=1, min-p 0.02",
+        "T=1.05, full", "T=1.05, top-k 16", "T=1.05, top-p 0.95", "T=1.05, min-p 0.02"]
+    assert len(grid(SamplingSearchConfig(), fitted_t=None)) == 4
+    assert len(grid(SamplingSearchConfig(), fitted_t=1.0)) == 4  # T = 1 is not tried twice
+    with pytest.raises(ConfigError, match="backtest"):
+        SamplingSearchConfig(split="backtest")
+    with pytest.raises(ConfigError, match="truncations"):
+        SamplingSearchConfig(truncations=("top_q",))

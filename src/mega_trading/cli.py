@@ -429,6 +429,9 @@ def facts(
     for row in rows:
         table.add_row(*row.values())
     Console().print(table)
+    from mega_trading.realism import headline
+
+    Console().print(f"realism (model): {headline(card.get('realism'))}")
 
 
 

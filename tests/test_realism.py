@@ -112,3 +112,17 @@ def test_sampling_grid_is_temperature_by_truncation_and_never_on_backtest():
         SamplingSearchConfig(split="backtest")
     with pytest.raises(ConfigError, match="truncations"):
         SamplingSearchConfig(truncations=("top_q",))
+
+
+def test_a_truncated_cell_must_win_clearly():
+    from mega_trading.sampling_search import choose
+
+    def row(label, geo, top_k=0, within=5):
+        return {"label": label, "geo_mean_ratio": geo, "within": within,
+                "settings": {"temperature": 1.0, "top_k": top_k, "top_p": 1.0, "min_p": 0.0}}
+
+    plain, close, clear = row("plain", 1.0), row("top-k close", 0.9, top_k=16), row("top-k clear", 0.8, top_k=16)
+    assert choose([plain, close], 0.15)["label"] == "plain"  # 10 % better is within the noise
+    assert choose([plain, clear], 0.15)["label"] == "top-k clear"  # 20 % better is not
+    assert choose([plain, close], 0.0)["label"] == "top-k close"
+    assert choose([close], 0.15)["label"] == "top-k close"  # no plain cell in the grid

@@ -25,12 +25,11 @@ from mega_trading.generate import (
     read_rollouts,
     rollout_lineage,
     rollouts_to_events,
-    sample,
     seg_prompts,
-    top_p_keep,
     write_rollouts,
 )
 from mega_trading.model import ModelConfig, Transformer
+from mega_trading.sampling import sample_next, top_p_keep
 from mega_trading.tokenizer import FieldBins, Tokenizer
 from tests.numerics import (
     assert_float32_close,
@@ -170,8 +169,8 @@ def test_top_k_one_equals_greedy_argmax():
     top1 = generate(model, prompt, 30, SamplingConfig(temperature=1.3, top_k=1), seeded(4))
     assert torch.equal(greedy, top1)
     logits = torch.randn(64, VOCAB, generator=seeded(2))
-    assert torch.equal(sample(logits, 1.0, top_k=1, generator=seeded(0)), logits.argmax(-1))
-    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=seeded(0)), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -183,18 +182,53 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
     # through sample(): unsorted tokens, the nucleus {1, 3} renormalized to 4/7, 3/7
     logits = torch.tensor([0.1, 0.4, 0.2, 0.3]).log().expand(4000, 4)
-    drawn = sample(logits, 1.0, top_k=0, top_p=0.65, generator=seeded(0))
+    drawn = sample_next(logits, 1.0, top_k=0, top_p=0.65, generator=seeded(0))
     counts = torch.bincount(drawn, minlength=4)
     assert counts[0] == counts[2] == 0
     assert abs(counts[1].item() / 4000 - 4 / 7) < 0.03
     # top-k then top-p: top-2 is {1, 3}; p=0.5 of the renormalized 4/7, 3/7 keeps only 1
-    assert set(sample(logits, 1.0, top_k=2, top_p=0.5, generator=seeded(1)).tolist()) == {1}
+    assert set(sample_next(logits, 1.0, top_k=2, top_p=0.5, generator=seeded(1)).tolist()) == {1}
+
+
+def test_min_p_keeps_tokens_within_a_fraction_of_the_top_one():
+    # p = 0.5, 0.25, 0.15, 0.1: min_p 0.4 keeps p >= 0.2, i.e. tokens 0 and 1 (2/3, 1/3)
+    logits = torch.tensor([0.5, 0.25, 0.15, 0.1]).log().expand(6000, 4)
+    drawn = sample_next(logits, 1.0, min_p=0.4, generator=seeded(3))
+    counts = torch.bincount(drawn, minlength=4)
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0].item() / 6000 - 2 / 3) < 0.03
+    # min-p 0 is plain sampling: every token appears
+    assert (torch.bincount(sample_next(logits, 1.0, min_p=0.0, generator=seeded(3)),
+                           minlength=4) > 0).all()
+    with pytest.raises(ConfigError, match="min_p"):
+        SamplingConfig(min_p=1.0)
+
+
+def test_resolve_sampling_prefers_explicit_then_measured_then_default(tmp_path):
+    from mega_trading.lineage import write_json_atomic
+    from mega_trading.sampling import SAMPLING_FORMAT, resolve_sampling
+
+    base = SamplingConfig(forbid_seg=True)
+    settings, info = resolve_sampling(None, tmp_path, base)
+    assert settings == base and info["source"] == "default"
+    write_json_atomic(tmp_path / "sampling.json", {
+        "format": SAMPLING_FORMAT, "split": "validation", "score": 1.1,
+        "chosen": {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.05}})
+    settings, info = resolve_sampling(None, tmp_path, base)
+    assert (settings.temperature, settings.min_p, settings.forbid_seg) == (0.9, 0.05, True)
+    assert info["source"] == "measured" and info["split"] == "validation"
+    assert info["label"] == "T=0.9, min-p 0.05"
+    explicit = SamplingConfig(top_k=16)
+    assert resolve_sampling(explicit, tmp_path, base) == (explicit, {
+        "source": "explicit", "label": "T=1, top-k 16",
+        "settings": {**info["settings"], "temperature": 1.0, "top_k": 16, "min_p": 0.0,
+                     "forbid_seg": False}})
 
 
 def test_sampling_follows_the_softmax_and_temperature():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(20000, 4)
     for temperature in (1.0, 0.5):
-        drawn = sample(logits, temperature, top_k=0, generator=seeded(7))
+        drawn = sample_next(logits, temperature, top_k=0, generator=seeded(7))
         freq = torch.bincount(drawn, minlength=4).double() / len(drawn)
         expected = torch.softmax(logits[0].double() / temperature, -1)
         assert (freq - expected).abs().max() < 0.015
@@ -346,7 +380,7 @@ def test_generate_rollouts_writes_events_with_lineage(shards, tmp_path, suffix):
     assert back["price"].to_list() == pytest.approx(events["price"].to_list())
     assert lineage["tokenizer_hash"] == shards.tokenizer_hash
     assert lineage["manifest_hash"] == shards.manifest_hash
-    assert lineage["config"]["sampling"] == {"temperature": 1.0, "top_k": 16, "top_p": 0.9,
+    assert lineage["config"]["sampling"] == {"temperature": 1.0, "top_k": 16, "top_p": 0.9, "min_p": 0.0,
                                              "forbid_pad": True, "forbid_seg": False}
     assert lineage["seed"] == 3 and lineage["run"] == "unit-test"
     assert len(lineage["prompts"]) == 5

@@ -19,7 +19,10 @@ TINY = [
     "train.warmup_steps=1", "train.device=cpu",
     "train.model={n_layer: 1, d_model: 32, n_head: 4, n_kv_head: 2, ffn_hidden: 64}",
     "generate.n=4", "generate.length=24", "generate.prompt_length=16", "generate.rollouts_per_prompt=2",
-    "facts.n_boot=10", "facts.min_events=10",
+    "facts.n_boot=10", "facts.min_events=10", "facts.realism_boot=5",
+    "sampling_search.n=4", "sampling_search.length=24", "sampling_search.prompt_length=16",
+    "sampling_search.rollouts_per_prompt=2", "sampling_search.truncations=[none, min_p]",
+    "calibrate.max_positions=500",
     "simulate.scenario.episodes=2", "simulate.scenario.prompt_length=16", "simulate.scenario.max_events=200",
     "simulate.scenario.bootstrap_samples=50", "simulate.horizon_s=2",
 ]
@@ -38,12 +41,28 @@ def finished(tmp_path_factory):
 
 def test_every_stage_runs_and_writes_its_artifact(finished):
     cfg, summary = finished
-    assert list(summary) == ["prepare", "train", "backtest", "generate", "facts", "simulate", "report"]
+    assert list(summary) == ["prepare", "train", "calibrate", "sampling", "backtest", "generate",
+                             "facts", "simulate", "report"]
     assert all(s["status"] == "ran" for s in summary.values())
     run = cfg.run_path
     for name in ("backtest.json", "rollouts.parquet", "facts.json", "simulate.json", "report.html",
-                 "pipeline.yaml", "data/manifest.json"):
+                 "pipeline.yaml", "data/manifest.json", "calibration.json", "sampling.json"):
         assert (run / name).is_file(), name
+    # the sampling stage chose on validation, and every later output says what it used
+    chosen = json.loads((run / "sampling.json").read_text())
+    assert chosen["split"] == "validation" and len(chosen["grid"]) in (2, 4)
+    assert chosen["score"] == min(c["geo_mean_ratio"] for c in chosen["grid"]
+                                  if c["geo_mean_ratio"] is not None)
+    facts = json.loads((run / "facts.json").read_text())
+    assert facts["sampling"]["source"] == "measured" and facts["sampling"]["label"] == chosen["label"]
+    assert "model" in facts["realism"]["sources"]
+    simulated = json.loads((run / "simulate.json").read_text())
+    assert simulated["sampling"]["source"] == "measured"
+    assert simulated["sampling"]["settings"]["forbid_seg"] is True
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["after"]["nll_nats"] <= calibration["before"]["nll_nats"] + 1e-9
+    assert chosen["fitted_temperature"] == pytest.approx(calibration["temperature"], abs=1e-3)
+    assert "facts within 1.5x noise floor" in (run / "report.html").read_text()
     backtest = json.loads((run / "backtest.json").read_text())
     assert set(backtest["baselines"]) == {"uniform", "unigram", "copy_previous", "markov1", "markov3"}
 
@@ -59,6 +78,7 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(finished):
     summary = run_pipeline(with_overrides(cfg, ["generate.seed=7"]))
     status = {name: s["status"] for name, s in summary.items()}
     assert status["prepare"] == status["train"] == status["backtest"] == status["simulate"] == "skipped"
+    assert status["calibrate"] == status["sampling"] == "skipped"
     assert status["generate"] == status["facts"] == status["report"] == "ran"
 
 

@@ -95,6 +95,28 @@ def test_model_card_describes_the_run(client, tiny_run):
     assert card["limits"]["batch_rows"] == ROWS and card["limits"]["max_prompt_tokens"] == BLOCK
 
 
+def test_sampling_left_out_takes_the_runs_measured_choice(tiny_run, tmp_path):
+    from mega_trading.sampling import SAMPLING_FORMAT
+
+    run, data = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    body = {"n": 1, "length": 8, "seed": 3}
+    with TestClient(create_app(copy, data, SETTINGS)) as test_client:
+        plain = post(test_client, body).json()["provenance"]["sampling"]
+    assert plain["source"] == "default" and plain["label"] == "T=1, full"
+    (copy / "sampling.json").write_text(json.dumps({
+        "format": SAMPLING_FORMAT, "split": "validation", "score": 1.2,
+        "chosen": {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.02}}))
+    with TestClient(create_app(copy, data, SETTINGS)) as test_client:
+        measured = post(test_client, body).json()["provenance"]["sampling"]
+        partly = post(test_client, {**body, "min_p": 0.0}).json()["provenance"]["sampling"]
+        off = post(test_client, {**body, "top_k": None}).json()["provenance"]["sampling"]
+    assert (measured["temperature"], measured["min_p"], measured["source"]) == (0.9, 0.02, "measured")
+    assert (partly["temperature"], partly["min_p"], partly["source"]) == (0.9, 0.0, "measured")
+    assert off["top_k"] is None and off["min_p"] == 0.02
+
+
 def test_model_card_backtest_headline(tiny_run, tmp_path):
     run, data = tiny_run
     copy = tmp_path / "run"
@@ -148,8 +170,9 @@ def test_rollout_by_tokens(client):
     assert out["prompt"]["source"] == "tokens" and out["prompt"]["tokens"] == body["tokens"]
     prov = out["provenance"]
     assert prov["seed"] == 7 and prov["n"] == 3 and prov["length"] == 20
-    assert prov["sampling"] == {"temperature": 0.8, "top_k": 50, "top_p": 1.0,
-                                "forbid_seg": False, "forbid_pad": True}
+    assert prov["sampling"] == {"temperature": 0.8, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                                "forbid_seg": False, "forbid_pad": True, "source": "request",
+                                "label": "T=0.8, top-k 50"}
     assert prov["tokenizer_hash"] == service.tokenizer.hash
     assert prov["manifest_hash"] == service.shards.manifest_hash
     assert prov["model_sha256"] == service.model_sha256 and len(prov["model_sha256"]) == 64

@@ -132,3 +132,74 @@ def test_bin_index_follows_the_documented_intervals():
     assert gaps.index([0.0, 1e-9, 3.0, 4.0]).tolist() == [0, 1, 2, 2]
     plain = FieldBins("size", pos_edges=(-1.0, 1.0))
     assert plain.index([-5.0, -1.0, 0.0, 1.0, 5.0]).tolist() == [0, 1, 1, 2, 2]
+
+
+# --- in-bin decoding (tokenizer@2) ------------------------------------------------------------
+
+def test_in_bin_draws_stay_in_their_bin_and_re_encode(tok, events):
+    tokens = tok.encode(events)
+    decoded = tok.decode(tokens, seed=3)
+    assert (tok.encode(decoded) == tokens).all()
+    idx = tok.field_indices(tokens)
+    assert (tok.move.index(decoded["move_bps"].to_numpy()) == idx["move"]).all()
+    assert (tok.size.index(decoded["log_size"].to_numpy()) == idx["size"]).all()
+    # draws inside a bin vary: far more distinct values than bins
+    assert decoded["log_size"].n_unique() > 20 * tok.field_sizes["size"]
+
+
+def test_in_bin_decoding_follows_the_training_distribution(tok, events):
+    """Decoded sizes of the training events match the real sizes far better than medians."""
+    from scipy import stats
+
+    tokens = tok.encode(events)
+    real = events["log_size"].to_numpy()
+    in_bin = tok.decode(tokens, seed=0)["log_size"].to_numpy()
+    median = tok.decode(tokens, mode="median")["log_size"].to_numpy()
+    ks_in_bin = stats.ks_2samp(in_bin, real).statistic
+    ks_median = stats.ks_2samp(median, real).statistic
+    assert ks_in_bin < 0.03 < ks_median
+
+
+def test_in_bin_decoding_is_seeded(tok):
+    tokens = np.arange(tok.n_event_tokens)
+    a, b = tok.decode(tokens, seed=5), tok.decode(tokens, seed=5)
+    assert a.equals(b)
+    assert not a.equals(tok.decode(tokens, seed=6))
+    rng = np.random.default_rng(5)
+    assert tok.decode(tokens, rng=rng).equals(a)
+
+
+def test_median_mode_gives_the_representatives(tok):
+    decoded = tok.decode(np.arange(tok.n_event_tokens), mode="median")
+    idx = tok.field_indices(np.arange(tok.n_event_tokens))
+    reps = np.asarray(tok.size.representatives)
+    assert np.allclose(decoded["log_size"].to_numpy(), reps[idx["size"]])
+    with pytest.raises(Exception, match="decode mode"):
+        tok.decode(np.arange(3), mode="mean")
+
+
+def test_outlier_bins_keep_a_heavy_tail(tok, events):
+    """The open-ended bins extrapolate past the bin's training quantiles (a tail, not a
+    wall at the largest training value), and stay finite."""
+    top = tok.field_sizes["move"] - 1
+    side_move = tok.field_sizes["move"] * tok.field_sizes["size"] * tok.field_sizes["dt"]
+    token = side_move + top * tok.field_sizes["size"] * tok.field_sizes["dt"]  # a buy, top move
+    moves = tok.decode(np.full(20000, token), seed=1)["move_bps"].to_numpy()
+    table = tok.move.quantiles[top]
+    assert np.isfinite(moves).all() and moves.min() >= tok.move.pos_edges[-1]
+    assert (moves > table[-2]).mean() == pytest.approx(1 / (len(table) - 1), abs=0.01)
+    assert moves.max() > table[-1]  # beyond the largest training value
+    assert tok.move.tail_high is not None and tok.size.tail_low is not None
+
+
+def test_tokenizer_v1_artifact_is_refused_with_a_hint(tok, tmp_path):
+    path = tok.save(tmp_path / "tokenizer.json")
+    path.write_text(path.read_text().replace("mega-trading/tokenizer@2", "mega-trading/tokenizer@1"))
+    with pytest.raises(DataError, match="prepare"):
+        Tokenizer.load(path)
+
+
+def test_quantile_tables_survive_save_load(tok, tmp_path):
+    loaded = Tokenizer.load(tok.save(tmp_path / "tokenizer.json"))
+    tokens = np.arange(tok.n_event_tokens)
+    assert loaded.decode(tokens, seed=2).equals(tok.decode(tokens, seed=2))

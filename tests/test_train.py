@@ -218,3 +218,22 @@ def test_cpu_utilization_is_measured_against_the_peak_of_the_autocast_dtype(monk
     bf16_peak, bf16_source = train_module.peak_flops(cpu, torch.bfloat16)
     assert set(seen) == {torch.bfloat16} and "bf16" in bf16_source
     assert fp32_peak > 0 and bf16_peak > 0
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, data_dir):
+    # lr 0: the validation loss never improves after the first evaluation, so training
+    # stops after `patience` more evaluations and `latest` names the first one
+    frozen = tiny_config(steps=30, lr=0.0, muon_lr=0.0, early_stop_patience=2)
+    summary = train(data_dir, tmp_path / "frozen", frozen, log=quiet)
+    assert summary["early_stop"]["stopped_at"] == 9
+    assert summary["early_stop"]["best"]["step"] == 3
+    assert (tmp_path / "frozen" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    # learning: no early stop within budget, and `latest` is the step of the best validation
+    learning = tiny_config(steps=12, early_stop_patience=10)
+    summary = train(data_dir, tmp_path / "learning", learning, log=quiet)
+    records = [r for r in read_metrics(tmp_path / "learning") if r["step"] > 0 and "val_loss" in r]
+    best = min(records, key=lambda r: r["val_loss"])
+    assert summary["early_stop"]["stopped_at"] is None
+    assert summary["checkpoint_step"] == best["step"] == summary["early_stop"]["best"]["step"]
+    with pytest.raises(ConfigError, match="early_stop_patience"):
+        tiny_config(early_stop_patience=-1)

@@ -14,13 +14,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "config", "lineage", "stages", "data", "native"),  # plumbing
     ("ingest", "book", "book.capture", "book.record"),  # raw trades and captures
     ("events", "book.rebuild", "book.native", "book.build"),  # -> events, rebuilt books
-    ("tokenizer",),  # -> one token per event
+    ("binning", "tokenizer"),  # -> one token per event
     ("tokenizer_reuse", "dataset"),  # -> chronological shards
     ("model", "kernels"),  # the decoder
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
-    ("baselines", "score_sums", "scoring", "backtest"),  # -> held-out metrics
-    ("decode", "generate", "hawkes"),  # -> rollouts
-    ("facts", "book.facts"),  # -> stylized facts
+    ("baselines", "score_sums", "scoring", "backtest", "calibrate"),  # -> held-out metrics
+    ("decode", "generate", "hawkes", "sampling"),  # -> rollouts
+    ("facts", "book.facts", "realism", "sampling_search"),  # -> stylized facts
     ("simulate", "serve"),  # products on top of generation
     ("report",),  # -> one HTML file
     ("pipeline", "ablation", "api", "cli", "cli_config"),  # orchestration: may import all

@@ -153,6 +153,8 @@ def run_backtest(
         log(f"{symbol}: {per_scorer['model'][-1].n} positions scored")
 
     doc = _report(per_scorer, symbols, _train_symbols(trained_on), cfg.summary)
+    doc["calibrated"] = _calibrated(run_dir, model, shards, split, symbols, max_tokens, spec,
+                                    block_size, cfg, device)
     doc.update({
         "format": FORMAT,
         "split": split,
@@ -207,6 +209,33 @@ def _report(per_scorer: dict[str, list[ScoreSums]], symbols: list[str],
         }
     return {**_section(overall, summary), "per_symbol": per_symbol,
             **overall["model"].label_stats()}
+
+
+def _calibrated(run_dir: Path, model, shards, split: str, symbols: list[str],
+                max_tokens: int | None, spec: FieldSpec, block_size: int, cfg: BacktestConfig,
+                device: str) -> dict | None:
+    """The model's NLL and ECE on this split with the temperature that RUN/calibration.json
+    fitted on VALIDATION (None without one): what calibration buys on unseen data."""
+    path = run_dir / "calibration.json"
+    if not path.is_file():
+        return None
+    temperature = float(read_json(path)["temperature"])
+
+    def scaled(x):
+        return model(x) / temperature
+
+    sums = ScoreSums(spec.field_names, spec.vocab_size, cfg.summary.n_bins,
+                     cfg.summary.bootstrap_block)
+    for shard_id, symbol in enumerate(symbols):  # streamed, as the main scoring pass
+        tokens = checked_tokens(shards, split, symbol, max_tokens)
+        for part in iter_model_scores(scaled, tokens, spec, block_size=block_size,
+                                      batch_size=cfg.batch_size, device=device,
+                                      stride=cfg.stride or None):
+            sums.add(part, shard_id)
+    summary = sums.summary(cfg.summary.bootstrap_samples, cfg.summary.seed,
+                           cfg.summary.max_log_perplexity)
+    return {"temperature": temperature, "fitted_on": "validation",
+            **{k: summary.get(k) for k in ("nll_nats", "nll_nats_ci95", "ece", "top1")}}
 
 
 def _vs_rival(section: dict, name: str | None) -> dict | None:

@@ -7,6 +7,7 @@ never a traceback. Heavy imports happen inside the commands so `--help` stays fa
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -383,9 +384,12 @@ def generate(
                                               help="train|validation|backtest (real windows) or seg."),
     prompt_length: Optional[int] = typer.Option(None, "--prompt-length"),
     symbol: Optional[str] = typer.Option(None, "--symbol", help="Only prompts of this symbol."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="0 = greedy. Sampling options left out: the run's measured "
+                                    "choice (RUN/sampling.json), else plain sampling."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="0 = off."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass; 1 = off."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Keep p >= min_p * p_max; 0 = off."),
     forbid_seg: Optional[bool] = typer.Option(None, "--forbid-seg/--allow-seg",
                                               help="Never sample segment starts."),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -401,22 +405,31 @@ def generate(
     from mega_trading.checkpoint import load_model
     from mega_trading.dataset import ShardSet
     from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
+    from mega_trading.sampling import SamplingConfig, resolve_sampling
 
+    # Sampling left unset (no flag, no generate.sampling in the config): the run's measured
+    # choice; --forbid-seg alone is not a sampling choice, it applies to either.
     cfg = resolve("generate", config, overrides, n=n, length=length, prompt_from=prompt_from,
                   prompt_length=prompt_length, symbol=symbol, seed=seed, batch_size=batch_size,
                   **{"sampling.temperature": temperature, "sampling.top_k": top_k,
-                     "sampling.top_p": top_p, "sampling.forbid_seg": forbid_seg})
+                     "sampling.top_p": top_p, "sampling.min_p": min_p})
+    explicit = cfg.sampling
+    if explicit is not None and forbid_seg is not None:
+        explicit = dataclasses.replace(explicit, forbid_seg=forbid_seg)
+    sampling, sampling_info = resolve_sampling(explicit, run,
+                                               SamplingConfig(forbid_seg=bool(forbid_seg)))
     shards = ShardSet.open(data)
     model, state = load_model(run, step=step, expect_tokenizer_hash=shards.tokenizer_hash,
                               expect_manifest_hash=shards.model_manifest_hash, device=device)
-    events, prompts = generate_rollouts(model, shards, cfg)
+    events, prompts = generate_rollouts(model, shards, cfg, sampling=sampling)
     out = out or run / "rollouts.parquet"
     write_rollouts(events, out, rollout_lineage(cfg, shards, prompts, run=str(run.resolve()),
-                                                step=state.get("step")))
+                                                step=state.get("step"), sampling=sampling_info))
     n_events = int(events["is_event"].sum())
     n_segments = int(events["segment_start"].sum())
     typer.echo(f"{cfg.n} rollouts x {cfg.length} tokens from {cfg.prompt_from} prompts "
-               f"(step {state.get('step')}): {n_events:,} events, {n_segments} segment starts "
+               f"(step {state.get('step')}, sampling {sampling_info['label']} "
+               f"[{sampling_info['source']}]): {n_events:,} events, {n_segments} segment starts "
                f"-> {out}")
 
 # --- facts ------------------------------------------------------------------------------
@@ -446,6 +459,9 @@ def facts(
     for row in rows:
         table.add_row(*row.values())
     Console().print(table)
+    from mega_trading.realism import headline
+
+    Console().print(f"realism (model): {headline(card.get('realism'))}")
 
 
 
@@ -495,7 +511,8 @@ def ablate(
     force: bool = typer.Option(False, "--force"),
     set_overrides: List[str] = set_option(),
 ) -> None:
-    """A grid of pipelines over model x symbol subset x steps; table, chart and MLflow runs."""
+    """A grid of pipelines over model x symbol subset x context x steps (x sampling): NLL and
+    realism per cell with CIs; table, chart and MLflow runs."""
     from rich.table import Table
 
     from mega_trading.ablation import run_ablation
@@ -503,13 +520,21 @@ def ablate(
     cfg = resolve("ablate", config, [*(overrides or []), *set_overrides])
     rows = run_ablation(cfg, force=force, console=console)
     table = Table(title=f"ablation  ->  {cfg.out_dir}/ablation.{{json,csv,html}}")
-    for column in ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
-                   "realism_mean_ks_noise_floor"):
+    columns = ("model", "symbols", "context", "steps", "trained_steps", "sampling_label",
+               "model_nll", "model_nll_ci95", "within", "beat_hawkes", "geo", "geo_ci95",
+               "hawkes_geo")
+    for column in columns:
         table.add_column(column)
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return "[" + ", ".join("—" if v is None else f"{v:.3g}" for v in value) + "]"
+        return "—" if value is None else str(value)
+
     for row in rows:
-        table.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in
-                        ("model", "symbols", "steps", "model_nll", "markov3_nll", "realism_mean_ks_model",
-                         "realism_mean_ks_noise_floor")))
+        table.add_row(*(cell(row.get(c)) for c in columns))
     Console().print(table)
 
 

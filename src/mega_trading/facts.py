@@ -129,6 +129,8 @@ class FactsConfig:
     # all of it up to this many events, else a seeded stratified sample of windows.
     max_real_events: Annotated[int, Field(ge=100)] = 200_000
     real_window_events: NonNegativeInt = 0  # sampled window length; 0: the rollout length
+    realism_boot: NonNegativeInt = 50  # block-bootstrap replicates of each source's realism score (realism.py)
+    realism_block_events: PositiveInt = 256  # events per resampled block
 
 
 # --- input preparation ----------------------------------------------------------------------
@@ -561,8 +563,13 @@ def scorecard(
                "baselines": {b: g[name] for b, g in gaps_by_baseline.items()}}
         for name in (*_CURVE_GAPS, *_SCALAR_GAPS)
     }
+    from mega_trading.realism import realism_block
+
+    realism = realism_block(_json_ready(gap_section), {"model": model_rollouts, **baselines},
+                            facts["real"], cfg, cfg.realism_boot, cfg.realism_block_events, seed)
     return _json_ready({"schema": SCHEMA, "config": to_dict(cfg), "seed": seed,
-                        "facts": facts, "distances": dist_section, "fact_gaps": gap_section})
+                        "facts": facts, "distances": dist_section, "fact_gaps": gap_section,
+                        "realism": realism})
 
 
 def write_scorecard(path: str | Path, card: Mapping[str, Any], **lineage: Any) -> None:
@@ -705,8 +712,10 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
     baselines["tokenized_real"] = tokenized_real(shards.tokenizer, real)
     card = scorecard(real, floor, model_events, baselines, cfg, seed)
     card["real_sample"] = {"real": real_sample, "noise_floor": floor_sample}
+    card["sampling"] = lineage.get("sampling")  # which sampling produced the model rollouts
     write_scorecard(out, card, stage="facts", tokenizer_hash=shards.tokenizer_hash,
                     manifest_hash=shards.manifest_hash,
                     rollouts=str(rollouts_path) if rollouts_path else None,
-                    rollouts_lineage={k: lineage.get(k) for k in ("run", "step", "seed") if k in lineage})
+                    rollouts_lineage={k: lineage.get(k) for k in ("run", "step", "seed", "sampling")
+                                      if k in lineage})
     return card

@@ -6,8 +6,8 @@ Decoding is a handful of small pure functions around the model's preallocated KV
 * ``prefill(model, cache, prompt)`` runs a whole context once and fills the cache;
 * ``decode_one(model, cache, token, pos)`` feeds one token per rollout (on fused weights:
   ``decode.decode_step``);
-* ``sample(logits, temperature, top_k, top_p, generator)`` draws the next token
-  (temperature -> top-k -> top-p, the order Hugging Face applies them in);
+* ``sampling.sample_next(logits, temperature, top_k, top_p, min_p, generator)`` draws the
+  next token (temperature -> top-k -> top-p -> min-p, the order Hugging Face applies them in);
 * ``generate`` / ``generate_nocache`` loop them over a batch of rollouts.
 
 Sliding window. RoPE tables (and the cache) stop at ``cache_len <= block_size`` positions,
@@ -75,7 +75,6 @@ import json
 import math
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,29 +83,21 @@ import polars as pl
 import torch
 
 from mega_trading.config import (
-    NonNegativeFloat,
-    NonNegativeInt,
     PositiveInt,
-    UnitFraction,
     config_dataclass,
 )
 from mega_trading.decode import decode_step, decode_weights
 from mega_trading.errors import ConfigError, DataError
 from mega_trading.model import Transformer
+from mega_trading.sampling import SamplingConfig, sample_next
+
+__all__ = ["SamplingConfig", "sample_next"]  # re-exported: the sampling config lives in sampling.py
+PLAIN_SAMPLING = SamplingConfig()  # temperature 1, no truncation
 
 LINEAGE_KEY = b"mega_trading"
 PromptSource = Literal["train", "validation", "backtest", "seg"]
 PROMPT_SOURCES: tuple[str, ...] = typing.get_args(PromptSource)
 DEFAULT_SIZE_WINDOW = 1000  # EventConfig.size_window, if a manifest does not record it
-
-
-@config_dataclass
-class SamplingConfig:
-    temperature: NonNegativeFloat = 1.0  # 0 = greedy (argmax)
-    top_k: NonNegativeInt = 16  # keep the k most likely tokens; 0 = off
-    top_p: UnitFraction = 1.0  # nucleus: the smallest set whose probability reaches p; 1 = off
-    forbid_pad: bool = True
-    forbid_seg: bool = False
 
 
 @config_dataclass
@@ -121,7 +112,9 @@ class GenerateConfig:
     rollouts_per_prompt: PositiveInt = 1  # >1: several rollouts continue each prompt (a fan)
     batch_size: PositiveInt = 32  # rollouts decoded together
     keep: int | None = None  # tokens kept when the window slides; None: half the cache
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # None: the run's measured choice (RUN/sampling.json), else plain sampling; set any
+    # field (e.g. generate.sampling.top_k=16) to choose by hand (sampling.py)
+    sampling: SamplingConfig | None = None
 
 
 # --- decoding steps ---------------------------------------------------------------------
@@ -148,47 +141,12 @@ def decode_one(model, cache, token: torch.Tensor, pos: int, weights=None) -> tor
     return decode_step(model, token, cache, pos, weights)  # fused weights, far fewer ops
 
 
-def top_p_keep(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask of the nucleus on probabilities sorted in descending order: a token stays while
-    the tokens before it have not yet reached top_p, so the most likely one always does."""
-    before = sorted_probs.cumsum(-1) - sorted_probs
-    return before < top_p
-
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 16, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row of logits [B, V]: temperature, then top-k, then top-p.
-
-    temperature 0 is greedy argmax. The draw is an exponential race, argmax(p / E) with
-    E ~ Exp(1), which picks index i with probability p_i without a host sync and with every
-    random number taken from `generator`.
-    """
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(-1)
-    if temperature != 1:  # dividing by 1 changes nothing: skip a [B, V] pass per step
-        logits = logits / temperature
-    indices = None
-    if 0 < top_k < logits.shape[-1]:
-        logits, indices = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
-    elif top_p < 1:
-        logits, indices = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1:
-        probs = probs * top_p_keep(probs, top_p)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    choice = (probs / race).argmax(-1)
-    if indices is None:
-        return choice
-    return indices.gather(-1, choice[:, None]).squeeze(-1)
-
-
 def _sample_step(logits: torch.Tensor, cfg: SamplingConfig, banned: Sequence[int] | torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
     if len(banned):  # out of place: the caller (and on_logits) may still hold these logits
         ids = torch.as_tensor(banned, dtype=torch.long, device=logits.device)
         logits = logits.index_fill(-1, ids, float("-inf"))
-    return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    return sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)
 
 
 def _window(model, prompt: torch.Tensor, n_new: int, cache_len: int | None,
@@ -218,7 +176,7 @@ def _setup(model, prompt, n_new, cfg, cache_len, keep, specials):
 
 
 @torch.inference_mode()
-def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = SamplingConfig(),
+def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = PLAIN_SAMPLING,
              generator: torch.Generator | None = None, cache_len: int | None = None, *,
              keep: int | None = None, specials: tuple[int, int] | None = None,
              on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -254,7 +212,7 @@ def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = Samp
 
 @torch.inference_mode()
 def generate_nocache(model, prompt: torch.Tensor, n_new: int,
-                     cfg: SamplingConfig = SamplingConfig(),
+                     cfg: SamplingConfig = PLAIN_SAMPLING,
                      generator: torch.Generator | None = None, cache_len: int | None = None, *,
                      keep: int | None = None, specials: tuple[int, int] | None = None,
                      on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -390,11 +348,13 @@ def seg_prompts(shards, split: str = "backtest", symbol: str | None = None, n: i
 # --- tokens -> events -------------------------------------------------------------------
 
 def rollouts_to_events(tokens_new, tokenizer, start_price, start_time_us, symbol,
-                       size_level=None) -> pl.DataFrame:
+                       size_level=None, decode_seed: int = 0,
+                       decode_mode: str = "in_bin") -> pl.DataFrame:
     """Generated tokens [B, n] -> one row per token (layout in the module docstring).
 
     start_price, start_time_us, symbol and size_level are scalars or one value per rollout;
-    without size_level, quote_qty is null.
+    without size_level, quote_qty is null. Tokens decode inside their bins (seeded with
+    ``decode_seed``), or to the bin medians with ``decode_mode="median"``.
     """
     if isinstance(tokens_new, torch.Tensor):
         tokens_new = tokens_new.detach().to("cpu").numpy()
@@ -402,7 +362,8 @@ def rollouts_to_events(tokens_new, tokenizer, start_price, start_time_us, symbol
     if tokens.ndim != 2:
         raise ConfigError(f"tokens_new must be [B, n], got shape {tokens.shape}")
     n_roll, n_step = tokens.shape
-    decoded = tokenizer.decode(tokens.reshape(-1))  # refuses ids outside the vocabulary
+    # refuses ids outside the vocabulary
+    decoded = tokenizer.decode(tokens.reshape(-1), mode=decode_mode, seed=decode_seed)
 
     def per_rollout(value, dtype) -> np.ndarray:
         return np.broadcast_to(np.asarray(value, dtype=dtype), (n_roll,))[:, None]
@@ -455,13 +416,17 @@ def make_prompts(shards, cfg: GenerateConfig,
 
 
 def generate_rollouts(model, shards, cfg: GenerateConfig,
-                      on_batch: Callable[[int, int], None] | None = None
+                      on_batch: Callable[[int, int], None] | None = None,
+                      sampling: SamplingConfig | None = None
                       ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Prompts from `shards`, cached sampling in batches -> (rollout events, prompt info).
 
-    Deterministic in cfg.seed: prompts come from numpy's PCG64(seed), tokens from a
-    torch.Generator seeded with it on the model's device.
+    `sampling`: the resolved settings (`sampling.resolve_sampling`); default cfg.sampling,
+    else the built-in default. Deterministic in cfg.seed: prompts come from numpy's
+    PCG64(seed), tokens from a torch.Generator seeded with it on the model's device, the
+    in-bin decoding from PCG64(seed).
     """
+    sampling = sampling or cfg.sampling or SamplingConfig()
     if model.cfg.vocab_size != shards.vocab_size:
         raise DataError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary "
                         f"{shards.vocab_size}", shards.root)
@@ -472,14 +437,14 @@ def generate_rollouts(model, shards, cfg: GenerateConfig,
     new_tokens = []
     for lo in range(0, cfg.n, cfg.batch_size):
         batch = prompts[lo:lo + cfg.batch_size].to(device)
-        out = generate(model, batch, cfg.length, cfg.sampling, generator, keep=cfg.keep,
+        out = generate(model, batch, cfg.length, sampling, generator, keep=cfg.keep,
                        specials=(tokenizer.pad_id, tokenizer.seg_id))
         new_tokens.append(out[:, batch.shape[1]:].cpu())
         if on_batch is not None:
             on_batch(min(lo + cfg.batch_size, cfg.n), cfg.n)
     events = rollouts_to_events(torch.cat(new_tokens), tokenizer, info["last_price"].to_numpy(),
                                 info["last_time_us"].to_numpy(), info["symbol"].to_list(),
-                                info["size_level"].to_numpy())
+                                info["size_level"].to_numpy(), decode_seed=cfg.seed)
     return events, info
 
 

@@ -1,5 +1,10 @@
-"""The whole pipeline from one YAML config: prepare -> train -> backtest -> generate ->
-facts -> simulate -> report.
+"""The whole pipeline from one YAML config: prepare -> train -> calibrate -> sampling ->
+backtest -> generate -> facts -> simulate -> report.
+
+``calibrate`` fits one temperature on the validation split (RUN/calibration.json);
+``sampling`` chooses the sampling defaults by a realism score on the validation split
+(RUN/sampling.json), which generate, facts and simulate then use unless the config sets
+sampling explicitly.
 
 Each stage is skipped when its output already exists for the same inputs and config (see
 `stages.py`), so a re-run after a crash continues where it stopped; training itself resumes
@@ -17,6 +22,7 @@ from pydantic import model_validator
 from rich.console import Console
 
 from mega_trading.backtest import BacktestConfig
+from mega_trading.calibrate import CalibrateConfig
 from mega_trading.config import (
     NonNegativeFloat,
     PositiveFloat,
@@ -29,6 +35,7 @@ from mega_trading.dataset import PrepareConfig
 from mega_trading.facts import FactsConfig
 from mega_trading.generate import GenerateConfig
 from mega_trading.lineage import read_json, sha256_file
+from mega_trading.sampling_search import SamplingSearchConfig
 from mega_trading.simulate import SimConfig
 from mega_trading.stages import Stage, code_identity, run_stages, stamp_path
 from mega_trading.train import TrainConfig, check_block_size
@@ -55,6 +62,8 @@ class RunConfig:
     inputs: tuple[str, ...] = ()  # trade files or folders (or bundled:sample, bundled:demo); default: the bundled real sample
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    sampling_search: SamplingSearchConfig = field(default_factory=SamplingSearchConfig)
     backtest: BacktestConfig = field(default_factory=BacktestConfig)
     backtest_split: Literal["validation", "backtest"] = "backtest"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -117,14 +126,19 @@ STAGE_SOURCES = {
     "train": ("mega_trading.model", "mega_trading.kernels", "mega_trading.accel",
               "mega_trading.optim", "mega_trading.train", "mega_trading.checkpoint",
               "mega_trading.distributed"),
+    "calibrate": ("mega_trading.calibrate", "mega_trading.model", "mega_trading.checkpoint"),
+    "sampling": ("mega_trading.sampling_search", "mega_trading.sampling", "mega_trading.realism",
+                 "mega_trading.facts", "mega_trading.generate", "mega_trading.tokenizer",
+                 "mega_trading.binning"),
     "backtest": ("mega_trading.baselines", "mega_trading.scoring", "mega_trading.backtest",
                  "mega_trading.model", "mega_trading.checkpoint"),
     "generate": ("mega_trading.generate", "mega_trading.decode", "mega_trading.model",
-                 "mega_trading.kernels", "mega_trading.tokenizer"),
+                 "mega_trading.kernels", "mega_trading.tokenizer", "mega_trading.binning",
+                 "mega_trading.sampling"),
     "facts": ("mega_trading.facts", "mega_trading.hawkes", "mega_trading.baselines",
-              "mega_trading.generate"),
+              "mega_trading.generate", "mega_trading.realism"),
     "simulate": ("mega_trading.simulate", "mega_trading.generate", "mega_trading.decode",
-                 "mega_trading.model"),
+                 "mega_trading.model", "mega_trading.sampling", "mega_trading.binning"),
     "report": ("mega_trading.report",),
 }
 
@@ -162,6 +176,20 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
             write_json_atomic(stale, key)
         train(data, run, cfg.train, resume=resumable, show_progress=True, log=console.print)
 
+    def do_calibrate() -> None:
+        from mega_trading.backtest import resolve_device
+        from mega_trading.calibrate import run_calibration
+
+        run_calibration(run, data, cfg.calibrate, device=resolve_device(cfg.train.device),
+                        log=console.print)
+
+    def do_sampling() -> None:
+        from mega_trading.backtest import resolve_device
+        from mega_trading.sampling_search import run_sampling_search
+
+        run_sampling_search(run, data, cfg.sampling_search, cfg.generate, cfg.facts,
+                            device=resolve_device(cfg.train.device), log=console.print)
+
     def do_backtest() -> None:
         from mega_trading.backtest import run_backtest
 
@@ -171,13 +199,17 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         from mega_trading.checkpoint import load_model
         from mega_trading.dataset import ShardSet
         from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
+        from mega_trading.sampling import resolve_sampling
 
         shards = ShardSet.open(data)
         model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,
                                   expect_manifest_hash=shards.model_manifest_hash)
-        events, prompts = generate_rollouts(model, shards, cfg.generate)
+        sampling, sampling_info = resolve_sampling(cfg.generate.sampling, run)
+        console.print(f"generate: sampling {sampling_info['label']} ({sampling_info['source']})")
+        events, prompts = generate_rollouts(model, shards, cfg.generate, sampling=sampling)
         write_rollouts(events, run / "rollouts.parquet",
-                       rollout_lineage(cfg.generate, shards, prompts, run=str(run), step=state.get("step")))
+                       rollout_lineage(cfg.generate, shards, prompts, run=str(run), step=state.get("step"),
+                                       sampling=sampling_info))
 
     def do_facts() -> None:
         from mega_trading.facts import run_facts
@@ -201,24 +233,39 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         path = build_report(run, data, run / "report.html", log=console.print)
         console.print(f"[bold green]report:[/] {path.resolve()}")
 
-    artifacts = ("backtest.json", "rollouts.parquet", "facts.json", "simulate.json")
+    artifacts = ("backtest.json", "rollouts.parquet", "facts.json", "simulate.json",
+                 "calibration.json", "sampling.json")
     stages = [
         Stage("prepare", do_prepare, (data / "manifest.json",),
               lambda: {"inputs": [sha256_file(f) for f in files], "prepare": _hashable(cfg.prepare)}),
         Stage("train", do_train, (run / "checkpoints" / "latest",),
               lambda: {"manifest": manifest_hash(), "train": to_dict(cfg.train)}),
+    ]
+    if cfg.calibrate.enabled:
+        stages.append(Stage("calibrate", do_calibrate, (run / "calibration.json",),
+                            lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),
+                                     "calibrate": to_dict(cfg.calibrate)}))
+    if cfg.sampling_search.enabled:
+        stages.append(Stage("sampling", do_sampling, (run / "sampling.json",),
+                            lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),
+                                     "calibration": _file_identity(run / "calibration.json"),
+                                     "search": to_dict(cfg.sampling_search), "facts": to_dict(cfg.facts)}))
+    stages += [
         Stage("backtest", do_backtest, (run / "backtest.json",),
               lambda: {"model": _checkpoint_identity(run), "manifest": manifest_hash(),
-                       "split": cfg.backtest_split, "backtest": to_dict(cfg.backtest)}),
+                       "split": cfg.backtest_split, "backtest": to_dict(cfg.backtest),
+                       "calibration": _file_identity(run / "calibration.json")}),
         Stage("generate", do_generate, (run / "rollouts.parquet",),
-              lambda: {"model": _checkpoint_identity(run), "generate": to_dict(cfg.generate)}),
+              lambda: {"model": _checkpoint_identity(run), "generate": to_dict(cfg.generate),
+                       "sampling": _file_identity(run / "sampling.json")}),
         Stage("facts", do_facts, (run / "facts.json",),
               lambda: {"manifest": manifest_hash(), "rollouts": _file_identity(run / "rollouts.parquet"),
                        "facts": to_dict(cfg.facts)}),
     ]
     if cfg.simulate.enabled:
         stages.append(Stage("simulate", do_simulate, (run / "simulate.json",),
-                            lambda: {"model": _checkpoint_identity(run), "simulate": to_dict(cfg.simulate)}))
+                            lambda: {"model": _checkpoint_identity(run), "simulate": to_dict(cfg.simulate),
+                                     "sampling": _file_identity(run / "sampling.json")}))
     stages.append(Stage("report", do_report, (run / "report.html",),
                         lambda: {name: _file_identity(run / name) for name in (*artifacts, "metrics.jsonl")}))
     return [replace(stage, sources=STAGE_SOURCES[stage.name]) for stage in stages]

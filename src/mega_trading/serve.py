@@ -173,9 +173,15 @@ class RolloutRequest(BaseModel):
                     "the price, time and size level of its first trade")
     n: int = Field(1, ge=1, le=MAX_N, description="rollouts (at most the server's batch_rows)")
     length: int = Field(64, ge=1, le=MAX_LENGTH, description="new tokens per rollout")
-    temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
-    top_k: int | None = Field(16, ge=1, le=1_000_000, description="null = off")
+    temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False,
+                               description="0 = greedy. The four sampling fields (temperature, "
+                                           "top_k, top_p, min_p) that a request leaves out "
+                                           "take the run's measured choice (RUN/sampling.json; "
+                                           "without one, the defaults shown)")
+    top_k: int | None = Field(None, ge=1, le=1_000_000, description="null = off")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="1 = off")
+    min_p: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False,
+                         description="keep tokens with p >= min_p * the top token's p; 0 = off")
     forbid_seg: bool = Field(False, description="never sample a segment start")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = drawn by the server "
                                                                    "(returned in provenance)")
@@ -250,8 +256,13 @@ class SamplingInfo(BaseModel):
     temperature: float
     top_k: int | None
     top_p: float
+    min_p: float
     forbid_seg: bool
     forbid_pad: bool
+    source: Literal["request", "measured", "default"] = Field(
+        description="request: every sampling field came from the request; measured: the "
+                    "run's RUN/sampling.json filled those left out; default: built-in defaults")
+    label: str
 
 
 class Provenance(BaseModel):
@@ -314,8 +325,9 @@ class Job:
     prompt: np.ndarray  # int64 [T]
     n: int
     length: int
-    sampling: Any  # mega_trading.generate.SamplingConfig
+    sampling: Any  # mega_trading.sampling.SamplingConfig
     seed: int
+    sampling_source: str = "request"  # or "measured" / "default" (SamplingInfo.source)
     cancelled: bool = False  # read by the worker thread: the client is gone, skip the work
     future: asyncio.Future | None = None
     started: asyncio.Event | None = None
@@ -375,12 +387,12 @@ class RolloutEngine:
     @staticmethod
     def _sample(logits: torch.Tensor, cfg, banned: tuple[int, ...],
                 generator: torch.Generator) -> torch.Tensor:
-        from mega_trading.generate import sample
+        from mega_trading.sampling import sample_next
 
         if banned:
             logits = logits.clone()
             logits[:, list(banned)] = float("-inf")
-        return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        return sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)
 
 
 @dataclass
@@ -574,6 +586,9 @@ class RolloutService:
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
                                     settings.batch_rows)
         self.batcher = Batcher(self.engine, settings)
+        from mega_trading.sampling import read_measured
+
+        self.measured = read_measured(self.run_dir)  # the run's sampling choice, if any
         self._windows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self._windows_lock = threading.Lock()
 
@@ -621,7 +636,7 @@ class RolloutService:
 
     def build_job(self, req: RolloutRequest) -> tuple[Job, Anchor]:
         """Validate a request against this run and the limits; 422 (ServeError) if not."""
-        from mega_trading.generate import SamplingConfig
+        from mega_trading.sampling import SamplingConfig
 
         if req.n > self.settings.batch_rows:
             raise ServeError(f"n={req.n} rollouts is over this server's limit of "
@@ -633,10 +648,19 @@ class RolloutService:
         if len(prompt) > self.block_size:
             raise ServeError(f"the prompt has {len(prompt)} tokens; the model's context "
                              f"(block size) is {self.block_size}")
-        sampling = SamplingConfig(temperature=req.temperature, top_k=req.top_k or 0,
-                                  top_p=req.top_p, forbid_seg=req.forbid_seg)
+        given = {"temperature": req.temperature, "top_k": req.top_k or 0, "top_p": req.top_p,
+                 "min_p": req.min_p}
+        unset = [k for k in given if k not in req.model_fields_set]
+        source = "request"
+        if unset and self.measured is not None:  # the run's choice fills what was left out
+            given.update({k: self.measured["chosen"][k] for k in unset})
+            source = "measured"
+        elif unset:
+            source = "default" if len(unset) == len(given) else "request"
+        sampling = SamplingConfig(**given, forbid_seg=req.forbid_seg)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        return Job(prompt=prompt, n=req.n, length=req.length, sampling=sampling, seed=seed), anchor
+        return Job(prompt=prompt, n=req.n, length=req.length, sampling=sampling, seed=seed,
+                   sampling_source=source), anchor
 
     def _prompt(self, req: RolloutRequest) -> tuple[np.ndarray, Anchor]:
         price = req.start_price if req.start_price is not None else DEFAULT_START_PRICE
@@ -739,7 +763,8 @@ class RolloutService:
         from mega_trading.generate import rollouts_to_events
 
         frame = rollouts_to_events(new_tokens, self.tokenizer, anchor.price, anchor.time_us,
-                                   anchor.symbol, anchor.size_level)
+                                   anchor.symbol, anchor.size_level,
+                                   decode_seed=job.seed)  # in-bin draws: seeded per request
         columns = {name: frame[name].to_list() for name in Rollout.model_fields if name != "index"
                    and name != "tokens"}
         columns["tokens"] = frame["token"].to_list()
@@ -759,8 +784,10 @@ class RolloutService:
             "provenance": {
                 **self.identity(),
                 "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k or None,
-                             "top_p": cfg.top_p, "forbid_seg": cfg.forbid_seg,
-                             "forbid_pad": cfg.forbid_pad},
+                             "top_p": cfg.top_p, "min_p": cfg.min_p,
+                             "forbid_seg": cfg.forbid_seg, "forbid_pad": cfg.forbid_pad,
+                             "source": job.sampling_source,
+                             "label": cfg.label},
                 "seed": job.seed, "n": job.n, "length": job.length,
                 "batch_rows": self.settings.batch_rows,
             },

@@ -15,10 +15,14 @@ The fields combine in mixed radix, side most significant::
 
 followed by the special tokens (PAD, then SEG = segment start). Every token in the
 vocabulary is a trade event or one of two specials: no vocabulary is spent on event types
-trades never have. ``decode`` maps a token to representative values: the TRAINING median
-of the raw values inside each bin, so decoded prices move by realistic amounts.
+trades never have. ``decode`` maps a token to values of its bins, either (``mode="in_bin"``,
+the default) drawn, seeded, from the TRAINING values inside each bin through a compact
+per-bin quantile table with heavy-tailed outlier bins (``binning.py``), or
+(``mode="median"``) the training median of each bin. In-bin draws re-encode to the same
+token, so decoding never moves an event to another bin.
 
-The artifact is a versioned JSON file; its content hash (``Tokenizer.hash``) is recorded
+The artifact is a versioned JSON file (``tokenizer@2``: the quantile tables are new; an
+``@1`` artifact is refused, prepare the data again); its content hash (``Tokenizer.hash``) is recorded
 by every downstream artifact and checked when a checkpoint is loaded.
 """
 
@@ -35,11 +39,14 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
+from mega_trading.binning import DEFAULT_N_QUANTILES, BinTail, bin_quantiles, draw_in_bins, fit_tail
 from mega_trading.config import PositiveInt, config_dataclass
-from mega_trading.errors import DataError
+from mega_trading.errors import ConfigError, DataError
 from mega_trading.lineage import json_hash, write_text_atomic
 
-FORMAT = "mega-trading/tokenizer@1"
+FORMAT = "mega-trading/tokenizer@2"
+DECODE_MODES = ("in_bin", "median")
+LOG_TAIL_FIELDS = ("move",)  # Pareto tail in |move|; size and dt are log values already
 FIELD_NAMES = ("side", "move", "size", "dt")
 SPECIAL_TOKENS = ("PAD", "SEG")
 
@@ -51,6 +58,7 @@ class TokenizerConfig:
     dt_bins: Annotated[int, Field(ge=2)] = 8  # including the zero bin
     tail_quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.995  # beyond it (and below 1 - it): the outlier bins
     fit_sample: PositiveInt = 500_000  # fit quantiles on at most this many training events (seeded sample)
+    n_quantiles: Annotated[int, Field(ge=3)] = DEFAULT_N_QUANTILES  # per-bin quantile table for in-bin decoding
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,14 @@ class FieldBins:
     zero_bin: bool = False
     has_negative: bool = False
     representatives: tuple[float, ...] = ()
+    quantiles: tuple[tuple[float, ...], ...] = ()  # per bin, for in-bin decoding
+    tail_low: BinTail | None = None  # bin 0 when it is open-ended below
+    tail_high: BinTail | None = None  # the last bin (always open-ended above)
+
+    @property
+    def low_open(self) -> bool:
+        """Bin 0 has no lower edge (signed fields, and fields without a zero bin)."""
+        return self.has_negative or not self.zero_bin
 
     @property
     def n_neg(self) -> int:
@@ -115,12 +131,9 @@ def _quantile_edges(values: np.ndarray, n_bins: int, tail_quantile: float) -> tu
     return tuple(kept)
 
 
-def _representatives(bins: FieldBins, values: np.ndarray) -> tuple[float, ...]:
+def _representatives(bins: FieldBins, ordered: np.ndarray, idx: np.ndarray) -> tuple[float, ...]:
     """Training median inside each bin; for a bin no training value fell in, some value
     that the bin itself maps back to (so decode -> encode is the identity)."""
-    # One sort gives every bin's values contiguous and ordered (bins are value intervals).
-    ordered = np.sort(values)
-    idx = bins.index(ordered)
     starts = np.searchsorted(idx, np.arange(bins.n_bins), side="left")
     ends = np.searchsorted(idx, np.arange(bins.n_bins), side="right")
     edges = np.array(sorted({*bins.neg_edges, *bins.pos_edges, 0.0}))
@@ -136,7 +149,8 @@ def _representatives(bins: FieldBins, values: np.ndarray) -> tuple[float, ...]:
     return tuple(reps)
 
 
-def _fit_signed_zero_field(name: str, values: np.ndarray, per_side: int, tail: float) -> FieldBins:
+def _fit_signed_zero_field(name: str, values: np.ndarray, per_side: int, tail: float,
+                           n_quantiles: int) -> FieldBins:
     neg = -values[values < 0]
     pos = values[values > 0]
     # Negative edges mirror the quantiles of |negative moves|, listed in increasing order.
@@ -145,7 +159,7 @@ def _fit_signed_zero_field(name: str, values: np.ndarray, per_side: int, tail: f
         name=name, pos_edges=_quantile_edges(pos, per_side, tail), neg_edges=neg_edges,
         zero_bin=True, has_negative=True,
     )
-    return _with_reps(bins, values)
+    return _with_reps(bins, values, n_quantiles)
 
 
 def _quantile_edges_two_tailed(values: np.ndarray, n_bins: int, tail: float) -> tuple[float, ...]:
@@ -174,8 +188,23 @@ def _positive_log_dt(dt_us: np.ndarray) -> np.ndarray:
     return np.where(dt_us > 0, np.maximum(np.log(np.maximum(dt_us, 1.0)), 1e-9), 0.0)
 
 
-def _with_reps(bins: FieldBins, values: np.ndarray) -> FieldBins:
-    return FieldBins(**{**bins.__dict__, "representatives": _representatives(bins, values)})
+def _with_reps(bins: FieldBins, values: np.ndarray,
+               n_quantiles: int = DEFAULT_N_QUANTILES) -> FieldBins:
+    """Representatives, per-bin quantile tables and outlier tails from training values."""
+    # One sort gives every bin's values contiguous and ordered (bins are value intervals).
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    idx = bins.index(ordered)
+    reps = _representatives(bins, ordered, idx)
+    table = bin_quantiles(ordered, idx, bins.n_bins, n_quantiles, reps)
+    log_tail = bins.name in LOG_TAIL_FIELDS
+    high = ordered[idx == bins.n_bins - 1]
+    low = ordered[idx == 0]
+    return FieldBins(**{
+        **{k: v for k, v in bins.__dict__.items() if not k.startswith("_")},
+        "representatives": reps, "quantiles": table,
+        "tail_high": fit_tail(high, table[-1], upper=True, log_tail=log_tail),
+        "tail_low": fit_tail(low, table[0], upper=False, log_tail=log_tail) if bins.low_open else None,
+    })
 
 
 @dataclass(frozen=True)
@@ -222,22 +251,23 @@ class Tokenizer:
         size = train_events["log_size"].to_numpy().astype(np.float64)
         dt = train_events["dt_us"].to_numpy().astype(np.float64)
         log_dt = _positive_log_dt(dt)
-        tail = cfg.tail_quantile
+        tail, nq = cfg.tail_quantile, cfg.n_quantiles
         size_edges = _quantile_edges_two_tailed(size, cfg.size_bins, tail)
         side = FieldBins(name="side", pos_edges=(0.0,), representatives=(-1.0, 1.0))
         tok = cls(
             side=side,
-            move=_fit_signed_zero_field("move", move, cfg.move_bins_per_side, tail),
-            size=_with_reps(FieldBins(name="size", pos_edges=size_edges), size),
+            move=_fit_signed_zero_field("move", move, cfg.move_bins_per_side, tail, nq),
+            size=_with_reps(FieldBins(name="size", pos_edges=size_edges), size, nq),
             dt=_with_reps(
                 FieldBins(
                     name="dt", pos_edges=_quantile_edges(log_dt[dt > 0], cfg.dt_bins - 1, tail),
                     zero_bin=True,
                 ),
-                _positive_log_dt(dt),
+                _positive_log_dt(dt), nq,
             ),
             config={"move_bins_per_side": cfg.move_bins_per_side, "size_bins": cfg.size_bins,
-                    "dt_bins": cfg.dt_bins, "tail_quantile": cfg.tail_quantile},
+                    "dt_bins": cfg.dt_bins, "tail_quantile": cfg.tail_quantile,
+                    "n_quantiles": nq},
         )
         tokens = tok.encode(train_events)
         return tok._with_stats(tokens, n_train_events=train_events.height)
@@ -302,23 +332,46 @@ class Tokenizer:
             rest = rest // size
         return {name: out[name] for name in FIELD_NAMES}
 
-    def decode(self, tokens: np.ndarray) -> pl.DataFrame:
-        """Representative event features per token; specials give nulls, is_event=False."""
+    def decode_fields(self, tokens: np.ndarray, mode: str = "in_bin", seed: int = 0,
+                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """Decoded values per token as arrays: side (+-1), move_bps, log_size, log_dt
+        (0 for the zero-gap bin), dt_us, is_event; specials give side 0 and zeros.
+
+        mode "in_bin" draws each field inside its bin (``binning.py``) from ``rng`` (default:
+        a PCG64 seeded with ``seed``); "median" gives each bin's training median.
+        """
+        if mode not in DECODE_MODES:
+            raise ConfigError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
         idx = self.field_indices(tokens)
         is_event = idx["side"] >= 0
+        rng = rng if rng is not None else np.random.default_rng(seed)
 
-        def rep(bins: FieldBins, i: np.ndarray) -> np.ndarray:
-            return np.asarray(bins.representatives, dtype=np.float64)[np.maximum(i, 0)]
+        def values(bins: FieldBins, i: np.ndarray) -> np.ndarray:
+            i = np.maximum(i, 0)
+            if mode == "median" or not bins.quantiles:
+                return np.asarray(bins.representatives, dtype=np.float64)[i]
+            tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
+            return draw_in_bins(i, bins.quantiles, rng, tails, bins.name in LOG_TAIL_FIELDS)
 
-        dt_log = rep(self.dt, idx["dt"])
-        dt_us = np.where(idx["dt"] == 0, 0, np.rint(np.exp(dt_log))).astype(np.int64)
-        frame = pl.DataFrame({
-            "side": np.where(idx["side"] == 1, 1, -1).astype(np.int8),
-            "move_bps": rep(self.move, idx["move"]),
-            "log_size": rep(self.size, idx["size"]),
-            "dt_us": dt_us,
-            "is_event": is_event,
-        })
+        move, size, dt_log = values(self.move, idx["move"]), values(self.size, idx["size"]), \
+            values(self.dt, idx["dt"])
+        # floor (not round): an in-bin draw below the bin's largest training gap (an
+        # integer number of us) must not round up into the next bin
+        dt_us = np.where(idx["dt"] == 0, 0, np.floor(np.exp(dt_log) + 1e-6)).astype(np.int64)
+        zero = ~is_event
+        return {"side": np.where(zero, 0, np.where(idx["side"] == 1, 1, -1)).astype(np.int8),
+                "move_bps": np.where(zero, 0.0, move), "log_size": np.where(zero, 0.0, size),
+                "log_dt": np.where(zero, 0.0, dt_log), "dt_us": np.where(zero, 0, dt_us),
+                "is_event": is_event}
+
+    def decode(self, tokens: np.ndarray, mode: str = "in_bin", seed: int = 0,
+               rng: np.random.Generator | None = None) -> pl.DataFrame:
+        """Event features per token (see ``decode_fields``); specials give nulls and
+        is_event=False."""
+        f = self.decode_fields(tokens, mode, seed, rng)
+        frame = pl.DataFrame({"side": f["side"], "move_bps": f["move_bps"],
+                              "log_size": f["log_size"], "dt_us": f["dt_us"],
+                              "is_event": f["is_event"]})
         cols = ["side", "move_bps", "log_size", "dt_us"]
         return frame.with_columns(
             [pl.when(pl.col("is_event")).then(pl.col(c)).otherwise(None).alias(c) for c in cols]
@@ -329,7 +382,10 @@ class Tokenizer:
         def bins(b: FieldBins) -> dict:
             return {"pos_edges": list(b.pos_edges), "neg_edges": list(b.neg_edges),
                     "zero_bin": b.zero_bin, "has_negative": b.has_negative,
-                    "representatives": list(b.representatives), "n_bins": b.n_bins}
+                    "representatives": list(b.representatives), "n_bins": b.n_bins,
+                    "quantiles": [list(q) for q in b.quantiles],
+                    "tail_low": b.tail_low.to_list() if b.tail_low else None,
+                    "tail_high": b.tail_high.to_list() if b.tail_high else None}
 
         return {
             "format": FORMAT,
@@ -361,15 +417,24 @@ class Tokenizer:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"cannot read tokenizer artifact ({exc})", path) from exc
+        if doc.get("format") == "mega-trading/tokenizer@1":
+            raise DataError("tokenizer@1 artifact has no per-bin quantile tables for in-bin "
+                            f"decoding (this code reads {FORMAT}): run `mega-trading prepare` "
+                            "again", path)
         if doc.get("format") != FORMAT:
             raise DataError(f"not a {FORMAT} artifact (format={doc.get('format')!r})", path)
+
+        def tail(value) -> BinTail | None:
+            return BinTail(*value) if value else None
 
         def bins(name: str) -> FieldBins:
             b = doc["fields"][name]
             return FieldBins(name=name, pos_edges=tuple(b["pos_edges"]),
                              neg_edges=tuple(b["neg_edges"]), zero_bin=b["zero_bin"],
                              has_negative=b["has_negative"],
-                             representatives=tuple(b["representatives"]))
+                             representatives=tuple(b["representatives"]),
+                             quantiles=tuple(tuple(q) for q in b.get("quantiles", [])),
+                             tail_low=tail(b.get("tail_low")), tail_high=tail(b.get("tail_high")))
 
         tok = cls(*(bins(n) for n in FIELD_NAMES), config=doc.get("config", {}),
                   stats=doc.get("stats", {}))

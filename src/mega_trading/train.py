@@ -74,6 +74,10 @@ class TrainConfig:
     eval_batches: PositiveInt = 8
     log_every: PositiveInt = 10
     ckpt_every: NonNegativeInt = 500  # a checkpoint is also written at the end
+    # > 0: stop after this many validations without a new best validation loss, and keep
+    # the best checkpoint as `latest` (checkpoints are then written at each new best only)
+    early_stop_patience: NonNegativeInt = 0
+    early_stop_min_delta: NonNegativeFloat = 0.0  # an improvement smaller than this is not one
     keep_last: NonNegativeInt = 3
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -659,6 +663,12 @@ class _Session:
         cfg = self.cfg
         last: dict[str, Any] = {}
         interval_time, interval_steps, run_time = 0.0, 0, 0.0
+        early = cfg.early_stop_patience > 0 and bool(self.val_batches)
+        if early and not cfg.eval_every:
+            raise ConfigError("early_stop_patience needs eval_every > 0 (validations to count)")
+        best_val, stale = float("inf"), 0
+        self.best: dict[str, Any] = {"step": None, "val_loss": None}
+        self.stopped_at: int | None = None
         self.loss.train()
         with _progress(show_progress and self.ctx.is_main) as progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.start_step,
@@ -678,7 +688,21 @@ class _Session:
                     interval_time, interval_steps = 0.0, 0
                     progress.update(task, loss=loss, tok_s=tok_s)
                 progress.update(task, completed=step)
-                if final or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                if early:
+                    if evaluate_now and last.get("val_loss") is not None:
+                        if last["val_loss"] < best_val - cfg.early_stop_min_delta:
+                            best_val, stale = last["val_loss"], 0
+                            self.best = {"step": step, "val_loss": best_val}
+                            self.save(step)  # `latest` always names the best so far
+                        else:
+                            stale += 1
+                    if stale >= cfg.early_stop_patience:
+                        self.stopped_at = step
+                        self.log(f"early stop at step {step}: no better validation loss in "
+                                 f"{stale} evaluations; keeping step {self.best['step']} "
+                                 f"(val {self.best['val_loss']:.4f})")
+                        break
+                elif final or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                     self.save(step)
         return last
 
@@ -716,6 +740,8 @@ class _Session:
             "mfu": last.get("mfu"),
             "windows_seen": dict(sorted(self.sampler.seen.items())),
             "checkpoint_step": latest_step(self.run_dir),
+            "early_stop": ({"patience": self.cfg.early_stop_patience, "stopped_at": self.stopped_at,
+                            "best": self.best} if self.cfg.early_stop_patience else None),
             "world_size": self.ctx.world_size,
             "derived": self.derived,
         }

@@ -72,13 +72,15 @@ def render_report(art: Artifacts) -> str:
     """The whole HTML page for loaded artifacts."""
     from mega_trading.lineage import provenance
     from mega_trading.report.charts import plotly_js
+    from mega_trading.report.headline import headline_cards
     from mega_trading.report.html import esc, page
 
     sections = _sections(art)
-    problems = _problems_note(art)
-    if problems:  # shown at the top of the first section, where nobody misses it
+    # problems and the headline (NLL beside realism and sampling) open the first section
+    top = _problems_note(art) + headline_cards(art)
+    if top:
         first = sections[0]
-        sections[0] = type(first)(first.id, first.title, problems + first.body, first.how)
+        sections[0] = type(first)(first.id, first.title, top + first.body, first.how)
     prov = provenance(stage="report")
     footer = (f"Generated {esc(prov['created_utc'])} by mega-trading {esc(prov['package_version'])} "
               f"(commit <code>{esc(prov['git_commit'])}</code>) from the artifacts in "

@@ -35,6 +35,8 @@ class Artifacts:
     rollouts_lineage: dict = field(default_factory=dict)
     facts: dict | None = None
     simulate: dict | None = None
+    sampling: dict | None = None  # RUN/sampling.json (the measured sampling choice)
+    calibration: dict | None = None  # RUN/calibration.json
     checkpoint_state: dict | None = None
     checkpoint_params: int | None = None  # counted from the safetensors header
     problems: dict[str, str] = field(default_factory=dict)  # artifact -> why it was unreadable
@@ -161,6 +163,8 @@ def load_artifacts(run_dir: str | Path, data_dir: str | Path | None = None) -> A
     art.backtest = _json(run_dir / "backtest.json", "backtest.json", problems)
     art.facts = _json(run_dir / "facts.json", "facts.json", problems)
     art.simulate = _json(run_dir / "simulate.json", "simulate.json", problems)
+    art.sampling = _json(run_dir / "sampling.json", "sampling.json", problems)
+    art.calibration = _json(run_dir / "calibration.json", "calibration.json", problems)
     art.rollouts, art.rollouts_path, art.rollouts_lineage = read_rollouts(run_dir, problems)
     art.checkpoint_state, art.checkpoint_params = _latest_checkpoint(run_dir, problems)
     if data is not None and data.is_dir():

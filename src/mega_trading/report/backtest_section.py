@@ -216,6 +216,19 @@ def _verdict_note(bt: dict) -> str:
     return note("On held-out data the model " + "; ".join(parts) + ".", "bad" if lost else "warn")
 
 
+def _realism_line(art: Artifacts) -> str:
+    """Likelihood is half the story: the generated flow's realism score beside it."""
+    from mega_trading.realism import headline
+
+    realism = (art.facts or {}).get("realism")
+    if not realism:
+        return ""
+    sampling = (art.facts or {}).get("sampling") or {}
+    return note(f"Realism of the generated flow ({esc(sampling.get('label', '?'))}, "
+                f"{esc(sampling.get('source', '?'))}): {esc(headline(realism))}. "
+                "See the stylized-facts section.", "info")
+
+
 def backtest_section(art: Artifacts) -> Section:
     bt = art.backtest
     title = "Backtest: model vs baselines"
@@ -232,7 +245,7 @@ def backtest_section(art: Artifacts) -> Section:
                        f"with context {esc(lineage.get('block_size'))} tokens")),
         ("baselines fitted on", esc(lineage.get("baselines_fitted_on", "train"))),
     ])
-    body = [_headline(bt), _verdict_note(bt)]
+    body = [_headline(bt), _verdict_note(bt), _realism_line(art)]
     if bt.get("max_tokens"):
         body.append(note(f"Only the first {int(bt['max_tokens']):,} tokens of each symbol's "
                          "backtest shard were scored (<code>--max-tokens</code>): a quick look, "

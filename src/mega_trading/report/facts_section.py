@@ -20,7 +20,7 @@ import numpy as np
 from mega_trading.facts import lookup
 from mega_trading.report.artifacts import Artifacts
 from mega_trading.report.charts import color_of, embed, style
-from mega_trading.report.html import Section, esc, not_produced, note, num, table
+from mega_trading.report.html import Section, ci, esc, not_produced, note, num, table
 
 FACT_FMT = ".4g"
 DIST_FMT = ".4f"
@@ -322,6 +322,26 @@ def _headline(facts: dict, distances: dict) -> str:
                 f"interval).", kind)
 
 
+def _realism_table(realism: dict | None) -> str:
+    """One row per source: facts within 1.5x the noise floor, facts better than compound
+    Hawkes, geometric-mean gap / noise floor with its block-bootstrap CI (realism.py)."""
+    if not realism:
+        return note("facts.json has no realism block (written by an older version).", "missing")
+    rows = []
+    for name, s in realism.get("sources", {}).items():
+        key = f"facts:realism/sources/{name}"
+        rows.append([esc(name), f"{num(s.get('within'), 'd', f'{key}/within')} / {num(s.get('n_facts'), 'd', f'{key}/n_facts')}",
+                     num(s.get("beat_reference"), "d", f"{key}/beat_reference"),
+                     num(s.get("geo_mean_ratio"), ".3f", f"{key}/geo_mean_ratio"),
+                     ci(s.get("geo_ci95"), ".3f", f"{key}/geo_ci95")])
+    return table(["source", f"within {realism.get('within_factor', 1.5):g}x floor",
+                  "better than Hawkes", "geo-mean gap / floor", "95% CI"], rows,
+                 caption="Realism score per source (lower geo-mean is better; 1 = as close to the "
+                         "real backtest as real training data). The CI resamples the source's "
+                         f"events in blocks of {realism.get('block_events')} "
+                         f"({realism.get('n_boot')} replicates).")
+
+
 def facts_section(art: Artifacts) -> Section:
     title = "Stylized facts: real vs generated"
     card = art.facts
@@ -335,7 +355,8 @@ def facts_section(art: Artifacts) -> Section:
     for label, _, source in _sources(facts):
         if source and source.get("warnings"):
             body.append(note(f"<strong>{esc(label)}</strong>: " + esc("; ".join(source["warnings"])), "warn"))
-    body += [_distance_table(distances), _gap_table(gaps), _facts_table(facts)]
+    body += [_realism_table(card.get("realism")), _distance_table(distances), _gap_table(gaps),
+             _facts_table(facts)]
     charts = [_curve_chart(facts, *curve) for curve in CURVES] + [_aggregation_chart(facts)]
     body.append(f'<div class="grid2">{"".join(charts)}</div>')
     samples = _samples(art)

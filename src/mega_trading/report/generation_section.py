@@ -232,7 +232,8 @@ def _fan_chart(prompts: list[Prompt], rollouts, real: RealEvents | None) -> str:
 def _settings(art: Artifacts, prompts: list[Prompt]) -> str:
     lineage = art.rollouts_lineage
     cfg = lineage.get("config", {})
-    sampling = cfg.get("sampling", {})
+    sampling = (lineage.get("sampling") or {}).get("settings") or cfg.get("sampling") or {}
+    how = (lineage.get("sampling") or {}).get("source", "config")
     frame = art.rollouts
     n_rollouts = frame["rollout"].n_unique()
     n_seg = int(frame["segment_start"].sum()) if "segment_start" in frame.columns else 0
@@ -242,7 +243,8 @@ def _settings(art: Artifacts, prompts: list[Prompt]) -> str:
         ("prompts", (f"{len(prompts)} distinct real window(s) from the {esc(cfg.get('prompt_from', '?'))} "
                     f"split, {esc(cfg.get('prompt_length', '?'))} tokens each")),
         ("sampling", (f"temperature {esc(sampling.get('temperature'))}, top-k {esc(sampling.get('top_k'))}, "
-                     f"top-p {esc(sampling.get('top_p'))}, seed {esc(lineage.get('seed', cfg.get('seed')))}")),
+                     f"top-p {esc(sampling.get('top_p'))}, min-p {esc(sampling.get('min_p', 0.0))} "
+                     f"({esc(how)}), seed {esc(lineage.get('seed', cfg.get('seed')))}")),
         ("checkpoint", f"step {esc(lineage.get('step', '—'))}"),
         ("file", f"<code>{esc(art.rollouts_path)}</code>"),
     ])

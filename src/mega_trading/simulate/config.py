@@ -24,7 +24,7 @@ from mega_trading.config import (
     config_dataclass,
 )
 from mega_trading.errors import ConfigError
-from mega_trading.generate import SamplingConfig
+from mega_trading.sampling import SamplingConfig
 
 SIDES = {"buy": 1, "sell": -1}
 POLICY_KINDS = ("immediate", "twap", "twap_limit", "participation")
@@ -47,9 +47,8 @@ class ImpactConfig:
     min_recent_notional: PositiveFloat = 1.0
 
 
-def _default_sampling() -> SamplingConfig:
-    # SEG means "a hole in the data or a pause > 60 s": no use to a continuous market.
-    return SamplingConfig(forbid_seg=True)
+# SEG means "a hole in the data or a pause > 60 s": no use to a continuous market.
+SIM_SAMPLING_BASE = SamplingConfig(forbid_seg=True)
 
 
 @config_dataclass
@@ -76,7 +75,10 @@ class SimConfig:
     max_tape_events: PositiveInt = 200_000
     tape_window_events: PositiveInt = 20_000
     impact: ImpactConfig = field(default_factory=ImpactConfig)
-    sampling: SamplingConfig = field(default_factory=_default_sampling)
+    # None: the run's measured choice (RUN/sampling.json) with SEG forbidden, else plain
+    # sampling with SEG forbidden; a sampling block chooses by hand
+    sampling: SamplingConfig | None = None
+    decode: Literal["in_bin", "median"] = "in_bin"  # event features: drawn in-bin or bin medians
 
 
 @config_dataclass

@@ -101,8 +101,10 @@ def run_batch(source: EventSource, episodes: list[Episode], policies: list[Polic
         source.commit(tokens, consumed)
         steps += 1
     for ep in episodes:
-        if not ep.done:
-            ep.truncate(f"max_events={max_events} reached")
+        if not ep.done:  # say how far it got: a flow too fast for the budget, or too slow
+            reached_s = (ep.now_us - ep.start.time_us) / 1e6
+            ep.truncate(f"max_events={max_events} reached {reached_s:.1f} s into the "
+                        f"episode ({max_events / max(reached_s, 1e-6):.0f} events/s)")
     return steps
 
 

@@ -82,8 +82,11 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
         cfg = dataclasses.replace(cfg, replayable_starts=False)
         tapes, starts = pick_starts(shards, cfg, horizon_s, seed)
     lineage_extra: dict = {}
+    sampling_info = None
     if cfg.source == "model":
         from mega_trading.checkpoint import load_model
+        from mega_trading.sampling import resolve_sampling
+        from mega_trading.simulate.config import SIM_SAMPLING_BASE
 
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -91,7 +94,11 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
         model, state = load_model(run_dir, step=step, device=device,
                                   expect_tokenizer_hash=shards.tokenizer_hash,
                                   expect_manifest_hash=shards.model_manifest_hash)
-        factory = ModelSourceFactory(model, shards, tapes, starts, cfg)
+        sampling, sampling_info = resolve_sampling(cfg.sampling, run_dir, SIM_SAMPLING_BASE)
+        sampling_info["decode"] = cfg.decode
+        log(f"simulate: sampling {sampling_info['label']} ({sampling_info['source']}), "
+            f"{cfg.decode} decoding")
+        factory = ModelSourceFactory(model, shards, tapes, starts, cfg, sampling)
         lineage_extra = {"checkpoint_step": state.get("step"), "device": device}
     else:
         factory = ReplaySourceFactory(tapes, starts)
@@ -115,6 +122,7 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
         "policy_order": list(results),  # the JSON is written key-sorted
         "policies": {name: r.to_dict() for name, r in results.items()},
         "paired_shortfall": paired_shortfall(results, cfg.bootstrap_samples, seed),
+        "sampling": sampling_info,  # which sampling produced the market (null: replay)
         "timing_s": timing,
         "config": to_dict(cfg),
         "lineage": provenance(

@@ -26,7 +26,8 @@ import polars as pl
 import torch
 
 from mega_trading.errors import ConfigError, DataError
-from mega_trading.generate import SamplingConfig, banned_ids, decode_one, prefill, sample
+from mega_trading.generate import banned_ids, decode_one, prefill
+from mega_trading.sampling import SamplingConfig, sample_next
 from mega_trading.simulate.config import SimConfig
 from mega_trading.simulate.market import StartState
 
@@ -96,7 +97,9 @@ class ModelSource:
 
     def __init__(self, model, tokenizer, prompts: np.ndarray, starts: list[StartState],
                  sampling: SamplingConfig, generator: torch.Generator, keep: int | None = None,
-                 table: TokenTable | None = None):
+                 table: TokenTable | None = None, decode_rng: np.random.Generator | None = None):
+        """decode_rng: draw each proposed event's features inside its bins (in-bin
+        decoding, a fixed number of draws per step); None: the bin medians (``table``)."""
         prompts = np.asarray(prompts, dtype=np.int64)
         self.cache_len = model.cfg.block_size
         if prompts.ndim != 2 or not 1 <= prompts.shape[1] <= self.cache_len:
@@ -108,6 +111,7 @@ class ModelSource:
         self.model, self.tokenizer, self.starts = model, tokenizer, starts
         self.sampling, self.generator = sampling, generator
         self.table = table or TokenTable.from_tokenizer(tokenizer)
+        self.decode_rng = decode_rng
         self.banned = list(banned_ids(sampling, tokenizer.pad_id, tokenizer.seg_id))
         self.device = model.tok_embeddings.weight.device
         self.prompts = prompts
@@ -128,7 +132,12 @@ class ModelSource:
                 logits = logits.clone()
                 logits[:, self.banned] = float("-inf")
             s = self.sampling
-            token = sample(logits, s.temperature, s.top_k, s.top_p, self.generator).cpu().numpy()
+            token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.min_p,
+                                self.generator).cpu().numpy()
+        if self.decode_rng is not None:
+            f = self.tokenizer.decode_fields(token, rng=self.decode_rng)
+            return Proposal(token=token, is_event=f["is_event"], move_bps=f["move_bps"],
+                            log_size=f["log_size"], dt_us=f["dt_us"])
         t = self.table
         return Proposal(token=token, is_event=t.is_event[token], move_bps=t.move_bps[token],
                         log_size=t.log_size[token], dt_us=t.dt_us[token])
@@ -357,7 +366,9 @@ class ReplaySourceFactory:
 
 
 class ModelSourceFactory:
-    def __init__(self, model, shards, tapes: list[Tape], starts: list[StartState], cfg: SimConfig):
+    def __init__(self, model, shards, tapes: list[Tape], starts: list[StartState], cfg: SimConfig,
+                 sampling: SamplingConfig | None = None):
+        """sampling: the resolved settings (default cfg.sampling, else SEG forbidden)."""
         if model.cfg.vocab_size != shards.vocab_size:
             raise DataError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary "
                             f"{shards.vocab_size}", shards.root)
@@ -369,11 +380,14 @@ class ModelSourceFactory:
         self.prompts = np.stack([prompt_tokens(shards, cfg.split, t, s, cfg.prompt_length)
                                  for t, s in zip(tapes, starts)])
         self.table = TokenTable.from_tokenizer(self.tokenizer)
+        self.sampling = sampling or cfg.sampling or SamplingConfig(forbid_seg=True)
 
     def __call__(self, episode_ids: Sequence[int], seed: int) -> ModelSource:
         ids = list(episode_ids)
         device = self.model.tok_embeddings.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
         return ModelSource(self.model, self.tokenizer, self.prompts[ids],
-                           [self.starts[i] for i in ids], self.cfg.sampling, generator,
-                           self.cfg.keep, self.table)
+                           [self.starts[i] for i in ids], self.sampling, generator,
+                           self.cfg.keep, self.table,
+                           decode_rng=np.random.default_rng(seed) if self.cfg.decode == "in_bin"
+                           else None)

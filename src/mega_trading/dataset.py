@@ -858,7 +858,7 @@ def _assemble_shards(tmp: Path, parts: dict, encoded: list, cuts: dict, cfg: Pre
     return shards
 
 
-def _token_stats(root: Path, shards: dict, tokenizer: Tokenizer, chunk: int = 1 << 24) -> dict:
+def _token_stats(root: Path, shards: dict, tokenizer: Tokenizer, chunk: int = 1 << 20) -> dict:
     """Realized and effective vocabulary (exp of the entropy) per split, read in chunks."""
     stats = {}
     for split, by_symbol in shards.items():

@@ -71,12 +71,17 @@ def outlier_counts(root: Path, shards: dict, tokenizer: Tokenizer) -> dict:
         for symbol, info in by_symbol.items():
             if not info["n_tokens"]:
                 continue
-            # uint16 shards (dataset.TOKEN_DTYPE; that module imports this one)
-            tokens = np.asarray(np.memmap(root / info["tokens"], dtype=np.uint16, mode="r"))
-            idx = tokenizer.field_indices(tokens[tokens < tokenizer.n_event_tokens])
-            hits = {name: np.isin(idx[name], sorted(bins)) for name, bins in tails.items()}
-            counts = {name: int(hit.sum()) for name, hit in hits.items()}
-            counts["any"] = int(np.logical_or.reduce(list(hits.values())).sum())
-            counts["n_events"] = len(idx["move"])
+            # uint16 shards (dataset.TOKEN_DTYPE; that module imports this one), a million
+            # tokens at a time: the field arrays of a whole shard would grow with the data
+            shard = np.memmap(root / info["tokens"], dtype=np.uint16, mode="r")
+            counts = dict.fromkeys([*tails, "any", "n_events"], 0)
+            for lo in range(0, len(shard), 1 << 20):
+                tokens = np.asarray(shard[lo:lo + (1 << 20)])
+                idx = tokenizer.field_indices(tokens[tokens < tokenizer.n_event_tokens])
+                hits = {name: np.isin(idx[name], sorted(bins)) for name, bins in tails.items()}
+                for name, hit in hits.items():
+                    counts[name] += int(hit.sum())
+                counts["any"] += int(np.logical_or.reduce(list(hits.values())).sum())
+                counts["n_events"] += len(idx["move"])
             out.setdefault(split, {})[symbol] = counts
     return out

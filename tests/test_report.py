@@ -318,3 +318,16 @@ def test_cli_report_uses_the_recorded_data_dir(report_run, tmp_path):
     parser = parse(out)
     assert "manifest:token_stats/train/n_events" in {k for k, _, _ in parser.traced}
     assert main(["report", "--run", str(tmp_path / "missing")]) == 2
+
+
+def test_facts_section_says_how_much_real_data_was_read():
+    """facts.json's real_sample is shown: whole splits, or the stratified sample's size."""
+    from mega_trading.report.facts_section import _sample_note
+
+    whole = {"split": "backtest", "events": 1234, "events_in_split": 1234, "complete": True}
+    sample = {"split": "train", "events": 199680, "events_in_split": 12_800_000, "windows": 780,
+              "window_events": 256, "seed": 1, "complete": False}
+    text = _sample_note({"real": whole, "noise_floor": sample})
+    assert "all 1,234 events of the backtest split" in text
+    assert "199,680 of 12,800,000 events, 780 windows of 256" in text
+    assert _sample_note(None) == ""

@@ -342,6 +342,24 @@ def _realism_table(realism: dict | None) -> str:
                          f"({realism.get('n_boot')} replicates).")
 
 
+def _sample_note(real_sample: dict | None) -> str:
+    """How much real data the facts read: whole splits, or a bounded stratified sample."""
+    if not real_sample:
+        return ""
+    parts = []
+    for label, key in (("real (backtest)", "real"), ("noise floor (train)", "noise_floor")):
+        info = real_sample.get(key) or {}
+        if not info:
+            continue
+        if info.get("complete"):
+            parts.append(f"{esc(label)}: all {info['events']:,} events of the {esc(info['split'])} split")
+        else:
+            parts.append(f"{esc(label)}: {info['events']:,} of {info['events_in_split']:,} events, "
+                         f"{info['windows']:,} windows of {info['window_events']:,} drawn "
+                         f"(stratified by symbol and time, seed {info['seed']})")
+    return note("Real data read: " + "; ".join(parts) + ".", "info") if parts else ""
+
+
 def facts_section(art: Artifacts) -> Section:
     title = "Stylized facts: real vs generated"
     card = art.facts
@@ -355,6 +373,7 @@ def facts_section(art: Artifacts) -> Section:
     for label, _, source in _sources(facts):
         if source and source.get("warnings"):
             body.append(note(f"<strong>{esc(label)}</strong>: " + esc("; ".join(source["warnings"])), "warn"))
+    body.append(_sample_note(card.get("real_sample")))
     body += [_realism_table(card.get("realism")), _distance_table(distances), _gap_table(gaps),
              _facts_table(facts)]
     charts = [_curve_chart(facts, *curve) for curve in CURVES] + [_aggregation_chart(facts)]

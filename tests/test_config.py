@@ -46,8 +46,8 @@ def test_every_shipped_config_loads(path):
     from mega_trading.pipeline import RunConfig
     from mega_trading.simulate import SimConfig
 
-    cls = {"scenarios": SimConfig, "ablation.yaml": AblationConfig}.get(
-        path.parent.name, {"ablation.yaml": AblationConfig}.get(path.name, RunConfig))
+    cls = {"scenarios": SimConfig}.get(
+        path.parent.name, AblationConfig if path.name.startswith("ablation") else RunConfig)
     load_yaml(cls, path)
 
 

@@ -129,6 +129,7 @@ def test_ablation_grid_writes_table_chart_and_mlflow_runs(tmp_path):
                          symbol_sets=("BTCUSDT", "BTCUSDT,ETHUSDT"), steps=(2,), tracking="mlflow")
     rows = run_ablation(cfg)
     assert [r["symbols"] for r in rows] == ["BTCUSDT", "BTCUSDT,ETHUSDT"]
+    assert all(r["sampling"] == "measured" and r["n_facts"] == 11 and r["geo"] > 0 for r in rows)
     assert all(r["model_nll"] > 0 and r["markov3_nll"] > 0 for r in rows)
     out = tmp_path / "abl"
     assert (out / "ablation.csv").read_text().count("\n") == 3
@@ -138,3 +139,23 @@ def test_ablation_grid_writes_table_chart_and_mlflow_runs(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.params["symbols"] for r in runs) == ["BTCUSDT", "BTCUSDT,ETHUSDT"]
     assert all("model_nll" in r.data.metrics for r in runs)
+
+
+def test_realism_ablation_adds_contexts_early_stopping_and_sampling_variants(tmp_path):
+    from mega_trading.ablation import AblationConfig, run_ablation
+    from mega_trading.config import dump_yaml
+
+    base = tmp_path / "base.yaml"
+    base.write_text(dump_yaml(tiny_config(tmp_path / "unused")))
+    cfg = AblationConfig(base_config=str(base), out_dir=str(tmp_path / "abl"),
+                         models=("micro:n_layer=1,d_model=32,n_head=4,n_kv_head=2,ffn_hidden=64",),
+                         symbol_sets=("BTCUSDT",), contexts=(32,), steps=(4,),
+                         early_stop_patience=5, samplings=("measured", "top_k=16"), tracking="none")
+    rows = run_ablation(cfg)
+    assert [r["sampling"] for r in rows] == ["measured", "top_k=16"]
+    assert rows[1]["sampling_label"] == "T=1, top-k 16" and rows[0]["sampling_label"] != rows[1]["sampling_label"]
+    assert all(r["context"] == 32 and r["model_nll"] == rows[0]["model_nll"] for r in rows)
+    assert all(r["best_step"] is not None and len(r["geo_ci95"]) == 2 for r in rows)
+    out = tmp_path / "abl"
+    assert (out / "ablation.csv").read_text().count("\n") == 3
+    assert "realism" in (out / "ablation.html").read_text()

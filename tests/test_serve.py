@@ -112,6 +112,8 @@ def test_sampling_left_out_takes_the_runs_measured_choice(tiny_run, tmp_path):
         measured = post(test_client, body).json()["provenance"]["sampling"]
         partly = post(test_client, {**body, "min_p": 0.0}).json()["provenance"]["sampling"]
         off = post(test_client, {**body, "top_k": None}).json()["provenance"]["sampling"]
+        card = test_client.get("/v1/model").json()["sampling_default"]
+    assert card["source"] == "measured" and card["min_p"] == 0.02 and card["split"] == "validation"
     assert (measured["temperature"], measured["min_p"], measured["source"]) == (0.9, 0.02, "measured")
     assert (partly["temperature"], partly["min_p"], partly["source"]) == (0.9, 0.0, "measured")
     assert off["top_k"] is None and off["min_p"] == 0.02

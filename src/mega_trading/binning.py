@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_N_QUANTILES = 33  # 32 intervals per bin: ~1 kB of floats for the whole vocabulary
-TAIL_CAP = 2.0  # a tail draw's excess is at most this many times the largest training excess
+TAIL_CAP = 1.5  # a tail draw is at most this many times the bin's most extreme training value
+LOG_TAIL_CAP = float(np.log(TAIL_CAP))  # the same, for fields that are logs (size, gap)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class BinTail:
 
     threshold: float  # the bin's quantile the tail starts from (field units)
     scale: float  # mean excess beyond it, in tail space (>= 0)
-    max_excess: float  # largest training excess, in tail space
+    max_excess: float  # largest training excess beyond the bin's median, in tail space (info)
 
     def to_list(self) -> list[float]:
         return [self.threshold, self.scale, self.max_excess]
@@ -109,13 +110,21 @@ def draw_in_bins(bin_index: np.ndarray, quantiles: tuple[tuple[float, ...], ...]
         tail, upper = (tails or {}).get(int(b), (None, True))
         if tail is not None:
             in_tail = u[rows] > levels[-2] if upper else u[rows] < levels[1]
-            values[in_tail] = _tail_draw(tail, upper, v[rows][in_tail], log_tail)
+            drawn = _tail_draw(tail, upper, v[rows][in_tail], log_tail)
+            extreme = table[-1] if upper else table[0]
+            if log_tail:  # |value| at most TAIL_CAP x the most extreme training |value|
+                limit = np.abs(extreme) * TAIL_CAP
+                drawn = np.sign(drawn) * np.minimum(np.abs(drawn), limit)
+            else:
+                drawn = (np.minimum(drawn, extreme + LOG_TAIL_CAP) if upper
+                         else np.maximum(drawn, extreme - LOG_TAIL_CAP))
+            values[in_tail] = drawn
         out[rows] = values
     return out
 
 
-def _tail_draw(tail: BinTail, upper: bool, v: np.ndarray, log_tail: bool) -> np.ndarray:
-    excess = np.minimum(-np.log1p(-v) * tail.scale, TAIL_CAP * tail.max_excess)
+def _tail_draw(tail: BinTail, upper: bool, v: np.ndarray, log_tail: bool = False) -> np.ndarray:
+    excess = -np.log1p(-v) * tail.scale
     if log_tail:  # Pareto in |x|: the sign of the threshold is kept
         return np.sign(tail.threshold) * np.abs(tail.threshold) * np.exp(excess)
     return tail.threshold + excess if upper else tail.threshold - excess

@@ -122,7 +122,7 @@ def _file_identity(path: Path) -> str | None:
 # The modules that implement each stage: a change to their source reruns it (stages.py).
 STAGE_SOURCES = {
     "prepare": ("mega_trading.ingest", "mega_trading.events", "mega_trading.tokenizer",
-                "mega_trading.dataset"),
+                "mega_trading.binning", "mega_trading.dataset"),
     "train": ("mega_trading.model", "mega_trading.kernels", "mega_trading.accel",
               "mega_trading.optim", "mega_trading.train", "mega_trading.checkpoint",
               "mega_trading.distributed"),

@@ -106,6 +106,7 @@ def geo_mean_ci(events: pl.DataFrame, real_facts: Mapping[str, Any],
                 floor: Mapping[str, float | None], facts_cfg: Any, n_boot: int,
                 block_events: int, rng: np.random.Generator) -> list[float | None]:
     """95 % block-bootstrap interval of one source's geometric-mean ratio."""
+    from mega_trading.errors import DataError
     from mega_trading.facts import compute_facts, fact_gaps
 
     if n_boot <= 0:
@@ -115,7 +116,7 @@ def geo_mean_ci(events: pl.DataFrame, real_facts: Mapping[str, Any],
         replicate = resample_blocks(events, block_events, rng)
         try:
             facts = compute_facts(replicate, facts_cfg)
-        except Exception:  # a replicate too small for the facts: skip it
+        except DataError:  # a replicate too small for the facts: skip it
             continue
         g = geo_mean(gap_ratios(fact_gaps(facts, real_facts), floor))
         if g is not None:

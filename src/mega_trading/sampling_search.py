@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mega_trading.config import config_dataclass
-from mega_trading.errors import ConfigError
+from mega_trading.errors import ConfigError, DataError
 from mega_trading.sampling import SAMPLING_FILE, SAMPLING_FORMAT, SamplingConfig
 
 TRUNCATIONS = ("none", "top_k", "top_p", "min_p")
@@ -102,7 +102,7 @@ def search(model, shards, trained, cfg: SamplingSearchConfig, gen_defaults: Any,
         try:
             gaps = fact_gaps(compute_facts(events, facts_cfg), real)
             score = score_source(gaps, floor)
-        except Exception as exc:  # too few events (e.g. a SEG storm): the cell loses
+        except DataError as exc:  # too few events (e.g. a SEG storm): the cell loses
             score = {"n_facts": 0, "within": 0, "geo_mean_ratio": None, "error": str(exc)}
         rows.append({"label": cell.label, "settings": {k: getattr(cell, k) for k in
                                                        ("temperature", "top_k", "top_p", "min_p")},

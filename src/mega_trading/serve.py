@@ -808,6 +808,7 @@ class RolloutService:
     # model card ------------------------------------------------------------------------
     def model_card(self) -> dict[str, Any]:
         from mega_trading.config import to_dict
+        from mega_trading.sampling import SamplingConfig
 
         cfg = self.model.cfg
         tok = self.tokenizer
@@ -827,6 +828,13 @@ class RolloutService:
             "limits": {**dataclasses.asdict(self.settings), "block_size": cfg.block_size,
                        "max_prompt_tokens": min(cfg.block_size, MAX_PROMPT_TOKENS)},
             "provenance": self.identity(),
+            # what a request that leaves the sampling fields out gets (RUN/sampling.json)
+            "sampling_default": ({"source": "measured", "label": self.measured.get("label"),
+                                  **{k: self.measured["chosen"][k] for k in self.measured["chosen"]},
+                                  "score": self.measured.get("score"),
+                                  "split": self.measured.get("split")}
+                                 if self.measured else {"source": "default",
+                                                        "label": SamplingConfig().label}),
         }
 
     def _training_summary(self) -> dict[str, Any] | None:

@@ -252,7 +252,7 @@ def test_stage_command_reads_its_section_of_a_pipeline_file(tmp_path):
     from mega_trading.cli_config import command_config
 
     gen = command_config("generate", CONFIGS / "demo.yaml", ["seed=3"], flags={"n": 8, "length": None})
-    assert (gen.n, gen.length, gen.prompt_length, gen.rollouts_per_prompt, gen.seed) == (8, 256, 96, 4, 3)
+    assert (gen.n, gen.length, gen.prompt_length, gen.rollouts_per_prompt, gen.seed) == (8, 256, 96, 2, 3)
     sim = command_config("simulate", CONFIGS / "demo.yaml")
     assert (sim.symbol, sim.episodes, sim.max_events) == ("BTCUSDT", 16, 5000)
     with pytest.raises(ConfigError, match="pipeline config"):

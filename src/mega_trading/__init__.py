@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model", "kernels"),  # the decoder
     ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
     ("baselines", "score_sums", "scoring", "backtest", "calibrate"),  # -> held-out metrics
-    ("decode", "generate", "hawkes", "sampling"),  # -> rollouts
+    ("decode", "engine", "generate", "hawkes", "sampling"),  # -> rollouts
     ("facts", "book.facts", "realism", "sampling_search"),  # -> stylized facts
     ("simulate", "serve"),  # products on top of generation
     ("report",),  # -> one HTML file

@@ -74,7 +74,7 @@ from __future__ import annotations
 import json
 import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,12 +86,22 @@ from mega_trading.config import (
     PositiveInt,
     config_dataclass,
 )
-from mega_trading.decode import decode_step, decode_weights
+from mega_trading.engine import (
+    DecodeEngine,
+    banned_ids,
+    decode_one,
+    prefill,
+    sample_step,
+    special_ids,
+    window_sizes,
+)
 from mega_trading.errors import ConfigError, DataError
-from mega_trading.model import Transformer
 from mega_trading.sampling import SamplingConfig, sample_next
 
-__all__ = ["SamplingConfig", "sample_next"]  # re-exported: the sampling config lives in sampling.py
+# re-exported: the sampling config lives in sampling.py, the decoding steps in engine.py
+__all__ = ["DecodeEngine", "SamplingConfig", "banned_ids", "decode_one", "prefill",
+           "sample_next", "special_ids"]
+_sample_step = sample_step  # the name tests and older callers use
 PLAIN_SAMPLING = SamplingConfig()  # temperature 1, no truncation
 
 LINEAGE_KEY = b"mega_trading"
@@ -119,54 +129,12 @@ class GenerateConfig:
 
 # --- decoding steps ---------------------------------------------------------------------
 
-def special_ids(vocab_size: int) -> tuple[int, int]:
-    """(PAD, SEG) for a vocabulary laid out as the tokenizer contract says."""
-    return vocab_size - 2, vocab_size - 1
-
-
-def banned_ids(cfg: SamplingConfig, pad_id: int, seg_id: int) -> tuple[int, ...]:
-    return tuple(i for i, banned in ((pad_id, cfg.forbid_pad), (seg_id, cfg.forbid_seg)) if banned)
-
-
-def prefill(model, cache, prompt: torch.Tensor) -> torch.Tensor:
-    """Run prompt [B, T] from position 0, filling the cache; logits of its last token [B, V]."""
-    if hasattr(model, "last_logits"):  # the head on the last position only
-        return model.last_logits(prompt, cache=cache, start_pos=0)
-    return model(prompt, cache=cache, start_pos=0)[:, -1]
-
-
-def decode_one(model, cache, token: torch.Tensor, pos: int, weights=None) -> torch.Tensor:
-    """Feed token [B, 1] at cache position pos; logits for the next token [B, V].
-    `weights`: the model's `decode.decode_weights`, fetched once per rollout batch."""
-    return decode_step(model, token, cache, pos, weights)  # fused weights, far fewer ops
-
-
-def _sample_step(logits: torch.Tensor, cfg: SamplingConfig, banned: Sequence[int] | torch.Tensor,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    if len(banned):  # out of place: the caller (and on_logits) may still hold these logits
-        ids = torch.as_tensor(banned, dtype=torch.long, device=logits.device)
-        logits = logits.index_fill(-1, ids, float("-inf"))
-    return sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)
-
-
-def _window(model, prompt: torch.Tensor, n_new: int, cache_len: int | None,
-            keep: int | None) -> tuple[int, int]:
+def _setup(model, prompt, n_new, cfg, cache_len, keep, specials):
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ConfigError(f"prompt must be a non-empty [B, T] tensor, got {tuple(prompt.shape)}")
     if n_new < 0:
         raise ConfigError(f"n_new must be >= 0, got {n_new}")
-    block = model.cfg.block_size
-    cache_len = cache_len or block
-    if not 1 <= cache_len <= block:
-        raise ConfigError(f"cache_len must be in [1, block_size={block}], got {cache_len}")
-    keep = cache_len // 2 if keep is None else keep
-    if not 1 <= keep <= cache_len:
-        raise ConfigError(f"keep must be in [1, cache_len={cache_len}], got {keep}")
-    return cache_len, keep
-
-
-def _setup(model, prompt, n_new, cfg, cache_len, keep, specials):
-    cache_len, keep = _window(model, prompt, n_new, cache_len, keep)
+    cache_len, keep = window_sizes(model, cache_len, keep)
     pad_id, seg_id = specials or special_ids(model.cfg.vocab_size)
     batch, prompt_len = prompt.shape
     device = model.tok_embeddings.weight.device
@@ -182,31 +150,21 @@ def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = PLAI
              on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue prompt [B, T] by n_new sampled tokens per row -> tokens [B, T + n_new].
 
-    Uses a KV cache of cache_len (default block_size) positions and slides the window as
-    the module docstring says; a prompt longer than cache_len is cut to its last
-    cache_len tokens of context. `specials` = (PAD, SEG) ids (default: the contract's);
-    `on_logits(t, logits)` sees the logits that token t is drawn from (tests, diagnostics).
+    Decodes on a `engine.DecodeEngine` with a KV cache of cache_len (default block_size)
+    positions that slides as the module docstring says; a prompt longer than cache_len is
+    cut to its last cache_len tokens of context. `specials` = (PAD, SEG) ids (default:
+    the contract's); `on_logits(t, logits)` sees the logits that token t is drawn from.
     """
-    tokens, cache_len, keep, banned = _setup(model, prompt, n_new, cfg, cache_len, keep, specials)
+    tokens, cache_len, keep, _ = _setup(model, prompt, n_new, cfg, cache_len, keep, specials)
+    engine = DecodeEngine(model, cache_len, keep, specials)
     end = tokens.shape[1]
-    t0 = prompt.shape[1]
-    start = max(0, t0 - cache_len)  # tokens[:, start:t] are in the cache at 0 .. t-start-1
-    cache = model.new_cache(tokens.shape[0], cache_len)
-    # Parameters do not change while sampling: fetch the fused weights and the banned ids once.
-    weights = decode_weights(model) if isinstance(model, Transformer) else None
-    banned = torch.tensor(banned, dtype=torch.long, device=tokens.device)
-    logits = prefill(model, cache, tokens[:, start:t0])
-    for t in range(t0, end):
+    engine.start(tokens[:, :prompt.shape[1]])
+    for t in range(prompt.shape[1], end):
         if on_logits is not None:
-            on_logits(t, logits)
-        tokens[:, t] = _sample_step(logits, cfg, banned, generator)
-        if t + 1 == end:
-            break
-        if t + 1 - start > cache_len:  # token t has no free slot: slide the window
-            start = t + 1 - keep
-            logits = prefill(model, cache, tokens[:, start:t + 1])
-        else:
-            logits = decode_one(model, cache, tokens[:, t:t + 1], t - start, weights)
+            on_logits(t, engine.logits)
+        tokens[:, t] = engine.sample(cfg, generator)
+        if t + 1 < end:
+            engine.feed(tokens[:, t])
     return tokens
 
 
@@ -230,7 +188,7 @@ def generate_nocache(model, prompt: torch.Tensor, n_new: int,
         logits = model(tokens[:, start:t])[:, -1]
         if on_logits is not None:
             on_logits(t, logits)
-        tokens[:, t] = _sample_step(logits, cfg, banned, generator)
+        tokens[:, t] = sample_step(logits, cfg, banned, generator)
     return tokens
 
 

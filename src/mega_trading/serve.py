@@ -345,7 +345,7 @@ class RolloutEngine:
     def run_batch(self, jobs: list[Job], on_done: Callable[[Job, np.ndarray], None]) -> None:
         """Decode jobs of equal prompt length together; on_done(job, new tokens [n, length])
         is called (from this thread) as soon as a job's tokens are complete."""
-        from mega_trading.generate import banned_ids, decode_one, prefill
+        from mega_trading.engine import DecodeEngine
 
         t0 = len(jobs[0].prompt)
         if any(len(j.prompt) != t0 for j in jobs):
@@ -360,39 +360,22 @@ class RolloutEngine:
             rows = slice(row, row + job.n)
             tokens[rows, :t0] = torch.from_numpy(job.prompt).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(job.seed)
-            plans.append((job, rows, generator, banned_ids(job.sampling, self.pad_id, self.seg_id)))
+            plans.append((job, rows, generator))
             row += job.n
-        # Same window schedule as generate.generate: cache_len = block, keep = half of it.
-        cache_len = self.model.cfg.block_size
-        keep = cache_len // 2
-        start = max(0, t0 - cache_len)
-        cache = self.model.new_cache(self.batch_rows, cache_len)
-        logits = prefill(self.model, cache, tokens[:, start:t0])
+        # The engine of generate.generate: cache_len = block, keep = half of it.
+        engine = DecodeEngine(self.model, specials=(self.pad_id, self.seg_id))
+        engine.start(tokens[:, :t0])
         for t in range(t0, end):
             live = [p for p in plans if not p[0].cancelled and t < t0 + p[0].length]
             if not live:
                 break
-            for job, rows, generator, banned in live:
-                tokens[rows, t] = self._sample(logits[rows], job.sampling, banned, generator)
+            for job, rows, generator in live:
+                tokens[rows, t] = engine.sample(job.sampling, generator, rows)
                 if t + 1 == t0 + job.length:
                     on_done(job, tokens[rows, t0:t + 1].cpu().numpy())
             if t + 1 == end:
                 break
-            if t + 1 - start > cache_len:  # token t has no free slot: slide the window
-                start = t + 1 - keep
-                logits = prefill(self.model, cache, tokens[:, start:t + 1])
-            else:
-                logits = decode_one(self.model, cache, tokens[:, t:t + 1], t - start)
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, cfg, banned: tuple[int, ...],
-                generator: torch.Generator) -> torch.Tensor:
-        from mega_trading.sampling import sample_next
-
-        if banned:
-            logits = logits.clone()
-            logits[:, list(banned)] = float("-inf")
-        return sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)
+            engine.feed(tokens[:, t])
 
 
 @dataclass

@@ -6,8 +6,8 @@ Both serve a batch of episodes in lockstep through one small interface:
 * ``commit(tokens, consumed)``: what actually happened at this step in each row, either
   the proposal (``consumed``) or an agent fill's token inserted in its place.
 
-`ModelSource` feeds every committed token to the model (KV cache, sliding window as in
-`mega_trading.generate`), so a discarded proposal is never seen again and later proposals
+`ModelSource` feeds every committed token to the model through the one decoder,
+`mega_trading.engine.DecodeEngine` (KV cache, sliding window, fused weights fetched once), so a discarded proposal is never seen again and later proposals
 react to the inserted fill. Randomness comes from one seeded ``torch.Generator`` drawing
 the same amount at every step whatever is committed, so closed- and open-loop runs with
 one seed differ only through the inserted tokens. `ReplaySource` steps through a split's
@@ -25,9 +25,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from mega_trading.engine import DecodeEngine
 from mega_trading.errors import ConfigError, DataError
-from mega_trading.generate import banned_ids, decode_one, prefill
-from mega_trading.sampling import SamplingConfig, sample_next
+from mega_trading.sampling import SamplingConfig
 from mega_trading.simulate.config import SimConfig
 from mega_trading.simulate.market import StartState
 
@@ -101,39 +101,24 @@ class ModelSource:
         """decode_rng: draw each proposed event's features inside its bins (in-bin
         decoding, a fixed number of draws per step); None: the bin medians (``table``)."""
         prompts = np.asarray(prompts, dtype=np.int64)
-        self.cache_len = model.cfg.block_size
-        if prompts.ndim != 2 or not 1 <= prompts.shape[1] <= self.cache_len:
+        block = model.cfg.block_size
+        if prompts.ndim != 2 or not 1 <= prompts.shape[1] <= block:
             raise ConfigError(f"prompts must be [B, T] with 1 <= T <= block_size "
-                              f"{self.cache_len}, got {prompts.shape}")
-        self.keep = self.cache_len // 2 if keep is None else keep
-        if not 1 <= self.keep <= self.cache_len:
-            raise ConfigError(f"keep must be in [1, {self.cache_len}], got {keep}")
+                              f"{block}, got {prompts.shape}")
+        # The one decoder (engine.DecodeEngine): cache, sliding window, fused weights.
+        self.engine = DecodeEngine(model, keep=keep,
+                                   specials=(tokenizer.pad_id, tokenizer.seg_id))
         self.model, self.tokenizer, self.starts = model, tokenizer, starts
         self.sampling, self.generator = sampling, generator
         self.table = table or TokenTable.from_tokenizer(tokenizer)
         self.decode_rng = decode_rng
-        self.banned = list(banned_ids(sampling, tokenizer.pad_id, tokenizer.seg_id))
-        self.device = model.tok_embeddings.weight.device
         self.prompts = prompts
         self.fed: list[np.ndarray] = []  # token committed at each step, [B] each
         self.forced: list[np.ndarray] = []  # True where an agent fill was inserted
-        batch, length = prompts.shape
-        with torch.no_grad():
-            self.cache = model.new_cache(batch, self.cache_len)
-            self.context = torch.zeros(batch, self.cache_len, dtype=torch.long, device=self.device)
-            self.context[:, :length] = torch.from_numpy(prompts).to(self.device)
-            self.length = length
-            self.logits = prefill(model, self.cache, self.context[:, :length])
+        self.engine.start(torch.from_numpy(prompts))
 
     def propose(self) -> Proposal:
-        with torch.no_grad():
-            logits = self.logits
-            if self.banned:
-                logits = logits.clone()
-                logits[:, self.banned] = float("-inf")
-            s = self.sampling
-            token = sample_next(logits, s.temperature, s.top_k, s.top_p, s.min_p,
-                                self.generator).cpu().numpy()
+        token = self.engine.sample(self.sampling, self.generator).cpu().numpy()
         if self.decode_rng is not None:
             f = self.tokenizer.decode_fields(token, rng=self.decode_rng)
             return Proposal(token=token, is_event=f["is_event"], move_bps=f["move_bps"],
@@ -146,17 +131,7 @@ class ModelSource:
         tokens = np.asarray(tokens, dtype=np.int64)
         self.fed.append(tokens.copy())
         self.forced.append(~np.asarray(consumed, dtype=bool))
-        with torch.no_grad():
-            new = torch.from_numpy(tokens).to(self.device)[:, None]
-            if self.length < self.cache_len:
-                self.context[:, self.length] = new[:, 0]
-                self.logits = decode_one(self.model, self.cache, new, self.length)
-                self.length += 1
-            else:  # window full: keep the newest `keep` tokens and re-prefill them
-                kept = torch.cat([self.context[:, self.cache_len - self.keep + 1:], new], dim=1)
-                self.context[:, :self.keep] = kept
-                self.length = self.keep
-                self.logits = prefill(self.model, self.cache, kept)
+        self.engine.feed(torch.from_numpy(tokens))
 
     def encode(self, side: int, move_bps: float, log_size: float, dt_us: int) -> int:
         row = pl.DataFrame({"side": [side], "move_bps": [move_bps], "log_size": [log_size],

@@ -1,0 +1,96 @@
+"""The one decoder engine: generate, the rollout service's batch loop and the simulator's
+ModelSource decode through it, give the same tokens for the same prompts and seed, and
+fetch the fused decode weights once per engine (not once per step)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mega_trading import decode, engine
+from mega_trading.generate import generate
+from mega_trading.model import ModelConfig, Transformer
+from mega_trading.sampling import SamplingConfig
+from mega_trading.serve import Job, RolloutEngine
+from mega_trading.simulate.sources import ModelSource, TokenTable
+
+VOCAB, BLOCK, ROWS, PROMPT, NEW, SEED = 40, 16, 4, 6, 37, 5  # 6 + 37 > 16: the window slides
+PAD, SEG = VOCAB - 2, VOCAB - 1
+SAMPLING = SamplingConfig(temperature=1.2, top_k=20, top_p=0.95, forbid_seg=True)
+
+
+def tiny_model(d_model: int) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("micro", vocab_size=VOCAB, n_layer=2, d_model=d_model,
+                                  n_head=4, n_kv_head=2, ffn_hidden=64, block_size=BLOCK,
+                                  init_std=0.3)
+    return Transformer(cfg).eval()
+
+
+def by_generate(model, prompt: torch.Tensor) -> np.ndarray:
+    out = generate(model, prompt.repeat(ROWS, 1), NEW, SAMPLING,
+                   torch.Generator().manual_seed(SEED), specials=(PAD, SEG))
+    return out[:, PROMPT:].numpy()
+
+
+def by_serve(model, prompt: torch.Tensor) -> np.ndarray:
+    done = {}
+    job = Job(prompt=prompt.numpy(), n=ROWS, length=NEW, sampling=SAMPLING, seed=SEED)
+    RolloutEngine(model, PAD, SEG, batch_rows=ROWS).run_batch(
+        [job], lambda j, tokens: done.setdefault("tokens", tokens))
+    return done["tokens"]
+
+
+def by_simulator(model, prompt: torch.Tensor) -> np.ndarray:
+    tokenizer = SimpleNamespace(pad_id=PAD, seg_id=SEG)
+    table = TokenTable(np.zeros(VOCAB), np.zeros(VOCAB), np.zeros(VOCAB, dtype=np.int64),
+                       np.ones(VOCAB, dtype=bool))
+    source = ModelSource(model, tokenizer, prompt.repeat(ROWS, 1).numpy(), [None] * ROWS,
+                         SAMPLING, torch.Generator().manual_seed(SEED), table=table)
+    for _ in range(NEW):  # open loop: every proposal is committed
+        proposal = source.propose()
+        source.commit(proposal.token, np.ones(ROWS, dtype=bool))
+    return source.history()[0]
+
+
+@pytest.mark.parametrize("d_model", [32, 64])  # 64: head_dim 16, the C step where it builds
+def test_generate_serve_and_simulator_draw_the_same_tokens(d_model, monkeypatch):
+    model = tiny_model(d_model)
+    prompt = torch.randint(0, VOCAB - 2, (PROMPT,), generator=torch.Generator().manual_seed(3))
+    fetches = []
+
+    def counted(m):
+        fetches.append(m)
+        return real(m)
+
+    real = decode.decode_weights
+    monkeypatch.setattr(decode, "decode_weights", counted)  # a fetch inside decode_step
+    monkeypatch.setattr(engine, "decode_weights", counted)  # the engine's own fetch
+    outputs = {}
+    for name, run in (("generate", by_generate), ("serve", by_serve),
+                      ("simulate", by_simulator)):
+        fetches.clear()
+        outputs[name] = run(model, prompt)
+        assert len(fetches) == 1, f"{name} fetched the fused weights {len(fetches)} times"
+    assert outputs["generate"].shape == (ROWS, NEW)
+    assert not np.isin(outputs["generate"], [PAD, SEG]).any()  # banned ids stay banned
+    assert len(np.unique(outputs["generate"])) > 5  # really sampled, not one repeated token
+    np.testing.assert_array_equal(outputs["serve"], outputs["generate"])
+    np.testing.assert_array_equal(outputs["simulate"], outputs["generate"])
+
+
+def test_feed_slides_the_window_to_the_newest_keep_tokens():
+    model = tiny_model(32)
+    dec = engine.DecodeEngine(model, cache_len=8, keep=3)
+    dec.start(torch.arange(8)[None])
+    assert dec.length == 8
+    dec.feed(torch.tensor([20]))  # the cache is full: keep 6, 7 and the new 20
+    assert dec.length == 3
+    assert dec.context[0, :3].tolist() == [6, 7, 20]
+    expected = model(torch.tensor([[6, 7, 20]]))[:, -1]
+    torch.testing.assert_close(dec.logits, expected.detach())
+    dec.feed(torch.tensor([21]))  # then one decode step at position 3
+    assert dec.length == 4 and dec.context[0, :4].tolist() == [6, 7, 20, 21]

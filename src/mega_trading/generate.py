@@ -1,14 +1,17 @@
 """Synthetic order flow: sample token rollouts from a trained decoder, decode them to trades.
 
-Decoding is a handful of small pure functions around the model's preallocated KV cache
-(in the spirit of gpt-fast):
+Decoding runs on THE decoder engine, ``engine.DecodeEngine`` (also used by the rollout
+service and the simulator's model source), built on small pure functions around the
+model's preallocated KV cache (in the spirit of gpt-fast), all in ``engine.py`` and
+re-exported here:
 
 * ``prefill(model, cache, prompt)`` runs a whole context once and fills the cache;
 * ``decode_one(model, cache, token, pos)`` feeds one token per rollout (on fused weights:
-  ``decode.decode_step``);
+  ``decode.decode_step``, fetched once per engine);
 * ``sampling.sample_next(logits, temperature, top_k, top_p, min_p, generator)`` draws the
   next token (temperature -> top-k -> top-p -> min-p, the order Hugging Face applies them in);
-* ``generate`` / ``generate_nocache`` loop them over a batch of rollouts.
+* ``generate`` loops the engine (``start``, ``sample``, ``feed``) over a batch of
+  rollouts; ``generate_nocache`` is its uncached reference.
 
 Sliding window. RoPE tables (and the cache) stop at ``cache_len <= block_size`` positions,
 so a rollout longer than that cannot keep every token in context. When the cache is full,

@@ -26,7 +26,7 @@ sampling settings, seed) and the server's run and ``batch_rows``, never on which
 requests share its batch or on which rows it gets, because
 
 1. each request samples its rows with its OWN ``torch.Generator`` seeded with its seed,
-   through ``mega_trading.generate.sample``, so no other request draws from its stream;
+   through ``DecodeEngine.sample`` on its own rows, so no other request draws from its stream;
 2. every forward pass has the same shape, ``[batch_rows, T]``: unused rows are padding.
    Every op of the model is row-independent (embedding, per-row norms, per-sequence
    attention, matmuls), but a BLAS kernel may reduce in another order for another batch
@@ -36,9 +36,10 @@ requests share its batch or on which rows it gets, because
    offset gives the same tokens). The price: at low load a lone request pays for
    ``batch_rows`` rows (on a CPU about 2.7x the time of one row for the micro preset; on
    a GPU next to nothing), so ``batch_rows`` is a setting;
-3. the decode loop is the one of ``mega_trading.generate.generate`` (prefill, one token
-   per step, the same sliding window), so a request filling all ``batch_rows`` rows gets
-   exactly what ``generate`` gives with the same seed (tested).
+3. the decode loop is the one decoder engine of ``mega_trading.generate.generate``
+   (``engine.DecodeEngine``: prefill, one token per step on fused weights fetched once,
+   the same sliding window), so a request filling all ``batch_rows`` rows gets exactly
+   what ``generate`` gives with the same seed (tested).
 
 Limits. Bodies over ``max_body_bytes`` get 413 before any parsing; schema violations,
 tokens outside the vocabulary, prompts longer than the model's block size, ``n`` over

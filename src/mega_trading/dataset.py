@@ -579,18 +579,14 @@ def _patch_heads(root: Path, parts: dict[str, list[dict]], event_cfg: EventConfi
 def _scan_part(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
     """One file's stored events with its patched head in place, its symbol, and global
     segment ids (segment starts counted across the symbol's earlier files)."""
-    events = pl.scan_parquet(root / part["events"])
-    if part.get("head"):
-        head = pl.scan_parquet(root / part["head"])
-        events = pl.concat([head, events.slice(part["head_rows"])])
     segment = pl.col("segment_start").cast(pl.Int32).cum_sum() - 1 + part["segment_offset"]
-    return events.with_columns(symbol=pl.lit(symbol, dtype=pl.Utf8),
-                               segment=segment.cast(pl.Int32)).select(EVENT_COLUMNS)
+    return _scan_part_rows(root, part, symbol).with_columns(
+        segment=segment.cast(pl.Int32)).select(EVENT_COLUMNS)
 
 
 def _scan_part_rows(root: Path, part: dict, symbol: str) -> pl.LazyFrame:
     """One file's stored events with its patched head, its symbol and no segment ids (see
-    ``ShardSet._rows``)."""
+    ``ShardSet._rows``: global ids need every earlier row, so a slice would read them all)."""
     events = pl.scan_parquet(root / part["events"])
     if part.get("head"):
         head = pl.scan_parquet(root / part["head"])

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mega_trading import kernels
+from mega_trading.model import kernels
 
 
 def sdpa(q, k, v):

@@ -4,7 +4,7 @@ One micro run (trained for one step on the bundled sample, as bench/serve.py bui
 speed does not depend on the weights), one batch size, one prompt length and one number
 of new tokens for all three, the same torch thread count:
 
-* ``generate``   mega_trading.generate.generate on a batch of ``--batch`` prompts (the
+* ``generate``   mega_trading.generation.generate.generate on a batch of ``--batch`` prompts (the
                  loop of bench/generate.py), best of ``--repeat``
 * ``serve``      the rollout service (``mega-trading serve`` subprocess, batching on,
                  batch_rows = ``--batch``) driven by ``--batch`` concurrent clients, one
@@ -55,7 +55,7 @@ def bench_serve_module():
 
 
 def bench_generate(model, vocab_events: int, args) -> float:
-    from mega_trading.generate import SamplingConfig, generate
+    from mega_trading.generation.generate import SamplingConfig, generate
 
     prompt = torch.randint(0, vocab_events, (args.batch, args.prompt),
                            generator=torch.Generator().manual_seed(1))
@@ -70,7 +70,7 @@ def bench_generate(model, vocab_events: int, args) -> float:
 
 
 def bench_simulate(run: Path, data: Path, args) -> float:
-    from mega_trading.sampling import SamplingConfig
+    from mega_trading.generation.sampling import SamplingConfig
     from mega_trading.simulate import sources
     from mega_trading.simulate.config import PolicyConfig, SimConfig
     from mega_trading.simulate.run import run_simulation
@@ -116,8 +116,8 @@ def bench_serve(serve, run: Path, data: Path, args, log_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mega_trading.checkpoint import load_model
-    from mega_trading.dataset import ShardSet
+    from mega_trading.data.dataset import ShardSet
+    from mega_trading.model.checkpoint import load_model
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

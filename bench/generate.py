@@ -4,15 +4,15 @@ One run, one randomly initialised model (speed does not depend on the weights), 
 prompt batch and the same sampling settings (do_sample, temperature, top_k, top_p, PAD
 suppressed) for the three paths:
 
-* ``ours (KV cache)``   mega_trading.generate.generate
-* ``ours (no cache)``   mega_trading.generate.generate_nocache, timed on the first
+* ``ours (KV cache)``   mega_trading.generation.generate.generate
+* ``ours (no cache)``   mega_trading.generation.generate.generate_nocache, timed on the first
                         ``--nocache-steps`` new tokens only (it recomputes the whole window
                         every step, so it only gets SLOWER as the context grows: the ratio
                         printed is a lower bound of the real one)
 * ``no cache, est.``   the whole no-cache run, estimated: one step timed at 5 context
                         lengths from the first step's to the last's, integrated over the run
 * ``HF generate``       transformers.LlamaForCausalLM.generate on the folder written by
-                        mega_trading.export_hf.export_hf (its own DynamicCache)
+                        mega_trading.model.export_hf.export_hf (its own DynamicCache)
 
 By default block_size = prompt + new tokens, so no path has to slide its window and HF
 stays inside its position range.
@@ -65,8 +65,13 @@ def timed(fn, device: str) -> tuple[float, object]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mega_trading.generate import SamplingConfig, generate, generate_nocache, special_ids
-    from mega_trading.model import ModelConfig, Transformer
+    from mega_trading.generation.generate import (
+        SamplingConfig,
+        generate,
+        generate_nocache,
+        special_ids,
+    )
+    from mega_trading.model.transformer import ModelConfig, Transformer
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,7 +135,7 @@ def nocache_full_run_estimate(model, prompt: torch.Tensor, cfg, args: argparse.N
     over the run with the trapezoid rule (the cost of a step is smooth in its length)."""
     import numpy as np
 
-    from mega_trading.generate import sample
+    from mega_trading.generation.generate import sample
 
     first, last = args.prompt, args.prompt + args.new - 1
     last = min(last, args.block_size or last)  # rough once the window slides (block < run)
@@ -158,7 +163,7 @@ def hf_runner(model, prompt: torch.Tensor, args: argparse.Namespace, pad: int):
     """A function running HF generate on our exported model with our sampling settings."""
     import transformers
 
-    from mega_trading.export_hf import export_hf
+    from mega_trading.model.export_hf import export_hf
 
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:

@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def model_config(preset: str, vocab: int, seq: int | None, dry_run: bool):
-    from mega_trading.model import PRESETS, ModelConfig
+    from mega_trading.model.transformer import PRESETS, ModelConfig
 
     overrides = dict(DRY_RUN_MODEL) if dry_run else {}
     block = seq or PRESETS[preset]["block_size"]
@@ -119,7 +119,7 @@ def make_batches(args, vocab: int, seq: int, shards=None) -> list[tuple[torch.Te
     """warmup + steps host batches (x, y), identical for every toggle."""
     count = args.warmup + args.steps
     if shards is not None:
-        from mega_trading.dataset import WindowSampler
+        from mega_trading.data.dataset import WindowSampler
 
         sampler = WindowSampler(shards, "train", seq, args.batch, seed=args.seed)
         return [sampler.next_batch()[:2] for _ in range(count)]
@@ -132,8 +132,8 @@ def make_batches(args, vocab: int, seq: int, shards=None) -> list[tuple[torch.Te
 
 
 def make_optimizer(model, kind: str):
-    from mega_trading.optim import OptimConfig, build_optimizer
-    from mega_trading.train import TrainConfig
+    from mega_trading.train.loop import TrainConfig
+    from mega_trading.train.optim import OptimConfig, build_optimizer
 
     defaults = TrainConfig()
     if kind == "muon":
@@ -150,9 +150,9 @@ def synchronize(device: torch.device) -> None:
 def run_toggle(preset: str, model_cfg, mode: str, args, batches, device, amp_dtype, kernels,
                peak) -> Result:
     """Build a fresh model (same seed), apply the toggle, train warmup + steps, measure."""
-    from mega_trading.accel import apply_liger, enable_activation_checkpointing, to_device
-    from mega_trading.model import Transformer
-    from mega_trading.train import _autocast, compute_loss
+    from mega_trading.model.transformer import Transformer
+    from mega_trading.train.accel import apply_liger, enable_activation_checkpointing, to_device
+    from mega_trading.train.loop import _autocast, compute_loss
 
     use_compile, use_liger = MODES[mode]
     result = Result(preset=preset, mode=mode,
@@ -284,7 +284,7 @@ def describe_setup(args, device, amp_dtype, peak, peak_source, liger_note, shard
 
 def resolve_kernels(device: torch.device):
     """(kernels for the liger toggles or None, a note for the header, import error)."""
-    from mega_trading.accel import _liger_import_error, liger_kernels, reference_kernels
+    from mega_trading.train.accel import _liger_import_error, liger_kernels, reference_kernels
 
     if device.type != "cuda":
         return reference_kernels(), "PyTorch reference kernels for the liger toggles", None
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print(NEEDS_CUDA, file=sys.stderr)
         return 2
-    from mega_trading.train import _amp_dtype, peak_flops
+    from mega_trading.train.loop import _amp_dtype, peak_flops
 
     device = torch.device("cuda") if not args.dry_run else torch.device("cpu")
     amp_dtype = _amp_dtype("auto", device)  # bf16 on CUDA, float32 on CPU: train's default
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = None
     vocab = args.vocab
     if args.data is not None:
-        from mega_trading.dataset import ShardSet
+        from mega_trading.data.dataset import ShardSet
 
         shards = ShardSet.open(args.data)
         vocab = shards.vocab_size
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         from dataclasses import asdict
 
-        from mega_trading.lineage import provenance, write_json_atomic
+        from mega_trading.core.lineage import provenance, write_json_atomic
 
         write_json_atomic(args.json, {"setup": describe_setup(args, device, amp_dtype, peak,
                                                               peak_source, liger_note, shards),

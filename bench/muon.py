@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from mega_trading import optim
-from mega_trading.model import ModelConfig, Transformer
+from mega_trading.model.transformer import ModelConfig, Transformer
+from mega_trading.train import optim
 
 
 def main() -> None:

@@ -24,14 +24,14 @@ import polars as pl
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mega_trading.checkpoint import load_model
-    from mega_trading.config import from_dict
-    from mega_trading.dataset import ShardSet
-    from mega_trading.facts import FactsConfig, baseline_rollouts, scorecard, tokenized_real
-    from mega_trading.generate import GenerateConfig, generate_rollouts
+    from mega_trading.core.config import from_dict
+    from mega_trading.data.dataset import ShardSet
+    from mega_trading.eval.facts import FactsConfig, baseline_rollouts, scorecard, tokenized_real
+    from mega_trading.eval.realism import headline
+    from mega_trading.generation.generate import GenerateConfig, generate_rollouts
+    from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
+    from mega_trading.model.checkpoint import load_model
     from mega_trading.pipeline import load_run_config
-    from mega_trading.realism import headline
-    from mega_trading.sampling import SamplingConfig, resolve_sampling
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path)

@@ -27,11 +27,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mega_trading.accel import apply_accel, resolve_accel
-from mega_trading.export_hf import hf_state_dict, llama_config
-from mega_trading.model import ModelConfig, Transformer
-from mega_trading.optim import OptimConfig, build_optimizer
-from mega_trading.train import ModelWithLoss
+from mega_trading.model.export_hf import hf_state_dict, llama_config
+from mega_trading.model.transformer import ModelConfig, Transformer
+from mega_trading.train.accel import apply_accel, resolve_accel
+from mega_trading.train.loop import ModelWithLoss
+from mega_trading.train.optim import OptimConfig, build_optimizer
 
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32,

@@ -21,14 +21,14 @@ def _single_thread_torch():
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
-    from mega_trading.data import sample_dir as _sample_dir
+    from mega_trading.data.bundled import sample_dir as _sample_dir
 
     return _sample_dir()
 
 
 @pytest.fixture(scope="session")
 def sample_trade_zips() -> list[Path]:
-    from mega_trading.data import sample_files
+    from mega_trading.data.bundled import sample_files
 
     return sample_files("trades")
 
@@ -36,7 +36,7 @@ def sample_trade_zips() -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory, sample_trade_zips) -> Path:
     """The bundled sample prepared with 32-token blocks: shared, read-only test data."""
-    from mega_trading.dataset import PrepareConfig, prepare
+    from mega_trading.data.dataset import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("tiny_data") / "data"
     prepare(sample_trade_zips, out, PrepareConfig(block_size=32, stride=16, workers=1))

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from mega_trading.model import Transformer
+from mega_trading.model.transformer import Transformer
 
 EPS32 = torch.finfo(torch.float32).eps  # 2**-23
 C = 8.0

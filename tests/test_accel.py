@@ -19,8 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mega_trading import accel
-from mega_trading.accel import (
+from mega_trading.core.config import from_dict
+from mega_trading.core.errors import ConfigError
+from mega_trading.model.transformer import ModelConfig, Transformer, rope_tables
+from mega_trading.train import accel
+from mega_trading.train.accel import (
     AccelPlan,
     Kernels,
     apply_liger,
@@ -30,10 +33,7 @@ from mega_trading.accel import (
     resolve_accel,
     to_device,
 )
-from mega_trading.config import from_dict
-from mega_trading.errors import ConfigError
-from mega_trading.model import ModelConfig, Transformer, rope_tables
-from mega_trading.train import TrainConfig, compute_loss
+from mega_trading.train.loop import TrainConfig, compute_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "gpu.py"
@@ -97,11 +97,11 @@ def test_importing_never_loads_liger_or_triton_and_works_without_them():
         sys.modules["triton"] = None
         import torch
         before = set(sys.modules)
-        import mega_trading.accel, mega_trading.train, mega_trading.model
+        import mega_trading.train.accel, mega_trading.train.loop, mega_trading.model.transformer
         new = set(sys.modules) - before
         gpu_only = [m for m in new if m.split(".")[0] in ("liger_kernel", "triton")]
         assert not gpu_only, gpu_only
-        from mega_trading.accel import liger_available, resolve_accel
+        from mega_trading.train.accel import liger_available, resolve_accel
         assert not liger_available()
         plan = resolve_accel("auto", False, torch.device("cuda"))  # probe on 'CUDA'
         assert not plan.liger and "not importable" in plan.describe(), plan
@@ -259,7 +259,7 @@ TRAIN_BASE = {"model": {k: v for k, v in TINY.items() if k != "block_size"}, "bl
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, sample_trade_zips) -> Path:
-    from mega_trading.dataset import PrepareConfig, prepare
+    from mega_trading.data.dataset import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("accel_data") / "data"
     prepare(sample_trade_zips[:1], out, PrepareConfig(block_size=16, stride=16, workers=1))
@@ -273,7 +273,7 @@ def train_losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, tiny_data) -> Path:
-    from mega_trading.train import train
+    from mega_trading.train.loop import train
 
     run = tmp_path_factory.mktemp("accel_plain") / "run"
     train(tiny_data, run, from_dict(TrainConfig, TRAIN_BASE), log=lambda _: None)
@@ -282,7 +282,7 @@ def plain_run(tmp_path_factory, tiny_data) -> Path:
 
 def test_training_with_activation_checkpointing_matches_a_plain_run(tmp_path, tiny_data,
                                                                     plain_run):
-    from mega_trading.train import train
+    from mega_trading.train.loop import train
 
     lines: list[str] = []
     cfg = from_dict(TrainConfig, {**TRAIN_BASE, "activation_checkpointing": True})
@@ -490,7 +490,7 @@ def test_pinned_copy_reaches_the_device_intact():
 @pytest.mark.gpu
 def test_cuda_training_with_liger_and_checkpointing_tracks_the_plain_run(tmp_path, tiny_data):
     liger_or_skip()
-    from mega_trading.train import train
+    from mega_trading.train.loop import train
 
     base = {**TRAIN_BASE, "batch_size": 8, "steps": 5, "device": "cuda", "compile": False}
     losses = {}

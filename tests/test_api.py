@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import mega_trading
-from mega_trading.backtest import run_backtest
-from mega_trading.config import apply_overrides
-from mega_trading.errors import DataError
-from mega_trading.train import TrainConfig, train
+from mega_trading.core.config import apply_overrides
+from mega_trading.core.errors import DataError
+from mega_trading.eval.backtest import run_backtest
+from mega_trading.train.loop import TrainConfig, train
 
 README = Path(__file__).parent.parent / "README.md"
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=1",

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from mega_trading.backtest import BacktestConfig, fit_train_baselines, run_backtest
 from mega_trading.cli import main
-from mega_trading.config import from_dict, to_dict
-from mega_trading.dataset import PrepareConfig, ShardSet, WindowSampler, prepare
-from mega_trading.errors import ArtifactMismatchError
-from mega_trading.tokenizer import TokenizerConfig
+from mega_trading.core.config import from_dict, to_dict
+from mega_trading.core.errors import ArtifactMismatchError
+from mega_trading.data.dataset import PrepareConfig, ShardSet, WindowSampler, prepare
+from mega_trading.data.tokenizer import TokenizerConfig
+from mega_trading.eval.backtest import BacktestConfig, fit_train_baselines, run_backtest
 
 BLOCK = 32
 # ETHUSDT trades only after 23:54 on 2024-08-08, so it lands wholly in validation and
@@ -35,7 +35,7 @@ def data_dir(tmp_path_factory, sample_trade_zips) -> Path:
 
 
 def _train_tiny(shards: ShardSet, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from mega_trading.model import ModelConfig, Transformer
+    from mega_trading.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=shards.vocab_size, block_size=BLOCK, n_layer=1, d_model=32,
@@ -54,7 +54,7 @@ def _train_tiny(shards: ShardSet, steps: int) -> tuple[torch.nn.Module, torch.op
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir) -> Path:
-    from mega_trading.checkpoint import save_checkpoint
+    from mega_trading.model.checkpoint import save_checkpoint
 
     shards = ShardSet.open(data_dir)
     model, opt = _train_tiny(shards, steps=60)
@@ -170,8 +170,7 @@ def test_streamed_backtest_equals_the_per_position_computation(report, run_dir, 
     """backtest keeps only running sums (score_sums); recompute every headline figure from
     the full per-position arrays with plain numpy and compare: means to 1e-9, the block
     bootstrap CIs (same blocks, same seed) to 1e-9, so the bounded path loses nothing."""
-    from mega_trading.checkpoint import load_model
-    from mega_trading.scoring import (
+    from mega_trading.eval.scoring import (
         FieldSpec,
         PositionScores,
         block_bootstrap_ci,
@@ -179,6 +178,7 @@ def test_streamed_backtest_equals_the_per_position_computation(report, run_dir, 
         score_baseline,
         score_model,
     )
+    from mega_trading.model.checkpoint import load_model
 
     shards = ShardSet.open(data_dir)
     model, _ = load_model(run_dir)
@@ -220,8 +220,8 @@ def test_streamed_backtest_equals_the_per_position_computation(report, run_dir, 
 def test_baselines_fit_on_the_most_recent_train_tokens_above_the_cap(data_dir):
     """Above baselines.max_fit_tokens the n-gram baselines are fitted on each symbol's most
     recent train tokens, in proportion: the unigram then equals one fitted on those tails."""
-    from mega_trading.backtest import recent_tokens
-    from mega_trading.baselines import BaselineConfig, fit_baselines
+    from mega_trading.eval.backtest import recent_tokens
+    from mega_trading.eval.baselines import BaselineConfig, fit_baselines
 
     shards = ShardSet.open(data_dir)
     train = [shards.tokens("train", s) for s in shards.symbols("train")]

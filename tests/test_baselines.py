@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from mega_trading.baselines import (
+from mega_trading.eval.baselines import (
     NONE,
     CopyPreviousBaseline,
     MarkovModel,
@@ -18,7 +18,7 @@ from mega_trading.baselines import (
     fit_baselines,
     tail_contexts,
 )
-from mega_trading.scoring import FieldSpec, score_baseline, summarize
+from mega_trading.eval.scoring import FieldSpec, score_baseline, summarize
 
 SPEC = FieldSpec(vocab_size=26, n_event_tokens=24, field_names=("side", "move", "size", "dt"),
                  field_sizes=(2, 3, 2, 2), seg_id=25, pad_id=24)
@@ -231,7 +231,7 @@ def test_fitting_in_chunks_gives_the_same_baselines(monkeypatch):
     """Baselines are fitted chunk by chunk (bounded memory on memory-mapped shards): with
     chunks of 7 tokens, so contexts and segment starts straddle chunks, every fitted
     parameter equals the one-chunk fit."""
-    import mega_trading.baselines as baselines_module
+    import mega_trading.eval.baselines as baselines_module
 
     rng = np.random.default_rng(0)
     vocab, seg, pad = 12, 10, 11

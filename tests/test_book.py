@@ -13,7 +13,7 @@ import pytest
 from mega_trading.book.build import check_document, rebuild_captures, write_book
 from mega_trading.book.synthetic import synthetic_capture
 from mega_trading.cli import main
-from mega_trading.errors import DataError
+from mega_trading.core.errors import DataError
 
 CAPTURES = Path(__file__).parent / "data" / "captures"
 

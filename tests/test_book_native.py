@@ -13,13 +13,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mega_trading import native
 from mega_trading.book import capture
 from mega_trading.book import native as book_native
 from mega_trading.book.build import check_document, rebuild_captures, write_book
 from mega_trading.book.synthetic import synthetic_capture
 from mega_trading.cli import main
-from mega_trading.errors import ConfigError, DataError
+from mega_trading.core import native
+from mega_trading.core.errors import ConfigError, DataError
 
 CAPTURES = Path(__file__).parent / "data" / "captures"
 SPOT_BTC = CAPTURES / "spot-BTCUSDT-20240808.gz"
@@ -383,7 +383,7 @@ def test_the_native_module_and_book_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, mega_trading.native, mega_trading.book.build, mega_trading.book.native;"
+    code = ("import sys, mega_trading.core.native, mega_trading.book.build, mega_trading.book.native;"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

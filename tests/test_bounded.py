@@ -11,16 +11,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mega_trading.data import bundled_dir
-from mega_trading.dataset import (
+from mega_trading.data.bundled import bundled_dir
+from mega_trading.data.dataset import (
     PrepareConfig,
     ShardSet,
     expand_inputs,
     prepare,
     window_plan,
 )
-from mega_trading.facts import DISTRIBUTIONS, FactsConfig, scorecard
-from mega_trading.hawkes import CompoundHawkes
+from mega_trading.eval.facts import DISTRIBUTIONS, FactsConfig, scorecard
+from mega_trading.eval.hawkes import CompoundHawkes
 
 WINDOW = 64
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mega_trading.calibrate import CalibrateConfig, ece_at, fit_temperature, nll_at
-from mega_trading.errors import ConfigError
+from mega_trading.core.errors import ConfigError
+from mega_trading.eval.calibrate import CalibrateConfig, ece_at, fit_temperature, nll_at
 
 
 def test_fitted_temperature_undoes_a_known_sharpening():

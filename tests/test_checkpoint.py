@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from mega_trading import kernels
-from mega_trading.checkpoint import (
+from mega_trading.core.config import to_dict
+from mega_trading.core.errors import ArtifactMismatchError
+from mega_trading.model import kernels
+from mega_trading.model.checkpoint import (
     latest_step,
     list_checkpoints,
     load_checkpoint,
@@ -24,11 +26,9 @@ from mega_trading.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mega_trading.config import to_dict
-from mega_trading.errors import ArtifactMismatchError
-from mega_trading.model import ModelConfig, Transformer
-from mega_trading.optim import build_optimizer
-from mega_trading.train import TrainConfig, train
+from mega_trading.model.transformer import ModelConfig, Transformer
+from mega_trading.train.loop import TrainConfig, train
+from mega_trading.train.optim import build_optimizer
 
 TOKENIZER_HASH, MANIFEST_HASH = "a" * 64, "b" * 64
 
@@ -170,7 +170,7 @@ def losses(run) -> dict[int, float]:
 
 
 def test_sigkill_right_after_a_checkpoint_then_resume_is_exact(tmp_path, data_dir):
-    from mega_trading.config import apply_overrides
+    from mega_trading.core.config import apply_overrides
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as the in-process run
     reference = tmp_path / "reference"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mega_trading.config import apply_overrides, from_dict, load_yaml, to_dict
-from mega_trading.errors import ConfigError
+from mega_trading.core.config import apply_overrides, from_dict, load_yaml, to_dict
+from mega_trading.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_strict():
 
 
 def test_overrides_never_mutate_the_original():
-    from mega_trading.train import TrainConfig
+    from mega_trading.train.loop import TrainConfig
 
     base = TrainConfig(model={"d_model": 32})
     changed = apply_overrides(base, ["model.d_model=64"])
@@ -132,7 +132,7 @@ def test_bounds_are_declared_and_errors_are_one_line(override, message):
 def test_direct_construction_checks_bounds_too():
     from mega_trading.serve import ServeSettings
     from mega_trading.simulate import PolicyConfig
-    from mega_trading.train import TrainConfig
+    from mega_trading.train.loop import TrainConfig
 
     with pytest.raises(ConfigError, match="steps must be >= 1, got 0"):
         TrainConfig(steps=0)
@@ -160,7 +160,7 @@ def test_unknown_keys_rejected_top_level_and_nested(tmp_path):
 
 
 def test_dotted_overrides_nested_and_lists():
-    from mega_trading.config import load_config
+    from mega_trading.core.config import load_config
     from mega_trading.pipeline import RunConfig
 
     cfg = load_config(RunConfig, CONFIGS / "demo.yaml", [
@@ -178,8 +178,8 @@ def test_dotted_overrides_nested_and_lists():
 
 
 def test_loader_layers_defaults_file_flags_overrides(tmp_path):
-    from mega_trading.config import load_config
-    from mega_trading.generate import GenerateConfig
+    from mega_trading.core.config import load_config
+    from mega_trading.generation.generate import GenerateConfig
 
     path = tmp_path / "gen.yaml"
     path.write_text("n: 4\nlength: 64\nsampling:\n  top_k: 4\n")
@@ -195,10 +195,10 @@ def test_loader_layers_defaults_file_flags_overrides(tmp_path):
 def test_train_has_no_yaml_reader_of_its_own():
     import inspect
 
-    import mega_trading.train as train_module
+    import mega_trading.train.loop as train_module
 
     source = inspect.getsource(train_module)
-    assert "yaml" not in source  # the one loader is mega_trading.config.load_config
+    assert "yaml" not in source  # the one loader is mega_trading.core.config.load_config
 
 
 def test_block_size_disagreement_is_one_line_error_naming_both():
@@ -226,8 +226,8 @@ def test_demo_sets_block_size_once():
 
 
 def test_train_reads_block_size_from_the_data(tiny_data_dir, tmp_path):
-    from mega_trading.dataset import ShardSet
-    from mega_trading.train import TrainConfig, _model_config
+    from mega_trading.data.dataset import ShardSet
+    from mega_trading.train.loop import TrainConfig, _model_config
 
     shards = ShardSet.open(tiny_data_dir)
     assert shards.block_size == 32
@@ -267,7 +267,7 @@ def test_config_show_prints_resolved_yaml_with_derived_numbers(capsys):
     import yaml
 
     from mega_trading.cli import main
-    from mega_trading.config import from_dict
+    from mega_trading.core.config import from_dict
     from mega_trading.pipeline import RunConfig
 
     assert main(["config", "show", "--config", str(CONFIGS / "demo.yaml"),

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mega_trading.dataset import (
+from mega_trading.core.errors import DataError
+from mega_trading.data.dataset import (
     SPLITS,
     PrepareConfig,
     ShardSet,
@@ -18,8 +19,7 @@ from mega_trading.dataset import (
     sequential_windows,
     window_starts,
 )
-from mega_trading.errors import DataError
-from mega_trading.tokenizer import Tokenizer
+from mega_trading.data.tokenizer import Tokenizer
 
 CFG = PrepareConfig(block_size=64, stride=32, workers=1)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mega_trading import decode, kernels
-from mega_trading.decode import decode_step, decode_weights
-from mega_trading.model import KVCache, ModelConfig, Transformer
+from mega_trading.model import decode, kernels
+from mega_trading.model.decode import decode_step, decode_weights
+from mega_trading.model.transformer import KVCache, ModelConfig, Transformer
 from tests.numerics import assert_float32_close, float64_twin, model_reduction_len
 from tests.test_model import VOCAB, tiny_config
 

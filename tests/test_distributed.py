@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from mega_trading.config import apply_overrides
-from mega_trading.distributed import DistContext, mean_across_ranks, use_fsdp
-from mega_trading.errors import ConfigError
-from mega_trading.train import TrainConfig, train
+from mega_trading.core.config import apply_overrides
+from mega_trading.core.errors import ConfigError
+from mega_trading.train.distributed import DistContext, mean_across_ranks, use_fsdp
+from mega_trading.train.loop import TrainConfig, train
 
 # Newton-Schulz in float32: in bf16 (the default on CPUs with native bf16) a 1e-7 difference
 # between the batch splits can flip one rounding and move the loss by ~1e-5 a few steps
@@ -32,7 +32,7 @@ STEPS = 6
 def data_dir(tmp_path_factory, sample_trade_zips):
     """The bundled sample prepared with 16-token blocks: block_size is the data's (one
     setting per run), and 16 keeps these multi-process runs short."""
-    from mega_trading.dataset import PrepareConfig, prepare
+    from mega_trading.data.dataset import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("ddp_data") / "data"
     prepare(sample_trade_zips, out, PrepareConfig(block_size=16, stride=16, workers=1))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mega_trading import decode, engine
-from mega_trading.generate import generate
-from mega_trading.model import ModelConfig, Transformer
-from mega_trading.sampling import SamplingConfig
+from mega_trading.generation import engine
+from mega_trading.generation.generate import generate
+from mega_trading.generation.sampling import SamplingConfig
+from mega_trading.model import decode
+from mega_trading.model.transformer import ModelConfig, Transformer
 from mega_trading.serve import Job, RolloutEngine
 from mega_trading.simulate.sources import ModelSource, TokenTable
 

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mega_trading.events import EventConfig, compute_events
+from mega_trading.data.events import EventConfig, compute_events
 
 
 def make_trades(n: int = 300, seed: int = 0, symbol: str = "BTCUSDT", start_id: int = 100) -> pl.DataFrame:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mega_trading.export_hf import export_hf
-from mega_trading.model import ModelConfig, Transformer
+from mega_trading.model.export_hf import export_hf
+from mega_trading.model.transformer import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency")
 
@@ -66,10 +66,10 @@ def test_export_folder_layout(tmp_path):
 
 
 def test_export_hf_command_on_a_run_folder(tmp_path):
-    from mega_trading.checkpoint import save_checkpoint
     from mega_trading.cli import main
-    from mega_trading.config import to_dict
-    from mega_trading.optim import build_optimizer
+    from mega_trading.core.config import to_dict
+    from mega_trading.model.checkpoint import save_checkpoint
+    from mega_trading.train.optim import build_optimizer
 
     ours = random_model(3)
     run = tmp_path / "run"

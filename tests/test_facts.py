@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from mega_trading.errors import MegaTradingError
-from mega_trading.facts import (
+from mega_trading.core.errors import MegaTradingError
+from mega_trading.core.lineage import read_json
+from mega_trading.eval.facts import (
     DISTRIBUTIONS,
     DegenerateReturnsError,
     FactsConfig,
@@ -25,7 +26,6 @@ from mega_trading.facts import (
     summary_table,
     write_scorecard,
 )
-from mega_trading.lineage import read_json
 
 N = 20_000
 
@@ -206,9 +206,9 @@ def test_block_bootstrap_and_sample_cap():
 
 def _sample_events():
     """Real events from the bundled BTCUSDT 2024-08-08 and ETHUSDT 2024-08-08 files."""
-    from mega_trading.data import sample_files
-    from mega_trading.events import compute_events
-    from mega_trading.ingest.reader import read_trades
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.events import compute_events
+    from mega_trading.data.ingest.reader import read_trades
 
     files = {p.name.split("-")[0] + p.name[-14:-4]: p for p in sample_files("trades")}
     btc = compute_events(read_trades(files["BTCUSDT2024-08-08"]))
@@ -217,7 +217,7 @@ def _sample_events():
 
 
 def test_scorecard_on_real_sample_is_json_with_noise_floor(tmp_path):
-    from mega_trading.hawkes import CompoundHawkes
+    from mega_trading.eval.hawkes import CompoundHawkes
 
     btc, eth = _sample_events()
     cut = int(btc.height * 0.6)

@@ -9,11 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from mega_trading import kernels
-from mega_trading.dataset import PrepareConfig, ShardSet, prepare
-from mega_trading.decode import decode_weights
-from mega_trading.errors import ConfigError, DataError
-from mega_trading.generate import (
+from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.data.tokenizer import FieldBins, Tokenizer
+from mega_trading.generation.generate import (
     GenerateConfig,
     SamplingConfig,
     decode_one,
@@ -28,9 +27,10 @@ from mega_trading.generate import (
     seg_prompts,
     write_rollouts,
 )
-from mega_trading.model import ModelConfig, Transformer
-from mega_trading.sampling import sample_next, top_p_keep
-from mega_trading.tokenizer import FieldBins, Tokenizer
+from mega_trading.generation.sampling import sample_next, top_p_keep
+from mega_trading.model import kernels
+from mega_trading.model.decode import decode_weights
+from mega_trading.model.transformer import ModelConfig, Transformer
 from tests.numerics import (
     assert_float32_close,
     assert_float32_paths_close,
@@ -205,8 +205,8 @@ def test_min_p_keeps_tokens_within_a_fraction_of_the_top_one():
 
 
 def test_resolve_sampling_prefers_explicit_then_measured_then_default(tmp_path):
-    from mega_trading.lineage import write_json_atomic
-    from mega_trading.sampling import SAMPLING_FORMAT, resolve_sampling
+    from mega_trading.core.lineage import write_json_atomic
+    from mega_trading.generation.sampling import SAMPLING_FORMAT, resolve_sampling
 
     base = SamplingConfig(forbid_seg=True)
     settings, info = resolve_sampling(None, tmp_path, base)
@@ -249,7 +249,7 @@ def test_pad_never_sampled_and_seg_can_be_forbidden():
 
 
 def test_banning_leaves_the_callers_logits_alone():
-    from mega_trading.generate import _sample_step
+    from mega_trading.generation.generate import _sample_step
 
     logits = torch.zeros(500, VOCAB)
     logits[:, TOK.pad_id] = 5.0  # PAD would win nearly every draw if it were not banned
@@ -396,8 +396,8 @@ def test_generate_rollouts_refuses_a_model_of_another_vocabulary(shards):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, shards):
-    from mega_trading.checkpoint import save_checkpoint
-    from mega_trading.config import to_dict
+    from mega_trading.core.config import to_dict
+    from mega_trading.model.checkpoint import save_checkpoint
 
     model = tiny_model(shards.vocab_size, n_layer=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -445,9 +445,9 @@ def test_cli_generate_refuses_other_data(run_dir, tmp_path, sample_trade_zips, c
 
 def test_rollouts_per_prompt_make_a_fan(tmp_path):
     """Several rollouts continue the same real prompt, so the report can draw a fan."""
-    from mega_trading.data import sample_files
-    from mega_trading.dataset import PrepareConfig, ShardSet, prepare
-    from mega_trading.generate import GenerateConfig, make_prompts
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+    from mega_trading.generation.generate import GenerateConfig, make_prompts
 
     prepare(sample_files("trades"), tmp_path / "d", PrepareConfig(block_size=64, stride=32, workers=1))
     shards = ShardSet.open(tmp_path / "d")

@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mega_trading.errors import DataError
-from mega_trading.hawkes import (
+from mega_trading.core.errors import DataError
+from mega_trading.eval.hawkes import (
     CompoundHawkes,
     HawkesParams,
     fit_hawkes,
@@ -21,9 +21,9 @@ TRUE = HawkesParams(mu=0.5, alpha=0.6, beta=2.0)
 
 @pytest.fixture(scope="module")
 def real_events() -> pl.DataFrame:
-    from mega_trading.data import sample_files
-    from mega_trading.events import compute_events
-    from mega_trading.ingest.reader import read_trades
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.events import compute_events
+    from mega_trading.data.ingest.reader import read_trades
 
     path = next(p for p in sample_files("trades") if "BTCUSDT-trades-2024-08-08" in p.name)
     return compute_events(read_trades(path))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mega_trading.cli import main
-from mega_trading.ingest.partitions import list_partitions, read_partitions
+from mega_trading.data.ingest.partitions import list_partitions, read_partitions
 
 ROWS = [
     "11,100.0,0.5,50.0,1700000000000,True,True",

@@ -13,15 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mega_trading.cli import main
-from mega_trading.errors import ConfigError
-from mega_trading.ingest.download import (
+from mega_trading.core.errors import ConfigError
+from mega_trading.data.ingest.download import (
     ArchiveFile,
     DownloadConfig,
     archive_periods,
     download_archive,
     plan_files,
 )
-from mega_trading.ingest.reader import read_trades
+from mega_trading.data.ingest.reader import read_trades
 
 
 class _Archive:
@@ -294,7 +294,7 @@ def test_download_cli_summary_and_exit_code(served, tmp_path, sample_dir, capsys
 def test_usdm_futures_download_mirrors_futures_layout_with_checksums(archive, tmp_path, sample_dir):
     """`download --market um` fetches futures/um/daily/trades/..., verifies its checksum like
     spot, keeps it apart from the spot file of the same name, and the reader sees futures."""
-    from mega_trading.data import bundled_dir
+    from mega_trading.data.bundled import bundled_dir
 
     um_file = ArchiveFile("BTCUSDT", "trades", "2024-07-19", market="um")
     spot_file = ArchiveFile("BTCUSDT", "trades", "2024-07-19")

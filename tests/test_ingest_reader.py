@@ -9,15 +9,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from mega_trading.errors import DataError
-from mega_trading.ingest.partitions import (
+from mega_trading.core.errors import DataError
+from mega_trading.data.ingest.partitions import (
     ingest_files,
     list_partitions,
     read_partitions,
     scan_partitions,
     write_partitions,
 )
-from mega_trading.ingest.reader import (
+from mega_trading.data.ingest.reader import (
     CANONICAL_SCHEMA,
     parse_archive_name,
     read_trades,
@@ -351,7 +351,7 @@ def test_combined_frame_splits_into_the_same_parts(tmp_path, sample_trade_zips):
     "case", ["non-numeric price", "missing field", "extra field", "blank line", "bad boolean"]
 )
 def test_both_bad_line_finders_agree(tmp_path, case):
-    from mega_trading.ingest.reader import TRADES_LAYOUT, _diagnose, _diagnose_by_splitting
+    from mega_trading.data.ingest.reader import TRADES_LAYOUT, _diagnose, _diagnose_by_splitting
 
     text, line, _ = BAD_FILES[case]
     data = text.encode()

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mega_trading import kernels
-from mega_trading.accel import CPUKernelAttention, apply_cpu_attention, resolve_accel
-from mega_trading.config import from_dict
-from mega_trading.errors import ConfigError
-from mega_trading.model import Attention, ModelConfig, Transformer
-from mega_trading.train import TrainConfig
+from mega_trading.core.config import from_dict
+from mega_trading.core.errors import ConfigError
+from mega_trading.model import kernels
+from mega_trading.model.transformer import Attention, ModelConfig, Transformer
+from mega_trading.train.accel import CPUKernelAttention, apply_cpu_attention, resolve_accel
+from mega_trading.train.loop import TrainConfig
 from tests.numerics import assert_float32_close, float64_twin, model_reduction_len
 
 CPU = torch.device("cpu")

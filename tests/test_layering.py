@@ -15,14 +15,15 @@ STAGES = mega_trading.LAYERS
 
 
 def stage_of(module: str) -> int:
-    """module: dotted name inside the package, e.g. 'ingest.reader' or 'report'."""
+    """module: dotted name inside the package, e.g. 'data.ingest.reader' or 'report'. The
+    longest entry that is the module or one of its packages decides (a sub-module's own
+    entry wins over its package's)."""
     parts = module.split(".")
-    for rank, names in enumerate(STAGES):  # a sub-module's own entry wins over its package's
-        if module in names:
-            return rank
-    for rank, names in enumerate(STAGES):
-        if parts[0] in names:
-            return rank
+    for depth in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:depth])
+        for rank, names in enumerate(STAGES):
+            if prefix in names:
+                return rank
     raise AssertionError(f"module {module!r} has no stage in tests/test_layering.py: add it")
 
 
@@ -73,8 +74,9 @@ def test_the_check_sees_a_late_import_inside_a_function(tmp_path, monkeypatch):
     """The scanner itself: a lazy import of a later stage is caught."""
     fake = tmp_path / "mega_trading"
     fake.mkdir()
+    (fake / "data").mkdir()
     (fake / "__init__.py").write_text("")
-    (fake / "events.py").write_text("def f():\n    from mega_trading.report import x\n")
+    (fake / "data" / "events.py").write_text("def f():\n    from mega_trading.report import x\n")
     monkeypatch.setattr(f"{__name__}.PACKAGE", fake)
-    assert package_imports(fake / "events.py") == {"report"}
-    assert stage_of("report") > stage_of(module_name(fake / "events.py"))
+    assert package_imports(fake / "data" / "events.py") == {"report"}
+    assert stage_of("report") > stage_of(module_name(fake / "data" / "events.py"))

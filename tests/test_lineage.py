@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from mega_trading import lineage
-from mega_trading.lineage import atomic_dir, current_umask, write_json_atomic
+from mega_trading.core import lineage
+from mega_trading.core.lineage import atomic_dir, current_umask, write_json_atomic
 
 
 def mode(path) -> int:

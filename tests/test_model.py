@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mega_trading.config import to_dict
-from mega_trading.errors import ConfigError
-from mega_trading.model import KVCache, ModelConfig, Transformer, config_from_dict
+from mega_trading.core.config import to_dict
+from mega_trading.core.errors import ConfigError
+from mega_trading.model.transformer import KVCache, ModelConfig, Transformer, config_from_dict
 from tests.numerics import assert_float32_close, float64_twin, model_reduction_len
 
 VOCAB = 61

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mega_trading.model import ModelConfig, Transformer
-from mega_trading.optim import (
+from mega_trading.model.transformer import ModelConfig, Transformer
+from mega_trading.train.optim import (
     Muon,
     MuonAdamW,
     OptimConfig,

@@ -8,8 +8,8 @@ import json
 import pytest
 from rich.console import Console
 
-from mega_trading.config import to_dict
-from mega_trading.lineage import write_json_atomic
+from mega_trading.core.config import to_dict
+from mega_trading.core.lineage import write_json_atomic
 from mega_trading.pipeline import RunConfig, run_pipeline, with_overrides
 
 TINY = [
@@ -84,7 +84,7 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(finished):
 
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
     """A crash after a checkpoint: the re-run resumes training instead of starting over."""
-    from mega_trading.checkpoint import latest_step
+    from mega_trading.model.checkpoint import latest_step
 
     cfg = tiny_config(tmp_path / "run")
     crashing = with_overrides(cfg, ["train.steps=2"])  # stands for a run killed at step 2
@@ -120,7 +120,7 @@ def test_ablation_grid_writes_table_chart_and_mlflow_runs(tmp_path):
     import mlflow
 
     from mega_trading.ablation import AblationConfig, run_ablation
-    from mega_trading.config import dump_yaml
+    from mega_trading.core.config import dump_yaml
 
     base = tmp_path / "base.yaml"
     base.write_text(dump_yaml(tiny_config(tmp_path / "unused")))
@@ -143,7 +143,7 @@ def test_ablation_grid_writes_table_chart_and_mlflow_runs(tmp_path):
 
 def test_realism_ablation_adds_contexts_early_stopping_and_sampling_variants(tmp_path):
     from mega_trading.ablation import AblationConfig, run_ablation
-    from mega_trading.config import dump_yaml
+    from mega_trading.core.config import dump_yaml
 
     base = tmp_path / "base.yaml"
     base.write_text(dump_yaml(tiny_config(tmp_path / "unused")))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mega_trading.facts import (
+from mega_trading.eval.facts import (
     DISTRIBUTIONS,
     FactsConfig,
     compute_facts,
@@ -16,7 +16,13 @@ from mega_trading.facts import (
     fact_gaps,
     scorecard,
 )
-from mega_trading.realism import RATIO_FLOOR, gap_ratios, headline, resample_blocks, score_source
+from mega_trading.eval.realism import (
+    RATIO_FLOOR,
+    gap_ratios,
+    headline,
+    resample_blocks,
+    score_source,
+)
 from tests.test_facts import _sample_events
 
 
@@ -36,7 +42,7 @@ def test_score_counts_within_beat_and_geo_mean():
 def test_block_resampling_keeps_blocks_whole():
     btc, _ = _sample_events()
     frame = btc.head(1000)
-    from mega_trading.facts import prepare_events
+    from mega_trading.eval.facts import prepare_events
 
     n = prepare_events(frame).n
     replicate = resample_blocks(frame, 100, np.random.default_rng(0))
@@ -47,7 +53,7 @@ def test_block_resampling_keeps_blocks_whole():
 
 
 def test_scorecard_has_a_realism_block_per_source():
-    from mega_trading.hawkes import CompoundHawkes
+    from mega_trading.eval.hawkes import CompoundHawkes
 
     btc, eth = _sample_events()
     cut = int(btc.height * 0.6)
@@ -71,7 +77,7 @@ def test_scorecard_has_a_realism_block_per_source():
 def test_tokenized_real_decoded_in_bin_is_within_the_noise_floor():
     """Real events through the tokenizer and back: in-bin draws stay within the real-vs-real
     noise floor on every binned distance; bin medians do not (the spikes of the issue)."""
-    from mega_trading.tokenizer import Tokenizer
+    from mega_trading.data.tokenizer import Tokenizer
 
     btc, _ = _sample_events()
     cut = int(btc.height * 0.6)
@@ -99,8 +105,8 @@ def test_tokenized_real_decoded_in_bin_is_within_the_noise_floor():
 
 
 def test_sampling_grid_is_temperature_by_truncation_and_never_on_backtest():
-    from mega_trading.errors import ConfigError
-    from mega_trading.sampling_search import SamplingSearchConfig, grid
+    from mega_trading.core.errors import ConfigError
+    from mega_trading.eval.sampling_search import SamplingSearchConfig, grid
 
     cells = grid(SamplingSearchConfig(), fitted_t=1.0531)
     assert [c.label for c in cells] == [
@@ -115,7 +121,7 @@ def test_sampling_grid_is_temperature_by_truncation_and_never_on_backtest():
 
 
 def test_a_truncated_cell_must_win_clearly():
-    from mega_trading.sampling_search import choose
+    from mega_trading.eval.sampling_search import choose
 
     def row(label, geo, top_k=0, within=5):
         return {"label": label, "geo_mean_ratio": geo, "within": within,

@@ -23,20 +23,20 @@ CHARTS = ("split-timeline", "calendar", "loss", "throughput", "lr", "backtest-nl
 
 def build_run(root: Path) -> tuple[Path, Path]:
     """prepare -> train -> backtest -> generate -> facts -> simulate, all real stage code."""
-    from mega_trading.backtest import run_backtest
-    from mega_trading.checkpoint import load_model
-    from mega_trading.data import sample_files
-    from mega_trading.dataset import PrepareConfig, ShardSet, prepare
-    from mega_trading.facts import FactsConfig, run_facts
-    from mega_trading.generate import (
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+    from mega_trading.eval.backtest import run_backtest
+    from mega_trading.eval.facts import FactsConfig, run_facts
+    from mega_trading.generation.generate import (
         GenerateConfig,
         generate_rollouts,
         rollout_lineage,
         write_rollouts,
     )
+    from mega_trading.model.checkpoint import load_model
     from mega_trading.simulate.config import SimConfig
     from mega_trading.simulate.run import policy_configs, run_simulation
-    from mega_trading.train import TrainConfig, train
+    from mega_trading.train.loop import TrainConfig, train
 
     data, run = root / "data", root / "run"
     prepare(sample_files("trades"), data, PrepareConfig(block_size=64, stride=32, workers=1))

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mega_trading.backtest import BacktestConfig, run_backtest
 from mega_trading.cli import main
-from mega_trading.config import from_dict
-from mega_trading.data import bundled_dir
-from mega_trading.dataset import PrepareConfig, ShardSet, prepare
-from mega_trading.errors import DataError
-from mega_trading.ingest.partitions import ingest_files, read_partitions
-from mega_trading.ingest.reader import read_trades, read_trades_with_report, stream_key
-from mega_trading.tokenizer import Tokenizer
+from mega_trading.core.config import from_dict
+from mega_trading.core.errors import DataError
+from mega_trading.data.bundled import bundled_dir
+from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.data.ingest.partitions import ingest_files, read_partitions
+from mega_trading.data.ingest.reader import read_trades, read_trades_with_report, stream_key
+from mega_trading.data.tokenizer import Tokenizer
+from mega_trading.eval.backtest import BacktestConfig, run_backtest
 
 BLOCK = 32
 QUICK = from_dict(BacktestConfig, {"batch_size": 8, "summary": {"bootstrap_samples": 100}})
@@ -148,7 +148,7 @@ def test_a_file_read_as_the_other_market_is_a_one_line_error(which, market, um_b
 def trained_run(tmp_path_factory, spot_btc, spot_eth) -> tuple[Path, Path]:
     """A tiny run on spot BTCUSDT + ETHUSDT trained by `train` (so RUN/config.json and
     RUN/tokenizer.json are the real thing); ETHUSDT is held out of training entirely."""
-    from mega_trading.train import TrainConfig, train
+    from mega_trading.train.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("zero_shot")
     data = root / "data"

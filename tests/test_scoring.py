@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mega_trading.baselines import fit_baselines
-from mega_trading.scoring import (
+from mega_trading.eval.baselines import fit_baselines
+from mega_trading.eval.scoring import (
     FieldSpec,
     PositionScores,
     block_bootstrap_ci,
@@ -190,7 +190,7 @@ def test_scoring_uses_only_past_context():
 
 
 def test_tiny_transformer_scores_use_only_past_context():
-    model_mod = pytest.importorskip("mega_trading.model")
+    model_mod = pytest.importorskip("mega_trading.model.transformer")
     torch.manual_seed(0)
     cfg = model_mod.ModelConfig(vocab_size=V, block_size=16, n_layer=1, d_model=32, n_head=2,
                                 n_kv_head=1, ffn_hidden=64)

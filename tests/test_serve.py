@@ -24,9 +24,9 @@ ROWS = 4
 
 def build_tiny_run(root: Path) -> tuple[Path, Path]:
     """A prepared copy of the bundled sample and a 2-step tiny run trained on it."""
-    from mega_trading.data import sample_files
-    from mega_trading.dataset import PrepareConfig, prepare
-    from mega_trading.train import TrainConfig, train
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.train.loop import TrainConfig, train
 
     data, run = root / "data", root / "run"
     prepare(sample_files("trades"), data, PrepareConfig(block_size=BLOCK, stride=32, workers=1))
@@ -72,9 +72,9 @@ def test_healthz(client):
 
 
 def test_model_card_describes_the_run(client, tiny_run):
-    from mega_trading.checkpoint import checkpoint_path
-    from mega_trading.dataset import ShardSet
-    from mega_trading.lineage import sha256_file
+    from mega_trading.core.lineage import sha256_file
+    from mega_trading.data.dataset import ShardSet
+    from mega_trading.model.checkpoint import checkpoint_path
 
     run, data = tiny_run
     card = client.get("/v1/model").json()
@@ -96,7 +96,7 @@ def test_model_card_describes_the_run(client, tiny_run):
 
 
 def test_sampling_left_out_takes_the_runs_measured_choice(tiny_run, tmp_path):
-    from mega_trading.sampling import SAMPLING_FORMAT
+    from mega_trading.generation.sampling import SAMPLING_FORMAT
 
     run, data = tiny_run
     copy = tmp_path / "run"
@@ -198,7 +198,7 @@ def test_rollout_by_events_encodes_them_after_a_segment_start(client):
 
 
 def test_rollout_by_named_window(client, tiny_run):
-    from mega_trading.dataset import ShardSet
+    from mega_trading.data.dataset import ShardSet
 
     shards = ShardSet.open(tiny_run[1])
     tokens = np.asarray(shards.tokens("validation", "BTCUSDT"))
@@ -230,7 +230,7 @@ def test_rollout_by_named_window(client, tiny_run):
 
 def test_a_request_without_a_prompt_starts_a_segment(client, tiny_run):
     """The beginning-of-sequence seed: one SEG token, anchored at a real segment start."""
-    from mega_trading.dataset import ShardSet
+    from mega_trading.data.dataset import ShardSet
 
     seg = service_of(client).tokenizer.seg_id
     bare = post(client, {"n": 2, "length": 12, "seed": 4})
@@ -263,7 +263,7 @@ def test_a_request_without_a_prompt_starts_a_segment(client, tiny_run):
 def test_rollouts_equal_generate_when_a_request_fills_the_batch(client):
     """The batched decode loop is generate.generate's: same tokens for the same seed,
     through a sliding window (prompt 40 + 60 new > block 64)."""
-    from mega_trading.generate import SamplingConfig, generate
+    from mega_trading.generation.generate import SamplingConfig, generate
 
     service = service_of(client)
     prompt = torch.randint(0, service.tokenizer.n_event_tokens, (40,),
@@ -524,9 +524,9 @@ def test_named_windows_need_data(tiny_run, tmp_path):
 
 
 def test_mismatched_data_is_refused_at_startup(tiny_run, tmp_path):
-    from mega_trading.data import sample_files
-    from mega_trading.dataset import PrepareConfig, prepare
-    from mega_trading.errors import ArtifactMismatchError
+    from mega_trading.core.errors import ArtifactMismatchError
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.dataset import PrepareConfig, prepare
 
     other = tmp_path / "other"
     prepare(sample_files("trades")[:1], other, PrepareConfig(block_size=BLOCK, stride=32, workers=1))

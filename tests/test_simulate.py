@@ -10,10 +10,10 @@ import polars as pl
 import pytest
 import torch
 
-from mega_trading.config import from_dict, to_dict
-from mega_trading.dataset import PrepareConfig, ShardSet, prepare
-from mega_trading.errors import ConfigError
-from mega_trading.model import ModelConfig, Transformer
+from mega_trading.core.config import from_dict, to_dict
+from mega_trading.core.errors import ConfigError
+from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.model.transformer import ModelConfig, Transformer
 from mega_trading.simulate import (
     Episode,
     ImpactConfig,
@@ -149,7 +149,7 @@ def test_twap_slices_run_on_schedule_and_sum_to_the_target():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> ShardSet:
-    from mega_trading.data import sample_files
+    from mega_trading.data.bundled import sample_files
 
     out = tmp_path_factory.mktemp("sim") / "data"
     prepare(sample_files("trades"), out, PrepareConfig(block_size=64, stride=32, workers=1))
@@ -341,7 +341,7 @@ def test_a_tape_over_the_cap_is_a_sample_of_real_windows(shards):
 
 @pytest.fixture(scope="module")
 def run(shards, model, tmp_path_factory):
-    from mega_trading.checkpoint import save_checkpoint
+    from mega_trading.model.checkpoint import save_checkpoint
 
     run = tmp_path_factory.mktemp("sim") / "run"
     save_checkpoint(run, 1, model, torch.optim.SGD(model.parameters(), lr=0.1), sampler_state={},
@@ -398,7 +398,7 @@ def test_cli_simulate_user_errors_are_one_line(shards, tmp_path):
 
 
 def test_model_source_starts_anywhere_when_no_real_continuation_spans_the_horizon(shards, run):
-    from mega_trading.errors import DataError
+    from mega_trading.core.errors import DataError
     from mega_trading.simulate import run_simulation
 
     # ETHUSDT's backtest tape spans about 22 s: no start has 60 s of real continuation

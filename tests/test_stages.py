@@ -8,9 +8,9 @@ import sys
 import pytest
 from rich.console import Console
 
-from mega_trading import stages
+from mega_trading.core import stages
+from mega_trading.core.stages import Stage, code_identity, run_stages
 from mega_trading.pipeline import STAGE_SOURCES, RunConfig, build_stages
-from mega_trading.stages import Stage, code_identity, run_stages
 
 
 @pytest.fixture

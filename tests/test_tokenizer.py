@@ -6,9 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mega_trading.errors import DataError
-from mega_trading.events import compute_events
-from mega_trading.tokenizer import Tokenizer, TokenizerConfig
+from mega_trading.core.errors import DataError
+from mega_trading.data.events import compute_events
+from mega_trading.data.tokenizer import Tokenizer, TokenizerConfig
 from tests.test_events import make_trades
 
 
@@ -121,7 +121,7 @@ def test_non_finite_feature_is_refused(tok, events):
 def test_bin_index_follows_the_documented_intervals():
     """One searchsorted over all edges must give: negative bins [e_i, e_i+1), exactly 0
     (either sign) its own bin, positive bins [e_i, e_i+1), tails open-ended."""
-    from mega_trading.tokenizer import FieldBins
+    from mega_trading.data.tokenizer import FieldBins
 
     signed = FieldBins("move", pos_edges=(1.0, 2.0), neg_edges=(-2.0, -1.0), zero_bin=True,
                        has_negative=True)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mega_trading.config import apply_overrides, from_dict
-from mega_trading.dataset import ShardSet
-from mega_trading.errors import ConfigError
-from mega_trading.train import NonFiniteLossError, TrainConfig, lr_scale, resolve_config, train
+from mega_trading.core.config import apply_overrides, from_dict
+from mega_trading.core.errors import ConfigError
+from mega_trading.data.dataset import ShardSet
+from mega_trading.train.loop import NonFiniteLossError, TrainConfig, lr_scale, resolve_config, train
 
 TINY = {"n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 64}
 
@@ -104,7 +104,7 @@ def test_short_run_learns_beats_unigram_and_sees_every_symbol(tmp_path, data_dir
 
 
 def test_optimizer_state_holds_every_parameter_exactly_once(tmp_path, data_dir):
-    from mega_trading.checkpoint import load_model
+    from mega_trading.model.checkpoint import load_model
 
     run = tmp_path / "run"
     train(data_dir, run, tiny_config(steps=2), log=quiet)
@@ -120,7 +120,7 @@ def test_optimizer_state_holds_every_parameter_exactly_once(tmp_path, data_dir):
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, data_dir):
-    from mega_trading.checkpoint import latest_step, load_model
+    from mega_trading.model.checkpoint import latest_step, load_model
 
     run = tmp_path / "run"
     cfg = tiny_config(steps=20, lr=1e6, muon_lr=1e6, warmup_steps=0, grad_clip=0.0, ckpt_every=1)
@@ -159,7 +159,7 @@ def test_cli_rejects_unknown_override(tmp_path, data_dir, capsys):
 def test_mlflow_store_in_run_folder_is_readable(tmp_path, data_dir):
     from mlflow.tracking import MlflowClient
 
-    from mega_trading.tracking import tracking_uri
+    from mega_trading.train.tracking import tracking_uri
 
     run = tmp_path / "run"
     train(data_dir, run, tiny_config(steps=3, tracking="mlflow"), log=quiet)
@@ -200,8 +200,7 @@ def test_compiled_training_matches_eager_on_cpu(data_dir, tmp_path):
 def test_cpu_utilization_is_measured_against_the_peak_of_the_autocast_dtype(monkeypatch):
     """bf16 matmuls run 2x or more faster than float32 on CPUs with AVX512-BF16 / AMX:
     MFU against the float32 peak would overstate a bf16 run's utilization."""
-    from mega_trading import train as train_module
-
+    from mega_trading.train import loop as train_module
     monkeypatch.setattr(train_module, "_measured_cpu_flops", {})
     seen = []
     real_mm = torch.mm

@@ -1,8 +1,9 @@
-"""Mega-Trading: Binance spot trades as a language.
+"""Mega-Trading: Binance trades as a language.
 
-Pipeline stages, one module (or sub-package) each, data flowing one way:
-ingest -> events -> tokenizer -> dataset -> model -> train -> backtest -> generate
--> facts -> report (serve and simulate sit on top of generate).
+One sub-package per pipeline stage, data flowing one way (``LAYERS`` below):
+core -> data (ingest, events, tokenizer, shards) -> book -> model -> train -> generation
+-> eval (backtest, facts, realism) -> simulate / serve -> report, with the orchestration
+(pipeline, ablation, api, cli) on top.
 """
 
 __version__ = "0.1.0"
@@ -11,16 +12,15 @@ __version__ = "0.1.0"
 # prefix) belongs to one, and no module imports one of a later layer, not even lazily
 # (tests/test_layering.py reads this list and checks every import in the package).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "config", "lineage", "stages", "data", "native"),  # plumbing
-    ("ingest", "book", "book.capture", "book.record"),  # raw trades and captures
-    ("events", "book.rebuild", "book.native", "book.build"),  # -> events, rebuilt books
-    ("binning", "tokenizer"),  # -> one token per event
-    ("tokenizer_reuse", "dataset"),  # -> chronological shards
-    ("model", "kernels"),  # the decoder
-    ("optim", "accel", "checkpoint", "tracking", "distributed", "train", "export_hf"),
-    ("baselines", "score_sums", "scoring", "backtest", "calibrate"),  # -> held-out metrics
-    ("decode", "engine", "generate", "hawkes", "sampling"),  # -> rollouts
-    ("facts", "book.facts", "realism", "sampling_search"),  # -> stylized facts
+    ("__init__", "core", "data.bundled"),  # plumbing, and where the bundled data lies
+    ("data.ingest", "book.capture", "book.record"),  # raw trades and captures
+    ("data.events", "book", "book.rebuild", "book.native", "book.build"),  # -> events, books
+    ("data.binning", "data.tokenizer"),  # -> one token per event
+    ("data", "data.tokenizer_reuse", "data.dataset"),  # -> chronological shards
+    ("model",),  # the decoder, its kernels and checkpoints
+    ("train",),  # -> a trained model
+    ("generation",),  # -> rollouts (sampling, the decoder engine)
+    ("eval", "book.facts"),  # -> held-out metrics, stylized facts, realism
     ("simulate", "serve"),  # products on top of generation
     ("report",),  # -> one HTML file
     ("pipeline", "ablation", "api", "cli", "cli_config"),  # orchestration: may import all

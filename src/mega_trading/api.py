@@ -22,14 +22,14 @@ from typing import Any
 import polars as pl
 from torch import nn
 
-from mega_trading.backtest import BacktestConfig, run_backtest
-from mega_trading.checkpoint import load_model
-from mega_trading.config import from_dict
-from mega_trading.dataset import ShardSet
-from mega_trading.errors import DataError
-from mega_trading.generate import GenerateConfig, generate_rollouts
+from mega_trading.core.config import from_dict
+from mega_trading.core.errors import DataError
+from mega_trading.data.dataset import ShardSet
+from mega_trading.data.tokenizer import Tokenizer
+from mega_trading.eval.backtest import BacktestConfig, run_backtest
+from mega_trading.generation.generate import GenerateConfig, generate_rollouts
+from mega_trading.model.checkpoint import load_model
 from mega_trading.simulate import SimConfig, policy_configs, run_simulation
-from mega_trading.tokenizer import Tokenizer
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import typer
 from rich.console import Console
 
-from mega_trading.errors import MegaTradingError
+from mega_trading.core.errors import MegaTradingError
 
 app = typer.Typer(
     name="mega-trading",
@@ -72,7 +72,7 @@ def resolve(command: str, config: Optional[Path], overrides: Optional[List[str]]
 def version() -> None:
     """Print the package version and git commit."""
     from mega_trading import __version__
-    from mega_trading.lineage import git_commit
+    from mega_trading.core.lineage import git_commit
 
     typer.echo(f"mega-trading {__version__} ({git_commit()})")
 
@@ -97,8 +97,8 @@ def download(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
     from rich.table import Table
 
-    from mega_trading.errors import DataError
-    from mega_trading.ingest.download import download_archive, plan_files
+    from mega_trading.core.errors import DataError
+    from mega_trading.data.ingest.download import download_archive, plan_files
 
     cfg = resolve("download", config, overrides, base_url=base_url, workers=workers, retries=retries)
     files = plan_files(symbols.split(","), kind, start, end, daily=daily, market=market)
@@ -148,7 +148,7 @@ def ingest(
 
     from rich.progress import Progress
 
-    from mega_trading.ingest.partitions import expand_inputs, ingest_files
+    from mega_trading.data.ingest.partitions import expand_inputs, ingest_files
 
     def utc(time_us: int) -> str:
         stamp = dt.datetime.fromtimestamp(time_us / 1e6, dt.UTC)
@@ -195,8 +195,8 @@ def prepare(
     overrides: List[str] = set_option(),
 ) -> None:
     """Raw trades -> events -> tokenizer (train split only) -> chronological token shards."""
-    from mega_trading.data import sample_files
-    from mega_trading.dataset import prepare as run_prepare
+    from mega_trading.data.bundled import sample_files
+    from mega_trading.data.dataset import prepare as run_prepare
 
     # Data encoded with a reused tokenizer is new data to score: all of it to backtest.
     base = {"splits": [0, 0, 1]} if tokenizer is not None and not split_times else None
@@ -267,7 +267,7 @@ def train_command(
     """Train the decoder on prepared shards (also under `torchrun --nproc_per_node=N`)."""
     import os
 
-    from mega_trading.train import require_data_dir, resume_base, train
+    from mega_trading.train.loop import require_data_dir, resume_base, train
 
     base, data_dir = resume_base(out, resume, data)
     cfg = resolve("train", config, [*(overrides or []), *set_overrides], base=base,
@@ -293,10 +293,10 @@ def export_hf_command(
     overrides: List[str] = set_option(),
 ) -> None:
     """Export a run's model as a Hugging Face Llama folder (config.json + safetensors)."""
-    from mega_trading.checkpoint import load_model
-    from mega_trading.errors import DataError
-    from mega_trading.export_hf import export_hf
-    from mega_trading.tokenizer import Tokenizer
+    from mega_trading.core.errors import DataError
+    from mega_trading.data.tokenizer import Tokenizer
+    from mega_trading.model.checkpoint import load_model
+    from mega_trading.model.export_hf import export_hf
 
     opts = resolve("export-hf", config, overrides, step=step)
     if not run.is_dir():
@@ -328,8 +328,8 @@ def backtest(
     overrides: List[str] = set_option(),
 ) -> None:
     """Score the model and the baselines on held-out tokens (NLL, top-k, calibration, CIs)."""
-    from mega_trading.backtest import run_backtest
-    from mega_trading.errors import DataError
+    from mega_trading.core.errors import DataError
+    from mega_trading.eval.backtest import run_backtest
 
     cfg = resolve("backtest", config, overrides)
     if not run.is_dir():
@@ -402,10 +402,10 @@ def generate(
     overrides: List[str] = set_option(),
 ) -> None:
     """Sample synthetic order flow from a trained model and decode it to trades."""
-    from mega_trading.checkpoint import load_model
-    from mega_trading.dataset import ShardSet
-    from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
-    from mega_trading.sampling import SamplingConfig, resolve_sampling
+    from mega_trading.data.dataset import ShardSet
+    from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
+    from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
+    from mega_trading.model.checkpoint import load_model
 
     # Sampling left unset (no flag, no generate.sampling in the config): the run's measured
     # choice; --forbid-seg alone is not a sampling choice, it applies to either.
@@ -446,7 +446,7 @@ def facts(
     """Stylized facts: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
     from rich.table import Table
 
-    from mega_trading.facts import run_facts, summary_table
+    from mega_trading.eval.facts import run_facts, summary_table
 
     cfg = resolve("facts", config, overrides)
     if rollouts is None and run is not None and (run / "rollouts.parquet").is_file():
@@ -459,7 +459,7 @@ def facts(
     for row in rows:
         table.add_row(*row.values())
     Console().print(table)
-    from mega_trading.realism import headline
+    from mega_trading.eval.realism import headline
 
     Console().print(f"realism (model): {headline(card.get('realism'))}")
 
@@ -593,8 +593,8 @@ def simulate(
     overrides: List[str] = typer.Option([], "--set", help="SimConfig overrides, e.g. impact.coef_bps=5."),
 ) -> None:
     """Execute a parent order in a simulated market (model-generated or replayed flow)."""
-    from mega_trading.backtest import resolve_device
-    from mega_trading.errors import ConfigError
+    from mega_trading.core.errors import ConfigError
+    from mega_trading.eval.backtest import resolve_device
     from mega_trading.simulate import (
         PolicyConfig,
         load_scenario,

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mega_trading.config import config_dataclass, dump_yaml, load_config, read_yaml_mapping
-from mega_trading.errors import ConfigError
+from mega_trading.core.config import config_dataclass, dump_yaml, load_config, read_yaml_mapping
+from mega_trading.core.errors import ConfigError
 
 
 # --- settings of the commands whose core takes plain arguments -----------------------------------
@@ -48,14 +48,14 @@ class BookOptions:
 
 # command -> (config class "module:Class", its section in a pipeline YAML or None)
 COMMANDS: dict[str, tuple[str, str | None]] = {
-    "download": ("mega_trading.ingest.download:DownloadConfig", None),
+    "download": ("mega_trading.data.ingest.download:DownloadConfig", None),
     "ingest": ("mega_trading.cli_config:IngestOptions", None),
-    "prepare": ("mega_trading.dataset:PrepareConfig", "prepare"),
-    "train": ("mega_trading.train:TrainConfig", "train"),
+    "prepare": ("mega_trading.data.dataset:PrepareConfig", "prepare"),
+    "train": ("mega_trading.train.loop:TrainConfig", "train"),
     "export-hf": ("mega_trading.cli_config:ExportOptions", None),
-    "backtest": ("mega_trading.backtest:BacktestConfig", "backtest"),
-    "generate": ("mega_trading.generate:GenerateConfig", "generate"),
-    "facts": ("mega_trading.facts:FactsConfig", "facts"),
+    "backtest": ("mega_trading.eval.backtest:BacktestConfig", "backtest"),
+    "generate": ("mega_trading.generation.generate:GenerateConfig", "generate"),
+    "facts": ("mega_trading.eval.facts:FactsConfig", "facts"),
     "report": ("mega_trading.cli_config:ReportOptions", None),
     "run": ("mega_trading.pipeline:RunConfig", ""),
     "ablate": ("mega_trading.ablation:AblationConfig", None),
@@ -119,7 +119,7 @@ def command_config(command: str, config_file: str | Path | None = None,
 
 def derived_numbers(command: str, cfg: Any) -> dict[str, Any]:
     """Numbers that follow from the settings (what a run will do), for `config show`."""
-    from mega_trading.model import PRESETS, ModelConfig
+    from mega_trading.model.transformer import PRESETS, ModelConfig
 
     out: dict[str, Any] = {}
     if command == "run":

@@ -21,9 +21,7 @@ from typing import Literal
 from pydantic import model_validator
 from rich.console import Console
 
-from mega_trading.backtest import BacktestConfig
-from mega_trading.calibrate import CalibrateConfig
-from mega_trading.config import (
+from mega_trading.core.config import (
     NonNegativeFloat,
     PositiveFloat,
     apply_overrides,
@@ -31,14 +29,16 @@ from mega_trading.config import (
     load_config,
     to_dict,
 )
-from mega_trading.dataset import PrepareConfig
-from mega_trading.facts import FactsConfig
-from mega_trading.generate import GenerateConfig
-from mega_trading.lineage import read_json, sha256_file
-from mega_trading.sampling_search import SamplingSearchConfig
+from mega_trading.core.lineage import read_json, sha256_file
+from mega_trading.core.stages import Stage, code_identity, run_stages, stamp_path
+from mega_trading.data.dataset import PrepareConfig
+from mega_trading.eval.backtest import BacktestConfig
+from mega_trading.eval.calibrate import CalibrateConfig
+from mega_trading.eval.facts import FactsConfig
+from mega_trading.eval.sampling_search import SamplingSearchConfig
+from mega_trading.generation.generate import GenerateConfig
 from mega_trading.simulate import SimConfig
-from mega_trading.stages import Stage, code_identity, run_stages, stamp_path
-from mega_trading.train import TrainConfig, check_block_size
+from mega_trading.train.loop import TrainConfig, check_block_size
 
 
 @config_dataclass
@@ -97,8 +97,8 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def _input_files(cfg: RunConfig) -> list[Path]:
-    from mega_trading.data import resolve_input, sample_files
-    from mega_trading.dataset import expand_inputs
+    from mega_trading.data.bundled import resolve_input, sample_files
+    from mega_trading.data.dataset import expand_inputs
 
     if cfg.inputs:
         return expand_inputs([resolve_input(item) for item in cfg.inputs])
@@ -106,7 +106,7 @@ def _input_files(cfg: RunConfig) -> list[Path]:
 
 
 def _checkpoint_identity(run_dir: Path) -> dict:
-    from mega_trading.checkpoint import checkpoints_dir, latest_step, step_dir_name
+    from mega_trading.model.checkpoint import checkpoints_dir, latest_step, step_dir_name
 
     step = latest_step(run_dir)
     if step is None:
@@ -121,24 +121,24 @@ def _file_identity(path: Path) -> str | None:
 
 # The modules that implement each stage: a change to their source reruns it (stages.py).
 STAGE_SOURCES = {
-    "prepare": ("mega_trading.ingest", "mega_trading.events", "mega_trading.tokenizer",
-                "mega_trading.binning", "mega_trading.dataset"),
-    "train": ("mega_trading.model", "mega_trading.kernels", "mega_trading.accel",
-              "mega_trading.optim", "mega_trading.train", "mega_trading.checkpoint",
-              "mega_trading.distributed"),
-    "calibrate": ("mega_trading.calibrate", "mega_trading.model", "mega_trading.checkpoint"),
-    "sampling": ("mega_trading.sampling_search", "mega_trading.sampling", "mega_trading.realism",
-                 "mega_trading.facts", "mega_trading.generate", "mega_trading.tokenizer",
-                 "mega_trading.binning"),
-    "backtest": ("mega_trading.baselines", "mega_trading.scoring", "mega_trading.backtest",
-                 "mega_trading.model", "mega_trading.checkpoint"),
-    "generate": ("mega_trading.generate", "mega_trading.decode", "mega_trading.model",
-                 "mega_trading.kernels", "mega_trading.tokenizer", "mega_trading.binning",
-                 "mega_trading.sampling"),
-    "facts": ("mega_trading.facts", "mega_trading.hawkes", "mega_trading.baselines",
-              "mega_trading.generate", "mega_trading.realism"),
-    "simulate": ("mega_trading.simulate", "mega_trading.generate", "mega_trading.decode",
-                 "mega_trading.model", "mega_trading.sampling", "mega_trading.binning"),
+    "prepare": ("mega_trading.data.ingest", "mega_trading.data.events", "mega_trading.data.tokenizer",
+                "mega_trading.data.binning", "mega_trading.data.dataset"),
+    "train": ("mega_trading.model.transformer", "mega_trading.model.kernels", "mega_trading.train.accel",
+              "mega_trading.train.optim", "mega_trading.train.loop", "mega_trading.model.checkpoint",
+              "mega_trading.train.distributed"),
+    "calibrate": ("mega_trading.eval.calibrate", "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
+    "sampling": ("mega_trading.eval.sampling_search", "mega_trading.generation.sampling", "mega_trading.eval.realism",
+                 "mega_trading.eval.facts", "mega_trading.generation.generate", "mega_trading.data.tokenizer",
+                 "mega_trading.data.binning"),
+    "backtest": ("mega_trading.eval.baselines", "mega_trading.eval.scoring", "mega_trading.eval.backtest",
+                 "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
+    "generate": ("mega_trading.generation.generate", "mega_trading.model.decode", "mega_trading.model.transformer",
+                 "mega_trading.model.kernels", "mega_trading.data.tokenizer", "mega_trading.data.binning",
+                 "mega_trading.generation.sampling"),
+    "facts": ("mega_trading.eval.facts", "mega_trading.eval.hawkes", "mega_trading.eval.baselines",
+              "mega_trading.generation.generate", "mega_trading.eval.realism"),
+    "simulate": ("mega_trading.simulate", "mega_trading.generation.generate", "mega_trading.model.decode",
+                 "mega_trading.model.transformer", "mega_trading.generation.sampling", "mega_trading.data.binning"),
     "report": ("mega_trading.report",),
 }
 
@@ -152,12 +152,12 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         return read_json(manifest)["manifest_hash"] if manifest.is_file() else None
 
     def do_prepare() -> None:
-        from mega_trading.dataset import prepare
+        from mega_trading.data.dataset import prepare
 
         prepare(files, data, cfg.prepare, show_progress=True)
 
     def do_train() -> None:
-        from mega_trading.train import train
+        from mega_trading.train.loop import train
 
         # Same data and config as an interrupted run: resume it; anything else starts over.
         stale = stamp_path(run, "train.started")
@@ -171,35 +171,39 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-            from mega_trading.lineage import write_json_atomic
+            from mega_trading.core.lineage import write_json_atomic
 
             write_json_atomic(stale, key)
         train(data, run, cfg.train, resume=resumable, show_progress=True, log=console.print)
 
     def do_calibrate() -> None:
-        from mega_trading.backtest import resolve_device
-        from mega_trading.calibrate import run_calibration
+        from mega_trading.eval.backtest import resolve_device
+        from mega_trading.eval.calibrate import run_calibration
 
         run_calibration(run, data, cfg.calibrate, device=resolve_device(cfg.train.device),
                         log=console.print)
 
     def do_sampling() -> None:
-        from mega_trading.backtest import resolve_device
-        from mega_trading.sampling_search import run_sampling_search
+        from mega_trading.eval.backtest import resolve_device
+        from mega_trading.eval.sampling_search import run_sampling_search
 
         run_sampling_search(run, data, cfg.sampling_search, cfg.generate, cfg.facts,
                             device=resolve_device(cfg.train.device), log=console.print)
 
     def do_backtest() -> None:
-        from mega_trading.backtest import run_backtest
+        from mega_trading.eval.backtest import run_backtest
 
         run_backtest(run, data, cfg.backtest_split, None, cfg.backtest, log=console.print)
 
     def do_generate() -> None:
-        from mega_trading.checkpoint import load_model
-        from mega_trading.dataset import ShardSet
-        from mega_trading.generate import generate_rollouts, rollout_lineage, write_rollouts
-        from mega_trading.sampling import resolve_sampling
+        from mega_trading.data.dataset import ShardSet
+        from mega_trading.generation.generate import (
+            generate_rollouts,
+            rollout_lineage,
+            write_rollouts,
+        )
+        from mega_trading.generation.sampling import resolve_sampling
+        from mega_trading.model.checkpoint import load_model
 
         shards = ShardSet.open(data)
         model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,
@@ -212,13 +216,13 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                                        sampling=sampling_info))
 
     def do_facts() -> None:
-        from mega_trading.facts import run_facts
+        from mega_trading.eval.facts import run_facts
 
         run_facts(data, run / "rollouts.parquet", run / "facts.json", cfg.facts, cfg.generate.seed,
                   gen_cfg=cfg.generate)
 
     def do_simulate() -> None:
-        from mega_trading.backtest import resolve_device
+        from mega_trading.eval.backtest import resolve_device
         from mega_trading.simulate import policy_configs, run_simulation
 
         sim = cfg.simulate
@@ -280,8 +284,8 @@ def _hashable(cfg) -> dict:
 def run_pipeline(cfg: RunConfig, force: bool = False, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
-    from mega_trading.config import dump_yaml
-    from mega_trading.lineage import write_text_atomic
+    from mega_trading.core.config import dump_yaml
+    from mega_trading.core.lineage import write_text_atomic
 
     write_text_atomic(cfg.run_path / "pipeline.yaml", dump_yaml(cfg))
     if force:  # training starts over too, rather than resuming a finished run

@@ -36,7 +36,7 @@ requests share its batch or on which rows it gets, because
    offset gives the same tokens). The price: at low load a lone request pays for
    ``batch_rows`` rows (on a CPU about 2.7x the time of one row for the micro preset; on
    a GPU next to nothing), so ``batch_rows`` is a setting;
-3. the decode loop is the one decoder engine of ``mega_trading.generate.generate``
+3. the decode loop is the one decoder engine of ``mega_trading.generation.generate.generate``
    (``engine.DecodeEngine``: prefill, one token per step on fused weights fetched once,
    the same sliding window), so a request filling all ``batch_rows`` rows gets exactly
    what ``generate`` gives with the same seed (tested).
@@ -75,8 +75,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mega_trading import __version__
-from mega_trading.config import NonNegativeFloat, NonNegativeInt, PositiveInt, config_dataclass
-from mega_trading.errors import DataError, MegaTradingError
+from mega_trading.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, config_dataclass
+from mega_trading.core.errors import DataError, MegaTradingError
 
 log = logging.getLogger("mega_trading.serve")
 
@@ -326,7 +326,7 @@ class Job:
     prompt: np.ndarray  # int64 [T]
     n: int
     length: int
-    sampling: Any  # mega_trading.sampling.SamplingConfig
+    sampling: Any  # mega_trading.generation.sampling.SamplingConfig
     seed: int
     sampling_source: str = "request"  # or "measured" / "default" (SamplingInfo.source)
     cancelled: bool = False  # read by the worker thread: the client is gone, skip the work
@@ -346,7 +346,7 @@ class RolloutEngine:
     def run_batch(self, jobs: list[Job], on_done: Callable[[Job, np.ndarray], None]) -> None:
         """Decode jobs of equal prompt length together; on_done(job, new tokens [n, length])
         is called (from this thread) as soon as a job's tokens are complete."""
-        from mega_trading.engine import DecodeEngine
+        from mega_trading.generation.engine import DecodeEngine
 
         t0 = len(jobs[0].prompt)
         if any(len(j.prompt) != t0 for j in jobs):
@@ -549,8 +549,8 @@ class RolloutService:
 
     def __init__(self, run_dir: str | Path, data_dir: str | Path | None = None,
                  settings: ServeSettings = ServeSettings()):
-        from mega_trading.checkpoint import checkpoint_path, load_model
-        from mega_trading.lineage import git_commit, sha256_file
+        from mega_trading.core.lineage import git_commit, sha256_file
+        from mega_trading.model.checkpoint import checkpoint_path, load_model
 
         self.run_dir, self.settings = Path(run_dir), settings
         if not self.run_dir.is_dir():
@@ -570,7 +570,7 @@ class RolloutService:
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
                                     settings.batch_rows)
         self.batcher = Batcher(self.engine, settings)
-        from mega_trading.sampling import read_measured
+        from mega_trading.generation.sampling import read_measured
 
         self.measured = read_measured(self.run_dir)  # the run's sampling choice, if any
         self._windows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -578,7 +578,7 @@ class RolloutService:
 
     # startup ---------------------------------------------------------------------------
     def _run_config(self) -> dict[str, Any]:
-        from mega_trading.lineage import read_json
+        from mega_trading.core.lineage import read_json
 
         path = self.run_dir / "config.json"
         return read_json(path) if path.is_file() else {}
@@ -586,7 +586,7 @@ class RolloutService:
     def _open_data(self, data_dir: str | Path | None):
         """The prepared data: as given (a mismatch is an error), else the run's own if it
         still exists and matches (else None: named windows are then unavailable)."""
-        from mega_trading.dataset import ShardSet
+        from mega_trading.data.dataset import ShardSet
 
         if data_dir is not None:
             return ShardSet.open(data_dir)
@@ -604,7 +604,7 @@ class RolloutService:
         return shards
 
     def _load_tokenizer(self):
-        from mega_trading.tokenizer import Tokenizer
+        from mega_trading.data.tokenizer import Tokenizer
 
         path = self.run_dir / "tokenizer.json"
         if path.is_file():
@@ -620,7 +620,7 @@ class RolloutService:
 
     def build_job(self, req: RolloutRequest) -> tuple[Job, Anchor]:
         """Validate a request against this run and the limits; 422 (ServeError) if not."""
-        from mega_trading.sampling import SamplingConfig
+        from mega_trading.generation.sampling import SamplingConfig
 
         if req.n > self.settings.batch_rows:
             raise ServeError(f"n={req.n} rollouts is over this server's limit of "
@@ -722,7 +722,7 @@ class RolloutService:
     def _window(self, ref: WindowRef) -> tuple[np.ndarray, Anchor]:
         """Tokens of a named window and the last real trade at or before its end (the same
         anchor rule as generate.prompt_from_split), read alone."""
-        from mega_trading.generate import _next_size_level, _size_window
+        from mega_trading.generation.generate import _next_size_level, _size_window
 
         tokens, segs = self._shard(ref.split, ref.symbol)
         n_tokens = len(tokens)
@@ -744,7 +744,7 @@ class RolloutService:
 
     def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The response body: decoded rollouts, the prompt, provenance."""
-        from mega_trading.generate import rollouts_to_events
+        from mega_trading.generation.generate import rollouts_to_events
 
         frame = rollouts_to_events(new_tokens, self.tokenizer, anchor.price, anchor.time_us,
                                    anchor.symbol, anchor.size_level,
@@ -791,8 +791,8 @@ class RolloutService:
 
     # model card ------------------------------------------------------------------------
     def model_card(self) -> dict[str, Any]:
-        from mega_trading.config import to_dict
-        from mega_trading.sampling import SamplingConfig
+        from mega_trading.core.config import to_dict
+        from mega_trading.generation.sampling import SamplingConfig
 
         cfg = self.model.cfg
         tok = self.tokenizer
@@ -822,7 +822,7 @@ class RolloutService:
         }
 
     def _training_summary(self) -> dict[str, Any] | None:
-        from mega_trading.lineage import read_json
+        from mega_trading.core.lineage import read_json
 
         config = self._run_config()
         if not config:
@@ -854,7 +854,7 @@ class RolloutService:
                 "data_dir": str(Path(self.shards.root).resolve())}
 
     def _backtest_headline(self) -> dict[str, Any] | None:
-        from mega_trading.lineage import read_json
+        from mega_trading.core.lineage import read_json
 
         path = self.run_dir / "backtest.json"
         if not path.is_file():
@@ -1026,7 +1026,7 @@ def openapi_document() -> dict[str, Any]:
 def write_openapi(path: str | Path) -> Path:
     import json
 
-    from mega_trading.lineage import write_text_atomic
+    from mega_trading.core.lineage import write_text_atomic
 
     return write_text_atomic(path, json.dumps(openapi_document(), indent=2) + "\n")
 

@@ -1,4 +1,4 @@
-/* The book's native fast path (book/native.py loads it with ctypes, mega_trading.native
+/* The book's native fast path (book/native.py loads it with ctypes, mega_trading.core.native
  * builds it): a scanner that turns capture lines straight into numeric records, and the
  * book's steady-state loop (apply a synced diff, emit its level changes and top-of-book
  * row, record trades and bookTickers).

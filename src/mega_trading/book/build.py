@@ -31,8 +31,8 @@ from mega_trading.book.capture import (
 )
 from mega_trading.book.native import NativeRows, feed_file, make_builder, resolve_engine
 from mega_trading.book.rebuild import BookBuilder, Rows
-from mega_trading.errors import DataError
-from mega_trading.lineage import atomic_dir, provenance, sha256_file, write_json_atomic
+from mega_trading.core.errors import DataError
+from mega_trading.core.lineage import atomic_dir, provenance, sha256_file, write_json_atomic
 
 CHECK_NAME = "check.json"
 

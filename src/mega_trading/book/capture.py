@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 from isal import igzip_threaded, isal_zlib
 
-from mega_trading.errors import DataError
+from mega_trading.core.errors import DataError
 
 MARKETS = ("spot", "um")
 # <market>-<SYMBOL>-<YYYYMMDD>.gz (ours and the shared captures) or <symbol>_<YYYYMMDD>.gz

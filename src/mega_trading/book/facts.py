@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mega_trading.lineage import provenance, write_json_atomic
+from mega_trading.core.lineage import provenance, write_json_atomic
 
 FACTS_NAME = "book_facts.json"
 N_BOOT = 200

@@ -35,7 +35,6 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from mega_trading import native
 from mega_trading.book.capture import (
     DIFF,
     READ_ERRORS,
@@ -56,7 +55,8 @@ from mega_trading.book.rebuild import (
     TRADE_COLUMNS,
     BookBuilder,
 )
-from mega_trading.errors import ConfigError
+from mega_trading.core import native
+from mega_trading.core.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("book_native.c")
 # Exact IEEE arithmetic: no -ffast-math, and no contraction into FMAs (-ffp-contract=off)

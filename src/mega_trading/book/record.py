@@ -33,8 +33,8 @@ import websockets
 from websockets.asyncio.client import connect
 
 from mega_trading.book.capture import MARKETS, sequence_continues
-from mega_trading.config import config_dataclass
-from mega_trading.errors import ConfigError
+from mega_trading.core.config import config_dataclass
+from mega_trading.core.errors import ConfigError
 
 WS_URLS = {"spot": "wss://stream.binance.com:9443/stream", "um": "wss://fstream.binance.com/stream"}
 REST_URLS = {"spot": "https://api.binance.com/api/v3/depth",

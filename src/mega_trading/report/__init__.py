@@ -70,7 +70,7 @@ def _problems_note(art: Artifacts) -> str:
 
 def render_report(art: Artifacts) -> str:
     """The whole HTML page for loaded artifacts."""
-    from mega_trading.lineage import provenance
+    from mega_trading.core.lineage import provenance
     from mega_trading.report.charts import plotly_js
     from mega_trading.report.headline import headline_cards
     from mega_trading.report.html import esc, page
@@ -96,7 +96,7 @@ def build_report(run_dir: str | Path, data_dir: str | Path | None = None,
 
     `data_dir` defaults to the data directory recorded in RUN/config.json. Returns the path.
     """
-    from mega_trading.lineage import write_text_atomic
+    from mega_trading.core.lineage import write_text_atomic
 
     art = load_artifacts(run_dir, data_dir)
     text = render_report(art)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mega_trading.errors import DataError
+from mega_trading.core.errors import DataError
 
 ROLLOUT_NAMES = ("rollouts.parquet", "rollouts.csv")
 LINEAGE_KEY = b"mega_trading"  # generate.py stores the rollouts' lineage under this key
@@ -46,7 +46,7 @@ class Artifacts:
     def shards(self):
         """ShardSet of the data dir (real events for the charts), or None."""
         if self._shards is None and self.data_dir is not None and self.manifest is not None:
-            from mega_trading.dataset import ShardSet
+            from mega_trading.data.dataset import ShardSet
 
             try:
                 self._shards = ShardSet.open(self.data_dir)

@@ -218,7 +218,7 @@ def _verdict_note(bt: dict) -> str:
 
 def _realism_line(art: Artifacts) -> str:
     """Likelihood is half the story: the generated flow's realism score beside it."""
-    from mega_trading.realism import headline
+    from mega_trading.eval.realism import headline
 
     realism = (art.facts or {}).get("realism")
     if not realism:

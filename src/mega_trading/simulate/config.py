@@ -2,7 +2,7 @@
 orders (`ImpactConfig`) and the parent order with its execution policy (`PolicyConfig`).
 
 A named scenario (``configs/scenarios/<name>.yaml``) mirrors `SimConfig` exactly: unknown
-keys are an error (`mega_trading.config.load_config`).
+keys are an error (`mega_trading.core.config.load_config`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from mega_trading.config import (
+from mega_trading.core.config import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -23,8 +23,8 @@ from mega_trading.config import (
     UnitFraction,
     config_dataclass,
 )
-from mega_trading.errors import ConfigError
-from mega_trading.sampling import SamplingConfig
+from mega_trading.core.errors import ConfigError
+from mega_trading.generation.sampling import SamplingConfig
 
 SIDES = {"buy": 1, "sell": -1}
 POLICY_KINDS = ("immediate", "twap", "twap_limit", "participation")
@@ -161,6 +161,6 @@ def scenario_path(name: str, search: tuple[Path, ...] | None = None) -> Path:
 
 
 def load_scenario(name: str, overrides: tuple[str, ...] | list[str] = ()) -> SimConfig:
-    from mega_trading.config import load_yaml
+    from mega_trading.core.config import load_yaml
 
     return load_yaml(SimConfig, scenario_path(name), overrides)

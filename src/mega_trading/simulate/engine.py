@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mega_trading.config import to_dict
+from mega_trading.core.config import to_dict
 from mega_trading.simulate.config import PolicyConfig, SimConfig
 from mega_trading.simulate.market import Episode
 from mega_trading.simulate.metrics import episode_row, impact_curve, summarize

@@ -7,7 +7,7 @@ Both serve a batch of episodes in lockstep through one small interface:
   the proposal (``consumed``) or an agent fill's token inserted in its place.
 
 `ModelSource` feeds every committed token to the model through the one decoder,
-`mega_trading.engine.DecodeEngine` (KV cache, sliding window, fused weights fetched once), so a discarded proposal is never seen again and later proposals
+`mega_trading.generation.engine.DecodeEngine` (KV cache, sliding window, fused weights fetched once), so a discarded proposal is never seen again and later proposals
 react to the inserted fill. Randomness comes from one seeded ``torch.Generator`` drawing
 the same amount at every step whatever is committed, so closed- and open-loop runs with
 one seed differ only through the inserted tokens. `ReplaySource` steps through a split's
@@ -25,9 +25,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from mega_trading.engine import DecodeEngine
-from mega_trading.errors import ConfigError, DataError
-from mega_trading.sampling import SamplingConfig
+from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.generation.engine import DecodeEngine
+from mega_trading.generation.sampling import SamplingConfig
 from mega_trading.simulate.config import SimConfig
 from mega_trading.simulate.market import StartState
 
@@ -256,7 +256,7 @@ def _tapes(shards, split: str, symbol: str | None, cfg: SimConfig, seed: int = 0
 
 
 def _window_tapes(shards, split: str, names: list[str], cfg: SimConfig, seed: int) -> list[Tape]:
-    from mega_trading.dataset import window_plan
+    from mega_trading.data.dataset import window_plan
 
     ranges = {name: tuple(shards.manifest["shards"][split][name]["rows"]) for name in names}
     segs = {name: shards.seg_positions(split, name) for name in names}

@@ -1,0 +1,449 @@
+"""Events -> one integer per event, and back.
+
+Four fields, each cut into bins fitted on TRAINING events only:
+
+* ``side``  2 bins (sell, buy).
+* ``move``  price move in bps: a bin for exactly 0 (most trades do not move the price),
+            quantile bins for falling and for rising moves, and an outlier bin at each tail.
+* ``size``  log size relative to the causal level: quantile bins with outlier tails.
+* ``dt``    elapsed time: a bin for exactly 0 (one taker order filling several makers
+            shares a timestamp), quantile bins of log-time, and an outlier tail.
+
+The fields combine in mixed radix, side most significant::
+
+    token = ((side * n_move + move) * n_size + size) * n_dt + dt
+
+followed by the special tokens (PAD, then SEG = segment start). Every token in the
+vocabulary is a trade event or one of two specials: no vocabulary is spent on event types
+trades never have. ``decode`` maps a token to values of its bins, either (``mode="in_bin"``,
+the default) drawn, seeded, from the TRAINING values inside each bin through a compact
+per-bin quantile table with heavy-tailed outlier bins (``binning.py``), or
+(``mode="median"``) the training median of each bin. In-bin draws re-encode to the same
+token, so decoding never moves an event to another bin.
+
+The artifact is a versioned JSON file (``tokenizer@2``: the quantile tables are new; an
+``@1`` artifact is refused, prepare the data again); its content hash (``Tokenizer.hash``) is recorded
+by every downstream artifact and checked when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from mega_trading.core.config import PositiveInt, config_dataclass
+from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.core.lineage import json_hash, write_text_atomic
+from mega_trading.data.binning import (
+    DEFAULT_N_QUANTILES,
+    BinTail,
+    bin_quantiles,
+    draw_in_bins,
+    fit_tail,
+)
+
+FORMAT = "mega-trading/tokenizer@2"
+DECODE_MODES = ("in_bin", "median")
+LOG_TAIL_FIELDS = ("move",)  # Pareto tail in |move|; size and dt are log values already
+FIELD_NAMES = ("side", "move", "size", "dt")
+SPECIAL_TOKENS = ("PAD", "SEG")
+
+
+@config_dataclass
+class TokenizerConfig:
+    move_bins_per_side: PositiveInt = 7  # quantile bins for falling (and for rising) moves, tail included
+    size_bins: PositiveInt = 8
+    dt_bins: Annotated[int, Field(ge=2)] = 8  # including the zero bin
+    tail_quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.995  # beyond it (and below 1 - it): the outlier bins
+    fit_sample: PositiveInt = 500_000  # fit quantiles on at most this many training events (seeded sample)
+    n_quantiles: Annotated[int, Field(ge=3)] = DEFAULT_N_QUANTILES  # per-bin quantile table for in-bin decoding
+
+
+@dataclass(frozen=True)
+class FieldBins:
+    """Bins of one field: inner edges plus optional exact-zero bin, with representatives.
+
+    With ``zero_bin``, values < 0 use ``neg_edges`` (len = n_neg - 1), exactly 0 has its own
+    bin, values > 0 use ``pos_edges``. Without it, all values use ``pos_edges``.
+    """
+
+    name: str
+    pos_edges: tuple[float, ...]
+    neg_edges: tuple[float, ...] = ()
+    zero_bin: bool = False
+    has_negative: bool = False
+    representatives: tuple[float, ...] = ()
+    quantiles: tuple[tuple[float, ...], ...] = ()  # per bin, for in-bin decoding
+    tail_low: BinTail | None = None  # bin 0 when it is open-ended below
+    tail_high: BinTail | None = None  # the last bin (always open-ended above)
+
+    @property
+    def low_open(self) -> bool:
+        """Bin 0 has no lower edge (signed fields, and fields without a zero bin)."""
+        return self.has_negative or not self.zero_bin
+
+    @property
+    def n_neg(self) -> int:
+        return len(self.neg_edges) + 1 if self.has_negative else 0
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_neg + int(self.zero_bin) + len(self.pos_edges) + 1
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        return np.searchsorted(self._all_edges, values, side="right")
+
+    @functools.cached_property
+    def _all_edges(self) -> np.ndarray:
+        """Every bin's lower edge but the first, in bin order, so one `searchsorted` (the
+        count of edges <= value) is the bin index: negative edges, then 0 (the zero bin
+        holds exactly 0, after the negative bins), then the smallest positive double (the
+        first positive bin), then the positive edges. Without negative bins, values <= 0
+        all land in the zero bin."""
+        if not self.zero_bin:
+            return np.asarray(self.pos_edges, dtype=np.float64)
+        smallest_positive = np.nextafter(0.0, 1.0)
+        lower = [*self.neg_edges, 0.0] if self.has_negative else []
+        return np.asarray([*lower, smallest_positive, *self.pos_edges], dtype=np.float64)
+
+
+def _quantile_edges(values: np.ndarray, n_bins: int, tail_quantile: float) -> tuple[float, ...]:
+    """Inner edges for n_bins bins: n_bins-1 quantile bins up to the tail, then a tail bin."""
+    if values.size == 0 or n_bins <= 1:
+        return ()
+    levels = np.linspace(0.0, tail_quantile, n_bins)[1:]
+    # inverted_cdf quantiles are observed values, so every bin [e_i, e_i+1) holds data;
+    # an edge at the minimum would leave the bin below it empty.
+    edges = np.unique(np.quantile(values, levels, method="inverted_cdf"))
+    edges = edges[edges > values.min()]
+    if edges.size == 0:
+        return ()
+    # Discrete prices make quantiles repeat or nearly repeat (one tick at two price
+    # levels); such an edge would make an empty or meaningless bin, so keep an edge only
+    # when it is at least 5 % above the previous one.
+    kept = [float(edges[0])]
+    for edge in edges[1:]:
+        if edge - kept[-1] > 0.05 * max(abs(kept[-1]), 1e-12):
+            kept.append(float(edge))
+    return tuple(kept)
+
+
+def _representatives(bins: FieldBins, ordered: np.ndarray, idx: np.ndarray) -> tuple[float, ...]:
+    """Training median inside each bin; for a bin no training value fell in, some value
+    that the bin itself maps back to (so decode -> encode is the identity)."""
+    starts = np.searchsorted(idx, np.arange(bins.n_bins), side="left")
+    ends = np.searchsorted(idx, np.arange(bins.n_bins), side="right")
+    edges = np.array(sorted({*bins.neg_edges, *bins.pos_edges, 0.0}))
+    candidates = np.concatenate([edges, edges + 1e-9 * (1 + abs(edges)),
+                                 (edges[1:] + edges[:-1]) / 2, [edges[0] - 1.0, edges[-1] + 1.0]])
+    candidate_bins = bins.index(candidates)
+    reps = []
+    for b, (lo, hi) in enumerate(zip(starts, ends)):
+        if hi > lo:
+            reps.append(float(np.median(ordered[lo:hi])))
+        else:
+            reps.append(float(candidates[np.flatnonzero(candidate_bins == b)[0]]))
+    return tuple(reps)
+
+
+def _fit_signed_zero_field(name: str, values: np.ndarray, per_side: int, tail: float,
+                           n_quantiles: int) -> FieldBins:
+    neg = -values[values < 0]
+    pos = values[values > 0]
+    # Negative edges mirror the quantiles of |negative moves|, listed in increasing order.
+    neg_edges = tuple(sorted(-e for e in _quantile_edges(neg, per_side, tail)))
+    bins = FieldBins(
+        name=name, pos_edges=_quantile_edges(pos, per_side, tail), neg_edges=neg_edges,
+        zero_bin=True, has_negative=True,
+    )
+    return _with_reps(bins, values, n_quantiles)
+
+
+def _quantile_edges_two_tailed(values: np.ndarray, n_bins: int, tail: float) -> tuple[float, ...]:
+    """Inner edges for n_bins bins with an outlier bin below 1 - tail and above tail."""
+    levels = np.linspace(1.0 - tail, tail, n_bins - 1)
+    edges = np.unique(np.quantile(values, levels, method="inverted_cdf"))
+    return tuple(float(e) for e in edges[edges > values.min()])
+
+
+def _round_floats(obj):
+    if isinstance(obj, float):
+        return float(f"{obj:.12g}")
+    if isinstance(obj, dict):
+        return {k: _round_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round_floats(v) for v in obj]
+    return obj
+
+
+def _positive_log_dt(dt_us: np.ndarray) -> np.ndarray:
+    """log(dt) for dt > 0 and exactly 0 for dt == 0 (the zero bin).
+
+    A 1 us gap has log 0 too; it is nudged above 0 so it never lands in the zero bin.
+    """
+    dt_us = np.asarray(dt_us, dtype=np.float64)
+    return np.where(dt_us > 0, np.maximum(np.log(np.maximum(dt_us, 1.0)), 1e-9), 0.0)
+
+
+def _with_reps(bins: FieldBins, values: np.ndarray,
+               n_quantiles: int = DEFAULT_N_QUANTILES) -> FieldBins:
+    """Representatives, per-bin quantile tables and outlier tails from training values."""
+    # One sort gives every bin's values contiguous and ordered (bins are value intervals).
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    idx = bins.index(ordered)
+    reps = _representatives(bins, ordered, idx)
+    table = bin_quantiles(ordered, idx, bins.n_bins, n_quantiles, reps)
+    log_tail = bins.name in LOG_TAIL_FIELDS
+    high = ordered[idx == bins.n_bins - 1]
+    low = ordered[idx == 0]
+    return FieldBins(**{
+        **{k: v for k, v in bins.__dict__.items() if not k.startswith("_")},
+        "representatives": reps, "quantiles": table,
+        "tail_high": fit_tail(high, table[-1], upper=True, log_tail=log_tail),
+        "tail_low": fit_tail(low, table[0], upper=False, log_tail=log_tail) if bins.low_open else None,
+    })
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    side: FieldBins
+    move: FieldBins
+    size: FieldBins
+    dt: FieldBins  # fitted on log(dt_us) for dt > 0; exact 0 is its own bin
+    config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    # --- vocabulary -------------------------------------------------------------------
+    field_names = FIELD_NAMES
+
+    @property
+    def field_sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name).n_bins for name in FIELD_NAMES}
+
+    @property
+    def n_event_tokens(self) -> int:
+        return math.prod(self.field_sizes.values())
+
+    @property
+    def pad_id(self) -> int:
+        return self.n_event_tokens
+
+    @property
+    def seg_id(self) -> int:
+        return self.n_event_tokens + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_event_tokens + len(SPECIAL_TOKENS)
+
+    # --- fit ----------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, train_events: pl.DataFrame, cfg: TokenizerConfig = TokenizerConfig()) -> Tokenizer:
+        """Fit bins on TRAINING events only (the caller guarantees the split)."""
+        if train_events.height == 0:
+            raise DataError("cannot fit a tokenizer on zero training events")
+        if train_events.height > cfg.fit_sample:
+            train_events = train_events.sample(n=cfg.fit_sample, seed=0)
+        move = train_events["move_bps"].to_numpy().astype(np.float64)
+        size = train_events["log_size"].to_numpy().astype(np.float64)
+        dt = train_events["dt_us"].to_numpy().astype(np.float64)
+        log_dt = _positive_log_dt(dt)
+        tail, nq = cfg.tail_quantile, cfg.n_quantiles
+        size_edges = _quantile_edges_two_tailed(size, cfg.size_bins, tail)
+        side = FieldBins(name="side", pos_edges=(0.0,), representatives=(-1.0, 1.0))
+        tok = cls(
+            side=side,
+            move=_fit_signed_zero_field("move", move, cfg.move_bins_per_side, tail, nq),
+            size=_with_reps(FieldBins(name="size", pos_edges=size_edges), size, nq),
+            dt=_with_reps(
+                FieldBins(
+                    name="dt", pos_edges=_quantile_edges(log_dt[dt > 0], cfg.dt_bins - 1, tail),
+                    zero_bin=True,
+                ),
+                _positive_log_dt(dt), nq,
+            ),
+            config={"move_bins_per_side": cfg.move_bins_per_side, "size_bins": cfg.size_bins,
+                    "dt_bins": cfg.dt_bins, "tail_quantile": cfg.tail_quantile,
+                    "n_quantiles": nq},
+        )
+        tokens = tok.encode(train_events)
+        return tok._with_stats(tokens, n_train_events=train_events.height)
+
+    def _with_stats(self, tokens: np.ndarray, n_train_events: int) -> Tokenizer:
+        counts = np.bincount(tokens, minlength=self.n_event_tokens)
+        p = counts[counts > 0] / counts.sum()
+        stats = {
+            "n_fit_events": int(n_train_events),
+            "realized_vocab": int((counts > 0).sum()),
+            "effective_vocab": float(np.exp(-(p * np.log(p)).sum())),
+            "field_sizes": self.field_sizes,
+            "vocab_size": self.vocab_size,
+        }
+        return Tokenizer(self.side, self.move, self.size, self.dt, self.config, stats)
+
+    # --- encode / decode ----------------------------------------------------------------
+    def field_indices_from_events(self, events: pl.DataFrame) -> dict[str, np.ndarray]:
+        dt = events["dt_us"].to_numpy().astype(np.float64)
+        return {
+            "side": (events["side"].to_numpy() > 0).astype(np.int64),
+            "move": self.move.index(events["move_bps"].to_numpy()),
+            "size": self.size.index(events["log_size"].to_numpy()),
+            "dt": self.dt.index(_positive_log_dt(dt)),
+        }
+
+    def encode(self, events: pl.DataFrame) -> np.ndarray:
+        """One event token per row (int64); a missing or non-finite feature is an error."""
+        for column in ("move_bps", "log_size", "dt_us"):
+            values = events[column].cast(pl.Float64).to_numpy()
+            bad = ~np.isfinite(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(f"event row {row} has a missing or non-finite {column}")
+        idx = self.field_indices_from_events(events)
+        sizes = self.field_sizes
+        token = idx["side"]
+        for name in FIELD_NAMES[1:]:
+            token = token * sizes[name] + idx[name]
+        return token.astype(np.int64)
+
+    def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        bad = (tokens < 0) | (tokens >= self.vocab_size)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"token {int(tokens.flat[first])} at position {first} is outside the vocabulary "
+                f"[0, {self.vocab_size}) of tokenizer {self.hash[:12]}"
+            )
+        return tokens.astype(np.int64)
+
+    def field_indices(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Bin index of each field for EVENT tokens (specials give -1)."""
+        tokens = self.check_tokens(tokens)
+        is_event = tokens < self.n_event_tokens
+        rest = np.where(is_event, tokens, 0)
+        out: dict[str, np.ndarray] = {}
+        for name in reversed(FIELD_NAMES):
+            size = self.field_sizes[name]
+            out[name] = np.where(is_event, rest % size, -1)
+            rest = rest // size
+        return {name: out[name] for name in FIELD_NAMES}
+
+    def decode_fields(self, tokens: np.ndarray, mode: str = "in_bin", seed: int = 0,
+                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """Decoded values per token as arrays: side (+-1), move_bps, log_size, log_dt
+        (0 for the zero-gap bin), dt_us, is_event; specials give side 0 and zeros.
+
+        mode "in_bin" draws each field inside its bin (``binning.py``) from ``rng`` (default:
+        a PCG64 seeded with ``seed``); "median" gives each bin's training median.
+        """
+        if mode not in DECODE_MODES:
+            raise ConfigError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        idx = self.field_indices(tokens)
+        is_event = idx["side"] >= 0
+        rng = rng if rng is not None else np.random.default_rng(seed)
+
+        def values(bins: FieldBins, i: np.ndarray) -> np.ndarray:
+            i = np.maximum(i, 0)
+            if mode == "median" or not bins.quantiles:
+                return np.asarray(bins.representatives, dtype=np.float64)[i]
+            tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
+            return draw_in_bins(i, bins.quantiles, rng, tails, bins.name in LOG_TAIL_FIELDS)
+
+        move, size, dt_log = values(self.move, idx["move"]), values(self.size, idx["size"]), \
+            values(self.dt, idx["dt"])
+        # floor (not round): an in-bin draw below the bin's largest training gap (an
+        # integer number of us) must not round up into the next bin
+        dt_us = np.where(idx["dt"] == 0, 0, np.floor(np.exp(dt_log) + 1e-6)).astype(np.int64)
+        zero = ~is_event
+        return {"side": np.where(zero, 0, np.where(idx["side"] == 1, 1, -1)).astype(np.int8),
+                "move_bps": np.where(zero, 0.0, move), "log_size": np.where(zero, 0.0, size),
+                "log_dt": np.where(zero, 0.0, dt_log), "dt_us": np.where(zero, 0, dt_us),
+                "is_event": is_event}
+
+    def decode(self, tokens: np.ndarray, mode: str = "in_bin", seed: int = 0,
+               rng: np.random.Generator | None = None) -> pl.DataFrame:
+        """Event features per token (see ``decode_fields``); specials give nulls and
+        is_event=False."""
+        f = self.decode_fields(tokens, mode, seed, rng)
+        frame = pl.DataFrame({"side": f["side"], "move_bps": f["move_bps"],
+                              "log_size": f["log_size"], "dt_us": f["dt_us"],
+                              "is_event": f["is_event"]})
+        cols = ["side", "move_bps", "log_size", "dt_us"]
+        return frame.with_columns(
+            [pl.when(pl.col("is_event")).then(pl.col(c)).otherwise(None).alias(c) for c in cols]
+        )
+
+    # --- artifact ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        def bins(b: FieldBins) -> dict:
+            return {"pos_edges": list(b.pos_edges), "neg_edges": list(b.neg_edges),
+                    "zero_bin": b.zero_bin, "has_negative": b.has_negative,
+                    "representatives": list(b.representatives), "n_bins": b.n_bins,
+                    "quantiles": [list(q) for q in b.quantiles],
+                    "tail_low": b.tail_low.to_list() if b.tail_low else None,
+                    "tail_high": b.tail_high.to_list() if b.tail_high else None}
+
+        return {
+            "format": FORMAT,
+            "fields": {name: bins(getattr(self, name)) for name in FIELD_NAMES},
+            "field_order": list(FIELD_NAMES),
+            "special_tokens": {"PAD": self.pad_id, "SEG": self.seg_id},
+            "vocab_size": self.vocab_size,
+            "n_event_tokens": self.n_event_tokens,
+            "config": self.config,
+        }
+
+    @property
+    def hash(self) -> str:
+        """Content hash of the bins (stats and provenance excluded: same bins, same hash).
+
+        Floats enter the hash at 12 significant digits, so float noise (a rolling mean
+        summed in another order) does not make a "different" tokenizer.
+        """
+        return json_hash(_round_floats(self.to_dict()))
+
+    def save(self, path: str | Path, **lineage: object) -> Path:
+        doc = {**self.to_dict(), "hash": self.hash, "stats": self.stats, "lineage": lineage}
+        return write_text_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read tokenizer artifact ({exc})", path) from exc
+        if doc.get("format") == "mega-trading/tokenizer@1":
+            raise DataError("tokenizer@1 artifact has no per-bin quantile tables for in-bin "
+                            f"decoding (this code reads {FORMAT}): run `mega-trading prepare` "
+                            "again", path)
+        if doc.get("format") != FORMAT:
+            raise DataError(f"not a {FORMAT} artifact (format={doc.get('format')!r})", path)
+
+        def tail(value) -> BinTail | None:
+            return BinTail(*value) if value else None
+
+        def bins(name: str) -> FieldBins:
+            b = doc["fields"][name]
+            return FieldBins(name=name, pos_edges=tuple(b["pos_edges"]),
+                             neg_edges=tuple(b["neg_edges"]), zero_bin=b["zero_bin"],
+                             has_negative=b["has_negative"],
+                             representatives=tuple(b["representatives"]),
+                             quantiles=tuple(tuple(q) for q in b.get("quantiles", [])),
+                             tail_low=tail(b.get("tail_low")), tail_high=tail(b.get("tail_high")))
+
+        tok = cls(*(bins(n) for n in FIELD_NAMES), config=doc.get("config", {}),
+                  stats=doc.get("stats", {}))
+        if "hash" in doc and doc["hash"] != tok.hash:
+            raise DataError(f"tokenizer content does not match its recorded hash {doc['hash'][:12]}", path)
+        return tok

@@ -1,0 +1,1 @@
+"""Held-out evaluation: baselines, scoring, backtest, calibration, stylized facts, Hawkes, realism."""

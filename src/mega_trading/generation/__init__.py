@@ -1,0 +1,1 @@
+"""Rollouts: sampling, the one decoder engine (KV cache, sliding window), batch generation."""

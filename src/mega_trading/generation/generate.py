@@ -1,0 +1,459 @@
+"""Synthetic order flow: sample token rollouts from a trained decoder, decode them to trades.
+
+Decoding runs on THE decoder engine, ``engine.DecodeEngine`` (also used by the rollout
+service and the simulator's model source), built on small pure functions around the
+model's preallocated KV cache (in the spirit of gpt-fast), all in ``engine.py`` and
+re-exported here:
+
+* ``prefill(model, cache, prompt)`` runs a whole context once and fills the cache;
+* ``decode_one(model, cache, token, pos)`` feeds one token per rollout (on fused weights:
+  ``decode.decode_step``, fetched once per engine);
+* ``sampling.sample_next(logits, temperature, top_k, top_p, min_p, generator)`` draws the
+  next token (temperature -> top-k -> top-p -> min-p, the order Hugging Face applies them in);
+* ``generate`` loops the engine (``start``, ``sample``, ``feed``) over a batch of
+  rollouts; ``generate_nocache`` is its uncached reference.
+
+Sliding window. RoPE tables (and the cache) stop at ``cache_len <= block_size`` positions,
+so a rollout longer than that cannot keep every token in context. When the cache is full,
+``generate`` keeps the newest ``keep`` tokens (default ``cache_len // 2``), re-prefills
+them at positions ``0 .. keep-1`` and carries on decoding. Positions therefore never pass
+the model's precomputed range, and the context always holds between ``keep`` and
+``cache_len`` tokens, just like a training window, which starts at an arbitrary token too.
+The cost is one prefill of ``keep`` tokens every ``cache_len - keep`` new tokens.
+``generate_nocache`` recomputes the full context window at every step and follows exactly
+the same window schedule, so both paths see the same context and give the same logits
+(it is the reference for tests and the baseline in ``bench/generate.py``).
+
+Special tokens. By the tokenizer contract the specials follow the event tokens, PAD then
+SEG, so for a model of vocabulary V: PAD = V - 2, SEG = V - 1 (``special_ids``). PAD only
+ever fills batches, so it is forbidden by default (its logit is set to -inf before
+sampling); SEG (a new segment: a hole in the data or a long pause) is allowed by default
+and can be forbidden too (``SamplingConfig.forbid_seg``).
+
+Randomness comes only from an explicit, seeded ``torch.Generator`` (on the model's
+device): the same seed gives the same rollouts.
+
+Rollouts file layout (``write_rollouts``; ``RUN/rollouts.parquet`` by default), one row
+per GENERATED token, sorted by (rollout, step); prompts are not repeated:
+
+=================  =======  =====================================================
+column             dtype    meaning
+=================  =======  =====================================================
+``rollout``        Int64    rollout index, 0 .. n-1
+``step``           Int64    index of the generated token within the rollout, 0 ..
+``symbol``         Utf8     symbol of the prompt the rollout continues
+``token``          Int64    the sampled token id
+``is_event``       Boolean  a trade event (False for PAD / SEG)
+``segment_start``  Boolean  SEG was sampled: the model opened a new segment. It is a
+                            marker only: price and time carry on unchanged
+``side``           Int8     +1 taker buy, -1 taker sell (null for specials)
+``move_bps``       Float64  decoded price move in bps (null for specials)
+``log_size``       Float64  decoded log size vs the causal level (null for specials)
+``dt_us``          Int64    decoded µs since the previous event (null for specials)
+``time_us``        Int64    prompt's last real time_us + cumulative dt_us
+``price``          Float64  prompt's last real price, integrated:
+                            price_t = price_{t-1} * (1 + move_bps / 1e4);
+                            specials carry the previous price
+``quote_qty``      Float64  exp(log_size) * size level (null for specials), see below
+=================  =======  =====================================================
+
+Size level. ``log_size`` is ln(notional) minus the causal rolling mean of ln(notional)
+over the previous ``size_window`` trades (``events.py``). A rollout's notional is
+``exp(log_size) * size_level`` with ``size_level`` FIXED at the level that follows the
+prompt's last real event: exp(level_last + (ln q_last - level_last) / size_window), where
+level_last = ln q_last - log_size_last is the level the data used for that event (the
+rolling-mean update, dropping the oldest term's deviation: an error of about 1/size_window
+of a log unit). The level does not drift with the generated sizes; for a bare-SEG prompt
+it is the causal level of the real segment-start event the rollout is anchored to.
+
+Lineage (run, step, tokenizer / manifest hashes, the GenerateConfig with its sampling
+settings and seed, the prompts, provenance) is stored as JSON under the Parquet schema
+metadata key ``mega_trading`` (``read_rollouts`` returns it); for an ``--out`` ending in
+``.csv`` the table is written as CSV with the same JSON in ``<out>.lineage.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+
+from mega_trading.core.config import (
+    PositiveInt,
+    config_dataclass,
+)
+from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.generation.engine import (
+    DecodeEngine,
+    banned_ids,
+    decode_one,
+    prefill,
+    sample_step,
+    special_ids,
+    window_sizes,
+)
+from mega_trading.generation.sampling import SamplingConfig, sample_next
+
+# re-exported: the sampling config lives in sampling.py, the decoding steps in engine.py
+__all__ = ["DecodeEngine", "SamplingConfig", "banned_ids", "decode_one", "prefill",
+           "sample_next", "special_ids"]
+_sample_step = sample_step  # the name tests and older callers use
+PLAIN_SAMPLING = SamplingConfig()  # temperature 1, no truncation
+
+LINEAGE_KEY = b"mega_trading"
+PromptSource = Literal["train", "validation", "backtest", "seg"]
+PROMPT_SOURCES: tuple[str, ...] = typing.get_args(PromptSource)
+DEFAULT_SIZE_WINDOW = 1000  # EventConfig.size_window, if a manifest does not record it
+
+
+@config_dataclass
+class GenerateConfig:
+    n: PositiveInt = 32  # rollouts
+    length: PositiveInt = 512  # new tokens per rollout
+    prompt_from: PromptSource = "backtest"  # a split to draw real prompt windows from, or "seg"
+    prompt_length: PositiveInt = 128  # tokens per real prompt (a "seg" prompt is one SEG token)
+    symbol: str | None = None  # None: symbols drawn in proportion to their windows
+    split: str = "backtest"  # where a "seg" prompt finds its anchor price / time / size
+    seed: int = 0
+    rollouts_per_prompt: PositiveInt = 1  # >1: several rollouts continue each prompt (a fan)
+    batch_size: PositiveInt = 32  # rollouts decoded together
+    keep: int | None = None  # tokens kept when the window slides; None: half the cache
+    # None: the run's measured choice (RUN/sampling.json), else plain sampling; set any
+    # field (e.g. generate.sampling.top_k=16) to choose by hand (sampling.py)
+    sampling: SamplingConfig | None = None
+
+
+# --- decoding steps ---------------------------------------------------------------------
+
+def _setup(model, prompt, n_new, cfg, cache_len, keep, specials):
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ConfigError(f"prompt must be a non-empty [B, T] tensor, got {tuple(prompt.shape)}")
+    if n_new < 0:
+        raise ConfigError(f"n_new must be >= 0, got {n_new}")
+    cache_len, keep = window_sizes(model, cache_len, keep)
+    pad_id, seg_id = specials or special_ids(model.cfg.vocab_size)
+    batch, prompt_len = prompt.shape
+    device = model.tok_embeddings.weight.device
+    tokens = torch.empty(batch, prompt_len + n_new, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = prompt
+    return tokens, cache_len, keep, banned_ids(cfg, pad_id, seg_id)
+
+
+@torch.inference_mode()
+def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = PLAIN_SAMPLING,
+             generator: torch.Generator | None = None, cache_len: int | None = None, *,
+             keep: int | None = None, specials: tuple[int, int] | None = None,
+             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Continue prompt [B, T] by n_new sampled tokens per row -> tokens [B, T + n_new].
+
+    Decodes on a `engine.DecodeEngine` with a KV cache of cache_len (default block_size)
+    positions that slides as the module docstring says; a prompt longer than cache_len is
+    cut to its last cache_len tokens of context. `specials` = (PAD, SEG) ids (default:
+    the contract's); `on_logits(t, logits)` sees the logits that token t is drawn from.
+    """
+    tokens, cache_len, keep, _ = _setup(model, prompt, n_new, cfg, cache_len, keep, specials)
+    engine = DecodeEngine(model, cache_len, keep, specials)
+    end = tokens.shape[1]
+    engine.start(tokens[:, :prompt.shape[1]])
+    for t in range(prompt.shape[1], end):
+        if on_logits is not None:
+            on_logits(t, engine.logits)
+        tokens[:, t] = engine.sample(cfg, generator)
+        if t + 1 < end:
+            engine.feed(tokens[:, t])
+    return tokens
+
+
+@torch.inference_mode()
+def generate_nocache(model, prompt: torch.Tensor, n_new: int,
+                     cfg: SamplingConfig = PLAIN_SAMPLING,
+                     generator: torch.Generator | None = None, cache_len: int | None = None, *,
+                     keep: int | None = None, specials: tuple[int, int] | None = None,
+                     on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """`generate` without a cache: the whole context window is recomputed at every step.
+
+    Same window schedule as `generate`, so with the same generator both draw the same
+    tokens (up to float rounding flipping a near-tie).
+    """
+    tokens, cache_len, keep, banned = _setup(model, prompt, n_new, cfg, cache_len, keep, specials)
+    t0 = prompt.shape[1]
+    start = max(0, t0 - cache_len)
+    for t in range(t0, tokens.shape[1]):
+        if t - start > cache_len:
+            start = t - keep
+        logits = model(tokens[:, start:t])[:, -1]
+        if on_logits is not None:
+            on_logits(t, logits)
+        tokens[:, t] = sample_step(logits, cfg, banned, generator)
+    return tokens
+
+
+# --- prompts ------------------------------------------------------------------------------
+
+def _size_window(shards) -> int:
+    events_cfg = shards.manifest.get("config", {}).get("events", {})
+    return int(events_cfg.get("size_window", DEFAULT_SIZE_WINDOW))
+
+
+def _next_size_level(events: pl.DataFrame, row: int, size_window: int) -> float:
+    """Notional level (quote currency) that the event after events[row] is measured against."""
+    ln_q = math.log(float(events["quote_qty"][row]))
+    level = ln_q - float(events["log_size"][row])
+    return math.exp(level + (ln_q - level) / size_window)
+
+
+def _pick_symbols(shards, split: str, symbol: str | None,
+                  weights_of) -> tuple[list[str], np.ndarray]:
+    if split not in shards.manifest["shards"]:
+        known = sorted(shards.manifest["shards"])
+        raise ConfigError(f"unknown split {split!r}; the data has {known}")
+    names = shards.symbols(split)
+    if symbol is not None:
+        if symbol not in names:
+            raise DataError(f"symbol {symbol} has no {split} shard (it has {names})", shards.root)
+        names = [symbol]
+    weights = np.array([weights_of(s) for s in names], dtype=np.float64)
+    if not names or weights.sum() <= 0:
+        return [], weights
+    return names, weights / weights.sum()
+
+
+def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None,
+                      length: int = 128, n: int = 32,
+                      rng: np.random.Generator | None = None) -> tuple[torch.Tensor, pl.DataFrame]:
+    """n real windows of `length` tokens from one split -> (prompts [n, length], info).
+
+    A window lies wholly inside one (split, symbol) shard; symbols are drawn in proportion
+    to their number of windows, starts uniformly. `info` has one row per prompt: rollout,
+    symbol, split, start_pos (in the shard), length, last_trade_id, last_price,
+    last_time_us (of the last real event at or before the window's end) and size_level.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    if length < 1:
+        raise ConfigError(f"prompt length must be >= 1, got {length}")
+    # Each shard opens with SEG, so a window must end past position 1 to hold an event.
+    lowest = max(0, 2 - length)
+
+    def n_starts(s: str) -> int:
+        return max(0, shards.n_tokens(split, s) - length + 1 - lowest)
+
+    names, weights = _pick_symbols(shards, split, symbol, n_starts)
+    if not names:
+        raise DataError(f"no {split} shard holds a prompt window of {length} tokens", shards.root)
+    size_window = _size_window(shards)
+    which = rng.choice(len(names), size=n, p=weights)
+    rows, info = [], []
+    segs: dict[str, np.ndarray] = {}  # SEG positions per shard: the event index of a token
+    for i, k in enumerate(which):
+        name = names[k]
+        if name not in segs:
+            segs[name] = shards.seg_positions(split, name)
+        start = lowest + int(rng.integers(n_starts(name)))
+        rows.append(np.asarray(shards.tokens(split, name)[start:start + length], dtype=np.int64))
+        # The last real event in the window, read alone (never the whole split).
+        last = shards.event_at_token(split, name, start + length - 1, segs[name])
+        info.append({
+            "rollout": i, "symbol": name, "split": split, "start_pos": start, "length": length,
+            "last_trade_id": int(last["trade_id"][0]),
+            "last_price": float(last["price"][0]),
+            "last_time_us": int(last["time_us"][0]),
+            "size_level": _next_size_level(last, 0, size_window),
+        })
+    return torch.from_numpy(np.stack(rows)), pl.DataFrame(info)
+
+
+def seg_prompts(shards, split: str = "backtest", symbol: str | None = None, n: int = 32,
+                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, pl.DataFrame]:
+    """n bare one-token prompts [[SEG]] -> (prompts [n, 1], info like `prompt_from_split`).
+
+    With no real context, each rollout is anchored to a randomly drawn real segment start
+    of the split: its price, time and causal size level (start_pos is the SEG's position).
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    seg_id = shards.tokenizer.seg_id
+
+    def first_events(s: str) -> pl.DataFrame:
+        tokens = np.asarray(shards.tokens(split, s))
+        events = shards.events(split, s)
+        after_seg = tokens[np.asarray(events["token_pos"].to_numpy()) - 1] == seg_id
+        return events.filter(pl.Series(after_seg))
+
+    anchors = {}
+    names, weights = _pick_symbols(shards, split, symbol,
+                                   lambda s: anchors.setdefault(s, first_events(s)).height)
+    if not names:
+        raise DataError(f"no {split} shard holds an event to anchor a SEG prompt", shards.root)
+    info = []
+    for i, k in enumerate(rng.choice(len(names), size=n, p=weights)):
+        events = anchors[names[k]]
+        row = int(rng.integers(events.height))
+        level = math.exp(math.log(float(events["quote_qty"][row])) - float(events["log_size"][row]))
+        info.append({
+            "rollout": i, "symbol": names[k], "split": split,
+            "start_pos": int(events["token_pos"][row]) - 1, "length": 1,
+            "last_trade_id": int(events["trade_id"][row]),
+            "last_price": float(events["price"][row]),
+            "last_time_us": int(events["time_us"][row]),
+            "size_level": level,
+        })
+    return torch.full((n, 1), seg_id, dtype=torch.long), pl.DataFrame(info)
+
+
+# --- tokens -> events -------------------------------------------------------------------
+
+def rollouts_to_events(tokens_new, tokenizer, start_price, start_time_us, symbol,
+                       size_level=None, decode_seed: int = 0,
+                       decode_mode: str = "in_bin") -> pl.DataFrame:
+    """Generated tokens [B, n] -> one row per token (layout in the module docstring).
+
+    start_price, start_time_us, symbol and size_level are scalars or one value per rollout;
+    without size_level, quote_qty is null. Tokens decode inside their bins (seeded with
+    ``decode_seed``), or to the bin medians with ``decode_mode="median"``.
+    """
+    if isinstance(tokens_new, torch.Tensor):
+        tokens_new = tokens_new.detach().to("cpu").numpy()
+    tokens = np.asarray(tokens_new, dtype=np.int64)
+    if tokens.ndim != 2:
+        raise ConfigError(f"tokens_new must be [B, n], got shape {tokens.shape}")
+    n_roll, n_step = tokens.shape
+    # refuses ids outside the vocabulary
+    decoded = tokenizer.decode(tokens.reshape(-1), mode=decode_mode, seed=decode_seed)
+
+    def per_rollout(value, dtype) -> np.ndarray:
+        return np.broadcast_to(np.asarray(value, dtype=dtype), (n_roll,))[:, None]
+
+    def grid(column: str, fill: float) -> np.ndarray:
+        return decoded[column].fill_null(fill).to_numpy().astype(np.float64).reshape(n_roll, n_step)
+
+    growth = np.cumprod(1.0 + grid("move_bps", 0.0) / 1e4, axis=1)
+    price = per_rollout(start_price, np.float64) * growth
+    elapsed = np.cumsum(grid("dt_us", 0).astype(np.int64), axis=1)
+    time_us = per_rollout(start_time_us, np.int64) + elapsed
+    is_event = decoded["is_event"].to_numpy()
+    level = np.nan if size_level is None else size_level
+    quote_qty = (np.exp(grid("log_size", 0.0)) * per_rollout(level, np.float64)).reshape(-1)
+    quote_qty = np.where(is_event, quote_qty, np.nan)
+    symbols = np.broadcast_to(np.asarray(symbol, dtype=object), (n_roll,))
+    frame = pl.DataFrame({
+        "rollout": np.repeat(np.arange(n_roll, dtype=np.int64), n_step),
+        "step": np.tile(np.arange(n_step, dtype=np.int64), n_roll),
+        "symbol": pl.Series(np.repeat(symbols, n_step).tolist(), dtype=pl.Utf8),
+        "token": tokens.reshape(-1),
+        "is_event": is_event,
+        "segment_start": tokens.reshape(-1) == tokenizer.seg_id,
+    })
+    return pl.concat([frame, decoded.drop("is_event")], how="horizontal").with_columns(
+        time_us=pl.Series(time_us.reshape(-1), dtype=pl.Int64),
+        price=pl.Series(price.reshape(-1)),
+        quote_qty=pl.Series(quote_qty).fill_nan(None),
+    )
+
+
+# --- whole runs and files ------------------------------------------------------------------
+
+def make_prompts(shards, cfg: GenerateConfig,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, pl.DataFrame]:
+    """n prompts: ceil(n / rollouts_per_prompt) distinct ones, each repeated in a row."""
+    distinct = -(-cfg.n // cfg.rollouts_per_prompt)
+    if cfg.prompt_from == "seg":
+        prompts, info = seg_prompts(shards, cfg.split, cfg.symbol, distinct, rng)
+    else:
+        prompts, info = prompt_from_split(shards, cfg.prompt_from, cfg.symbol, cfg.prompt_length,
+                                          distinct, rng)
+    if cfg.rollouts_per_prompt == 1:
+        return prompts, info
+    rows = np.repeat(np.arange(distinct), cfg.rollouts_per_prompt)[:cfg.n]
+    info = info[rows].with_columns(prompt_id=pl.Series(rows))
+    if "rollout" in info.columns:  # one row per rollout, numbered 0..n-1 like the rollouts
+        info = info.with_columns(rollout=pl.Series(np.arange(cfg.n, dtype=np.int64)))
+    return prompts[torch.from_numpy(rows)], info
+
+
+def generate_rollouts(model, shards, cfg: GenerateConfig,
+                      on_batch: Callable[[int, int], None] | None = None,
+                      sampling: SamplingConfig | None = None
+                      ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Prompts from `shards`, cached sampling in batches -> (rollout events, prompt info).
+
+    `sampling`: the resolved settings (`sampling.resolve_sampling`); default cfg.sampling,
+    else the built-in default. Deterministic in cfg.seed: prompts come from numpy's
+    PCG64(seed), tokens from a torch.Generator seeded with it on the model's device, the
+    in-bin decoding from PCG64(seed).
+    """
+    sampling = sampling or cfg.sampling or SamplingConfig()
+    if model.cfg.vocab_size != shards.vocab_size:
+        raise DataError(f"model vocabulary {model.cfg.vocab_size} != tokenizer vocabulary "
+                        f"{shards.vocab_size}", shards.root)
+    tokenizer = shards.tokenizer
+    prompts, info = make_prompts(shards, cfg, np.random.default_rng(cfg.seed))
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    new_tokens = []
+    for lo in range(0, cfg.n, cfg.batch_size):
+        batch = prompts[lo:lo + cfg.batch_size].to(device)
+        out = generate(model, batch, cfg.length, sampling, generator, keep=cfg.keep,
+                       specials=(tokenizer.pad_id, tokenizer.seg_id))
+        new_tokens.append(out[:, batch.shape[1]:].cpu())
+        if on_batch is not None:
+            on_batch(min(lo + cfg.batch_size, cfg.n), cfg.n)
+    events = rollouts_to_events(torch.cat(new_tokens), tokenizer, info["last_price"].to_numpy(),
+                                info["last_time_us"].to_numpy(), info["symbol"].to_list(),
+                                info["size_level"].to_numpy(), decode_seed=cfg.seed)
+    return events, info
+
+
+def write_rollouts(frame: pl.DataFrame, path: str | Path, lineage: dict[str, Any]) -> Path:
+    """Atomically write rollouts: Parquet with lineage in its metadata, or (for a .csv
+    path) CSV plus `<path>.lineage.json`."""
+    from mega_trading.core.lineage import atomic_path, write_json_atomic
+
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with atomic_path(path) as tmp:
+            frame.write_csv(tmp)
+        write_json_atomic(path.with_name(path.name + ".lineage.json"), lineage)
+        return path
+    import pyarrow.parquet as pq
+
+    table = frame.to_arrow()
+    metadata = {**(table.schema.metadata or {}),
+                LINEAGE_KEY: json.dumps(lineage, sort_keys=True, default=str).encode()}
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
+    return path
+
+
+def read_rollouts(path: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """(rollouts, lineage) from a file written by `write_rollouts`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("rollouts file does not exist", path)
+    if path.suffix.lower() == ".csv":
+        sidecar = path.with_name(path.name + ".lineage.json")
+        lineage = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        return pl.read_csv(path), lineage
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    lineage = json.loads(metadata[LINEAGE_KEY]) if LINEAGE_KEY in metadata else {}
+    return pl.read_parquet(path), lineage
+
+
+def rollout_lineage(cfg: GenerateConfig, shards, prompts: pl.DataFrame,
+                    **extra: Any) -> dict[str, Any]:
+    """What a rollouts file records about how it was made."""
+    from mega_trading.core.config import to_dict
+    from mega_trading.core.lineage import provenance
+
+    return provenance(
+        stage="generate", tokenizer_hash=shards.tokenizer_hash,
+        manifest_hash=shards.manifest_hash, data_dir=str(Path(shards.root).resolve()),
+        config=to_dict(cfg), seed=cfg.seed, prompts=prompts.to_dicts(), **extra,
+    )

@@ -1,0 +1,1 @@
+"""Training: the loop, Muon + AdamW, device/precision helpers, DDP/FSDP2, MLflow tracking."""

@@ -116,7 +116,7 @@ def bench_serve(serve, run: Path, data: Path, args, log_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.model.checkpoint import load_model
 
     args = parse_args(argv)

@@ -119,7 +119,7 @@ def make_batches(args, vocab: int, seq: int, shards=None) -> list[tuple[torch.Te
     """warmup + steps host batches (x, y), identical for every toggle."""
     count = args.warmup + args.steps
     if shards is not None:
-        from mega_trading.data.dataset import WindowSampler
+        from mega_trading.data.windows import WindowSampler
 
         sampler = WindowSampler(shards, "train", seq, args.batch, seed=args.seed)
         return [sampler.next_batch()[:2] for _ in range(count)]
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = None
     vocab = args.vocab
     if args.data is not None:
-        from mega_trading.data.dataset import ShardSet
+        from mega_trading.data.shards import ShardSet
 
         shards = ShardSet.open(args.data)
         vocab = shards.vocab_size

@@ -70,7 +70,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rows": n}))
 
 PREPARE = """
 import sys, time, json
-from mega_trading.data.dataset import PrepareConfig, prepare
+from mega_trading.data.prepare import PrepareConfig, prepare
 t = time.perf_counter()
 m = prepare(sys.argv[3:], sys.argv[1], PrepareConfig(workers=int(sys.argv[2])))
 n = sum(i["n_events"] for s in m["shards"].values() for i in s.values())

@@ -25,7 +25,7 @@ import polars as pl
 
 def main(argv: list[str] | None = None) -> dict:
     from mega_trading.core.config import from_dict
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.eval.facts import FactsConfig, baseline_rollouts, scorecard, tokenized_real
     from mega_trading.eval.realism import headline
     from mega_trading.generation.generate import GenerateConfig, generate_rollouts

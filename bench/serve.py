@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_run(root: Path, preset: str) -> tuple[Path, Path]:
     from mega_trading.data.bundled import sample_files
-    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
     from mega_trading.train.loop import TrainConfig, train
 
     data, run = root / "data", root / "run"

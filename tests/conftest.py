@@ -36,7 +36,7 @@ def sample_trade_zips() -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory, sample_trade_zips) -> Path:
     """The bundled sample prepared with 32-token blocks: shared, read-only test data."""
-    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("tiny_data") / "data"
     prepare(sample_trade_zips, out, PrepareConfig(block_size=32, stride=16, workers=1))

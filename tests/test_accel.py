@@ -259,7 +259,7 @@ TRAIN_BASE = {"model": {k: v for k, v in TINY.items() if k != "block_size"}, "bl
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, sample_trade_zips) -> Path:
-    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("accel_data") / "data"
     prepare(sample_trade_zips[:1], out, PrepareConfig(block_size=16, stride=16, workers=1))

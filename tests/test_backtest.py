@@ -14,8 +14,10 @@ import torch
 from mega_trading.cli import main
 from mega_trading.core.config import from_dict, to_dict
 from mega_trading.core.errors import ArtifactMismatchError
-from mega_trading.data.dataset import PrepareConfig, ShardSet, WindowSampler, prepare
+from mega_trading.data.prepare import PrepareConfig, prepare
+from mega_trading.data.shards import ShardSet
 from mega_trading.data.tokenizer import TokenizerConfig
+from mega_trading.data.windows import WindowSampler
 from mega_trading.eval.backtest import BacktestConfig, fit_train_baselines, run_backtest
 
 BLOCK = 32

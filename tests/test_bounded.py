@@ -12,13 +12,10 @@ import polars as pl
 import pytest
 
 from mega_trading.data.bundled import bundled_dir
-from mega_trading.data.dataset import (
-    PrepareConfig,
-    ShardSet,
-    expand_inputs,
-    prepare,
-    window_plan,
-)
+from mega_trading.data.parts import expand_inputs
+from mega_trading.data.prepare import PrepareConfig, prepare
+from mega_trading.data.shards import ShardSet
+from mega_trading.data.windows import window_plan
 from mega_trading.eval.facts import DISTRIBUTIONS, FactsConfig, scorecard
 from mega_trading.eval.hawkes import CompoundHawkes
 

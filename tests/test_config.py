@@ -226,7 +226,7 @@ def test_demo_sets_block_size_once():
 
 
 def test_train_reads_block_size_from_the_data(tiny_data_dir, tmp_path):
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.train.loop import TrainConfig, _model_config
 
     shards = ShardSet.open(tiny_data_dir)

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from mega_trading.core.errors import DataError
-from mega_trading.data.dataset import (
-    SPLITS,
-    PrepareConfig,
-    ShardSet,
-    WindowSampler,
-    prepare,
-    sequential_windows,
-    window_starts,
-)
+from mega_trading.data.prepare import PrepareConfig, prepare
+from mega_trading.data.shards import SPLITS, ShardSet
 from mega_trading.data.tokenizer import Tokenizer
+from mega_trading.data.windows import WindowSampler, sequential_windows, window_starts
 
 CFG = PrepareConfig(block_size=64, stride=32, workers=1)
 

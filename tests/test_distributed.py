@@ -32,7 +32,7 @@ STEPS = 6
 def data_dir(tmp_path_factory, sample_trade_zips):
     """The bundled sample prepared with 16-token blocks: block_size is the data's (one
     setting per run), and 16 keeps these multi-process runs short."""
-    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("ddp_data") / "data"
     prepare(sample_trade_zips, out, PrepareConfig(block_size=16, stride=16, workers=1))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mega_trading.core.errors import ConfigError, DataError
-from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.data.prepare import PrepareConfig, prepare
+from mega_trading.data.shards import ShardSet
 from mega_trading.data.tokenizer import FieldBins, Tokenizer
 from mega_trading.generation.generate import (
     GenerateConfig,
@@ -446,7 +447,8 @@ def test_cli_generate_refuses_other_data(run_dir, tmp_path, sample_trade_zips, c
 def test_rollouts_per_prompt_make_a_fan(tmp_path):
     """Several rollouts continue the same real prompt, so the report can draw a fan."""
     from mega_trading.data.bundled import sample_files
-    from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
+    from mega_trading.data.shards import ShardSet
     from mega_trading.generation.generate import GenerateConfig, make_prompts
 
     prepare(sample_files("trades"), tmp_path / "d", PrepareConfig(block_size=64, stride=32, workers=1))

@@ -24,7 +24,8 @@ CHARTS = ("split-timeline", "calendar", "loss", "throughput", "lr", "backtest-nl
 def build_run(root: Path) -> tuple[Path, Path]:
     """prepare -> train -> backtest -> generate -> facts -> simulate, all real stage code."""
     from mega_trading.data.bundled import sample_files
-    from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
+    from mega_trading.data.shards import ShardSet
     from mega_trading.eval.backtest import run_backtest
     from mega_trading.eval.facts import FactsConfig, run_facts
     from mega_trading.generation.generate import (

@@ -25,7 +25,7 @@ ROWS = 4
 def build_tiny_run(root: Path) -> tuple[Path, Path]:
     """A prepared copy of the bundled sample and a 2-step tiny run trained on it."""
     from mega_trading.data.bundled import sample_files
-    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
     from mega_trading.train.loop import TrainConfig, train
 
     data, run = root / "data", root / "run"
@@ -73,7 +73,7 @@ def test_healthz(client):
 
 def test_model_card_describes_the_run(client, tiny_run):
     from mega_trading.core.lineage import sha256_file
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.model.checkpoint import checkpoint_path
 
     run, data = tiny_run
@@ -198,7 +198,7 @@ def test_rollout_by_events_encodes_them_after_a_segment_start(client):
 
 
 def test_rollout_by_named_window(client, tiny_run):
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
 
     shards = ShardSet.open(tiny_run[1])
     tokens = np.asarray(shards.tokens("validation", "BTCUSDT"))
@@ -230,7 +230,7 @@ def test_rollout_by_named_window(client, tiny_run):
 
 def test_a_request_without_a_prompt_starts_a_segment(client, tiny_run):
     """The beginning-of-sequence seed: one SEG token, anchored at a real segment start."""
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
 
     seg = service_of(client).tokenizer.seg_id
     bare = post(client, {"n": 2, "length": 12, "seed": 4})
@@ -526,7 +526,7 @@ def test_named_windows_need_data(tiny_run, tmp_path):
 def test_mismatched_data_is_refused_at_startup(tiny_run, tmp_path):
     from mega_trading.core.errors import ArtifactMismatchError
     from mega_trading.data.bundled import sample_files
-    from mega_trading.data.dataset import PrepareConfig, prepare
+    from mega_trading.data.prepare import PrepareConfig, prepare
 
     other = tmp_path / "other"
     prepare(sample_files("trades")[:1], other, PrepareConfig(block_size=BLOCK, stride=32, workers=1))

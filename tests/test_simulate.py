@@ -12,7 +12,8 @@ import torch
 
 from mega_trading.core.config import from_dict, to_dict
 from mega_trading.core.errors import ConfigError
-from mega_trading.data.dataset import PrepareConfig, ShardSet, prepare
+from mega_trading.data.prepare import PrepareConfig, prepare
+from mega_trading.data.shards import ShardSet
 from mega_trading.model.transformer import ModelConfig, Transformer
 from mega_trading.simulate import (
     Episode,
@@ -28,7 +29,7 @@ from mega_trading.simulate import (
     simulate_episodes,
 )
 from mega_trading.simulate.policies import make_policy
-from mega_trading.simulate.sources import _candidates, _tapes, size_window_of
+from mega_trading.simulate.sources import _candidates, _tapes
 
 # --- a hand-built tape: 4 events of history at 100, then 6 known trades, one per second ----
 
@@ -175,7 +176,7 @@ def run_model_batch(shards, model, policy: PolicyConfig, cfg: SimConfig, seed: i
     tapes, starts = pick_starts(shards, cfg, policy.horizon_s, seed)
     source = ModelSourceFactory(model, shards, tapes, starts, cfg)(range(cfg.episodes), seed)
     episodes = [Episode(s, policy.sign, policy.qty, policy.horizon_us, cfg.impact, cfg.queue,
-                        cfg.impact_lags, size_window_of(shards),
+                        cfg.impact_lags, shards.size_window,
                         source.encode if cfg.closed_loop else None) for s in source.starts]
     run_batch(source, episodes, [make_policy(policy) for _ in episodes], cfg.max_events)
     return source, episodes
@@ -184,7 +185,7 @@ def run_model_batch(shards, model, policy: PolicyConfig, cfg: SimConfig, seed: i
 def simulate_model(shards, model, policy: PolicyConfig, cfg: SimConfig, seed: int = 0):
     tapes, starts = pick_starts(shards, cfg, policy.horizon_s, seed)
     factory = ModelSourceFactory(model, shards, tapes, starts, cfg)
-    return simulate_episodes(factory, policy, cfg, seed, size_window_of(shards))
+    return simulate_episodes(factory, policy, cfg, seed, shards.size_window)
 
 
 TWAP = PolicyConfig(kind="twap", qty=2.0, horizon_s=2.0, slices=4)

@@ -14,7 +14,7 @@ import torch
 
 from mega_trading.core.config import apply_overrides, from_dict
 from mega_trading.core.errors import ConfigError
-from mega_trading.data.dataset import ShardSet
+from mega_trading.data.shards import ShardSet
 from mega_trading.train.loop import NonFiniteLossError, TrainConfig, lr_scale, resolve_config, train
 
 TINY = {"n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 64}

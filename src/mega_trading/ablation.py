@@ -113,7 +113,7 @@ def sampling_variant(run_cfg: RunConfig, name: str, console: Console) -> Path:
     the facts.json (the cell's own for "measured")."""
     import dataclasses
 
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.eval.facts import run_facts
     from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
     from mega_trading.generation.sampling import resolve_sampling

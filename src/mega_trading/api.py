@@ -24,7 +24,7 @@ from torch import nn
 
 from mega_trading.core.config import from_dict
 from mega_trading.core.errors import DataError
-from mega_trading.data.dataset import ShardSet
+from mega_trading.data.shards import ShardSet
 from mega_trading.data.tokenizer import Tokenizer
 from mega_trading.eval.backtest import BacktestConfig, run_backtest
 from mega_trading.generation.generate import GenerateConfig, generate_rollouts

@@ -196,7 +196,7 @@ def prepare(
 ) -> None:
     """Raw trades -> events -> tokenizer (train split only) -> chronological token shards."""
     from mega_trading.data.bundled import sample_files
-    from mega_trading.data.dataset import prepare as run_prepare
+    from mega_trading.data.prepare import prepare as run_prepare
 
     # Data encoded with a reused tokenizer is new data to score: all of it to backtest.
     base = {"splits": [0, 0, 1]} if tokenizer is not None and not split_times else None
@@ -402,7 +402,7 @@ def generate(
     overrides: List[str] = set_option(),
 ) -> None:
     """Sample synthetic order flow from a trained model and decode it to trades."""
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
     from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
     from mega_trading.model.checkpoint import load_model

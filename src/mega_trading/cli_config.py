@@ -50,7 +50,7 @@ class BookOptions:
 COMMANDS: dict[str, tuple[str, str | None]] = {
     "download": ("mega_trading.data.ingest.download:DownloadConfig", None),
     "ingest": ("mega_trading.cli_config:IngestOptions", None),
-    "prepare": ("mega_trading.data.dataset:PrepareConfig", "prepare"),
+    "prepare": ("mega_trading.data.prepare:PrepareConfig", "prepare"),
     "train": ("mega_trading.train.loop:TrainConfig", "train"),
     "export-hf": ("mega_trading.cli_config:ExportOptions", None),
     "backtest": ("mega_trading.eval.backtest:BacktestConfig", "backtest"),

@@ -31,7 +31,7 @@ from mega_trading.core.config import (
 )
 from mega_trading.core.lineage import read_json, sha256_file
 from mega_trading.core.stages import Stage, code_identity, run_stages, stamp_path
-from mega_trading.data.dataset import PrepareConfig
+from mega_trading.data.prepare import PrepareConfig
 from mega_trading.eval.backtest import BacktestConfig
 from mega_trading.eval.calibrate import CalibrateConfig
 from mega_trading.eval.facts import FactsConfig
@@ -98,7 +98,7 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 def _input_files(cfg: RunConfig) -> list[Path]:
     from mega_trading.data.bundled import resolve_input, sample_files
-    from mega_trading.data.dataset import expand_inputs
+    from mega_trading.data.parts import expand_inputs
 
     if cfg.inputs:
         return expand_inputs([resolve_input(item) for item in cfg.inputs])
@@ -122,7 +122,8 @@ def _file_identity(path: Path) -> str | None:
 # The modules that implement each stage: a change to their source reruns it (stages.py).
 STAGE_SOURCES = {
     "prepare": ("mega_trading.data.ingest", "mega_trading.data.events", "mega_trading.data.tokenizer",
-                "mega_trading.data.binning", "mega_trading.data.dataset"),
+                "mega_trading.data.binning", "mega_trading.data.windows", "mega_trading.data.shards",
+                "mega_trading.data.parts", "mega_trading.data.prepare"),
     "train": ("mega_trading.model.transformer", "mega_trading.model.kernels", "mega_trading.train.accel",
               "mega_trading.train.optim", "mega_trading.train.loop", "mega_trading.model.checkpoint",
               "mega_trading.train.distributed"),
@@ -152,7 +153,7 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         return read_json(manifest)["manifest_hash"] if manifest.is_file() else None
 
     def do_prepare() -> None:
-        from mega_trading.data.dataset import prepare
+        from mega_trading.data.prepare import prepare
 
         prepare(files, data, cfg.prepare, show_progress=True)
 
@@ -196,7 +197,7 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         run_backtest(run, data, cfg.backtest_split, None, cfg.backtest, log=console.print)
 
     def do_generate() -> None:
-        from mega_trading.data.dataset import ShardSet
+        from mega_trading.data.shards import ShardSet
         from mega_trading.generation.generate import (
             generate_rollouts,
             rollout_lineage,

@@ -586,7 +586,7 @@ class RolloutService:
     def _open_data(self, data_dir: str | Path | None):
         """The prepared data: as given (a mismatch is an error), else the run's own if it
         still exists and matches (else None: named windows are then unavailable)."""
-        from mega_trading.data.dataset import ShardSet
+        from mega_trading.data.shards import ShardSet
 
         if data_dir is not None:
             return ShardSet.open(data_dir)
@@ -722,8 +722,6 @@ class RolloutService:
     def _window(self, ref: WindowRef) -> tuple[np.ndarray, Anchor]:
         """Tokens of a named window and the last real trade at or before its end (the same
         anchor rule as generate.prompt_from_split), read alone."""
-        from mega_trading.generation.generate import _next_size_level, _size_window
-
         tokens, segs = self._shard(ref.split, ref.symbol)
         n_tokens = len(tokens)
         length = ref.length or min(DEFAULT_WINDOW, self.block_size, n_tokens)
@@ -732,15 +730,14 @@ class RolloutService:
             raise ServeError(f"window [{start}, {start + length}) does not fit in the "
                              f"{ref.split} {ref.symbol} shard of {n_tokens} tokens")
         try:
-            last = self.shards.event_at_token(ref.split, ref.symbol, start + length - 1, segs)
+            prompt, last = self.shards.window(ref.split, ref.symbol, start, length, segs)
         except DataError:
             raise ServeError(f"window [{start}, {start + length}) holds no trade to start "
                              "from") from None
-        anchor = Anchor("window", price=float(last["price"][0]),
-                        time_us=int(last["time_us"][0]),
-                        size_level=_next_size_level(last, 0, _size_window(self.shards)),
-                        split=ref.split, symbol=ref.symbol, start=start)
-        return np.asarray(tokens[start:start + length], dtype=np.int64), anchor
+        anchor = Anchor("window", price=last.price, time_us=last.time_us,
+                        size_level=last.size_level, split=ref.split, symbol=ref.symbol,
+                        start=start)
+        return prompt, anchor
 
     def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The response body: decoded rollouts, the prompt, provenance."""

@@ -98,7 +98,7 @@ def run_backtest(
     ``max_tokens`` keeps the first N tokens of each symbol's shard (a quick look; the
     full split is the honest number). The JSON goes to ``out`` (default RUN/backtest.json).
     """
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.model.checkpoint import load_model
 
     log = log or (lambda _msg: None)

@@ -56,7 +56,7 @@ def collect_logits(model, shards, split: str, max_positions: int,
                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N, V] float32, targets [N]) of the event targets of `split`, each scored
     once with maximal past context (``dataset.sequential_windows``)."""
-    from mega_trading.data.dataset import sequential_windows
+    from mega_trading.data.windows import sequential_windows
 
     n_event = shards.tokenizer.n_event_tokens
     rows: list[torch.Tensor] = []
@@ -133,7 +133,7 @@ def run_calibration(run_dir: str | Path, data_dir: str | Path, cfg: CalibrateCon
                     device: str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load the run's model, calibrate, write RUN/calibration.json."""
     from mega_trading.core.config import to_dict
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.model.checkpoint import load_model
 
     shards = ShardSet.open(data_dir)

@@ -687,7 +687,7 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
               cfg: FactsConfig = FactsConfig(on_degenerate="flag"), seed: int = 0,
               gen_cfg: Any = None) -> dict[str, Any]:
     """facts.json: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.generation.generate import GenerateConfig, read_rollouts
 
     shards = ShardSet.open(data_dir)

@@ -148,7 +148,7 @@ def run_sampling_search(run_dir: str | Path, data_dir: str | Path, cfg: Sampling
     """Load the run's model and write RUN/sampling.json."""
     from mega_trading.core.config import to_dict
     from mega_trading.core.lineage import provenance, read_json, write_json_atomic
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
     from mega_trading.eval.calibrate import CALIBRATION_FILE
     from mega_trading.model.checkpoint import load_model
 

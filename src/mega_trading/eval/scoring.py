@@ -256,7 +256,7 @@ def iter_model_scores(
     """
     import torch
 
-    from mega_trading.data.dataset import sequential_windows
+    from mega_trading.data.windows import sequential_windows
 
     block_size = block_size or model.cfg.block_size
     if device is None:

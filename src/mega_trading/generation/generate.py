@@ -110,7 +110,6 @@ PLAIN_SAMPLING = SamplingConfig()  # temperature 1, no truncation
 LINEAGE_KEY = b"mega_trading"
 PromptSource = Literal["train", "validation", "backtest", "seg"]
 PROMPT_SOURCES: tuple[str, ...] = typing.get_args(PromptSource)
-DEFAULT_SIZE_WINDOW = 1000  # EventConfig.size_window, if a manifest does not record it
 
 
 @config_dataclass
@@ -197,18 +196,6 @@ def generate_nocache(model, prompt: torch.Tensor, n_new: int,
 
 # --- prompts ------------------------------------------------------------------------------
 
-def _size_window(shards) -> int:
-    events_cfg = shards.manifest.get("config", {}).get("events", {})
-    return int(events_cfg.get("size_window", DEFAULT_SIZE_WINDOW))
-
-
-def _next_size_level(events: pl.DataFrame, row: int, size_window: int) -> float:
-    """Notional level (quote currency) that the event after events[row] is measured against."""
-    ln_q = math.log(float(events["quote_qty"][row]))
-    level = ln_q - float(events["log_size"][row])
-    return math.exp(level + (ln_q - level) / size_window)
-
-
 def _pick_symbols(shards, split: str, symbol: str | None,
                   weights_of) -> tuple[list[str], np.ndarray]:
     if split not in shards.manifest["shards"]:
@@ -247,7 +234,6 @@ def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None
     names, weights = _pick_symbols(shards, split, symbol, n_starts)
     if not names:
         raise DataError(f"no {split} shard holds a prompt window of {length} tokens", shards.root)
-    size_window = _size_window(shards)
     which = rng.choice(len(names), size=n, p=weights)
     rows, info = [], []
     segs: dict[str, np.ndarray] = {}  # SEG positions per shard: the event index of a token
@@ -256,15 +242,12 @@ def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None
         if name not in segs:
             segs[name] = shards.seg_positions(split, name)
         start = lowest + int(rng.integers(n_starts(name)))
-        rows.append(np.asarray(shards.tokens(split, name)[start:start + length], dtype=np.int64))
-        # The last real event in the window, read alone (never the whole split).
-        last = shards.event_at_token(split, name, start + length - 1, segs[name])
+        tokens, anchor = shards.window(split, name, start, length, segs[name])
+        rows.append(tokens)
         info.append({
             "rollout": i, "symbol": name, "split": split, "start_pos": start, "length": length,
-            "last_trade_id": int(last["trade_id"][0]),
-            "last_price": float(last["price"][0]),
-            "last_time_us": int(last["time_us"][0]),
-            "size_level": _next_size_level(last, 0, size_window),
+            "last_trade_id": anchor.trade_id, "last_price": anchor.price,
+            "last_time_us": anchor.time_us, "size_level": anchor.size_level,
         })
     return torch.from_numpy(np.stack(rows)), pl.DataFrame(info)
 

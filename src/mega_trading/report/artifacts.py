@@ -46,7 +46,7 @@ class Artifacts:
     def shards(self):
         """ShardSet of the data dir (real events for the charts), or None."""
         if self._shards is None and self.data_dir is not None and self.manifest is not None:
-            from mega_trading.data.dataset import ShardSet
+            from mega_trading.data.shards import ShardSet
 
             try:
                 self._shards = ShardSet.open(self.data_dir)

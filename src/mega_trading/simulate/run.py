@@ -20,7 +20,6 @@ from mega_trading.simulate.sources import (
     NoStartError,
     ReplaySourceFactory,
     pick_starts,
-    size_window_of,
 )
 
 FORMAT = "mega-trading/simulate@1"
@@ -64,7 +63,7 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
                    scenario_file: str | Path | None = None,
                    log: Callable[[str], None] | None = None) -> dict:
     """Simulate every policy on the same seeded starts; write `out` (if given), return it."""
-    from mega_trading.data.dataset import ShardSet
+    from mega_trading.data.shards import ShardSet
 
     log = log or (lambda _msg: None)
     if cfg.source == "model" and run_dir is None:
@@ -107,7 +106,7 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
     for name, policy in policies.items():
         began = time.perf_counter()
         results[name] = simulate_episodes(
-            factory, policy, cfg, seed, size_window_of(shards),
+            factory, policy, cfg, seed, shards.size_window,
             on_batch=lambda done, total, name=name: log(f"{name}: {done}/{total} episodes"))
         timing[name] = time.perf_counter() - began
     first = next(iter(results.values()))

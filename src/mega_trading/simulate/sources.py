@@ -66,11 +66,6 @@ class EventSource(Protocol):
     def encode(self, side: int, move_bps: float, log_size: float, dt_us: int) -> int: ...
 
 
-def size_window_of(shards) -> int:
-    events_cfg = shards.manifest.get("config", {}).get("events", {})
-    return int(events_cfg.get("size_window", DEFAULT_SIZE_WINDOW))
-
-
 # --- the model -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -256,7 +251,7 @@ def _tapes(shards, split: str, symbol: str | None, cfg: SimConfig, seed: int = 0
 
 
 def _window_tapes(shards, split: str, names: list[str], cfg: SimConfig, seed: int) -> list[Tape]:
-    from mega_trading.data.dataset import window_plan
+    from mega_trading.data.windows import window_plan
 
     ranges = {name: tuple(shards.manifest["shards"][split][name]["rows"]) for name in names}
     segs = {name: shards.seg_positions(split, name) for name in names}
@@ -317,7 +312,7 @@ def pick_starts(shards, cfg: SimConfig, horizon_s: float,
         which, rows, vols = which[keep], rows[keep], vols[keep]
     rng = np.random.default_rng([seed, 1])
     picks = rng.choice(len(rows), size=cfg.episodes, replace=len(rows) < cfg.episodes)
-    size_window = size_window_of(shards)
+    size_window = shards.size_window
     chosen = [tapes[which[i]] for i in picks]
     starts = [tape.start_state(int(rows[i]), cfg.impact.window_events, size_window, float(vols[i]))
               for tape, i in zip(chosen, picks)]

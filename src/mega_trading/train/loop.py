@@ -311,7 +311,7 @@ def _model_config(cfg: TrainConfig, shards, log: Callable[[str], None]):
 def _validation_batches(shards, block: int, batch: int, cfg: TrainConfig, ctx, log) -> list:
     """A fixed, seeded set of validation windows, scored identically at every evaluation."""
     from mega_trading.core.errors import DataError
-    from mega_trading.data.dataset import WindowSampler
+    from mega_trading.data.windows import WindowSampler
 
     try:
         sampler = WindowSampler(shards, "validation", block, batch,
@@ -471,7 +471,8 @@ class _Session:
     @classmethod
     def start(cls, data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool, ctx,
               log_any: Callable[[str], None]) -> _Session:
-        from mega_trading.data.dataset import ShardSet, WindowSampler
+        from mega_trading.data.shards import ShardSet
+        from mega_trading.data.windows import WindowSampler
         from mega_trading.model.checkpoint import latest_step, list_checkpoints
         from mega_trading.model.transformer import Transformer
         from mega_trading.train.accel import apply_accel, resolve_accel

@@ -517,7 +517,8 @@ def _read_input(path: Path, kind: str, out_root: Path, work: Path, event_cfg: Ev
     recomputed later from the saved edge rows (``_patch_heads``, exact) and stored beside
     the file's events as its head, which readers put in place of the first rows.
     """
-    from mega_trading.data.ingest.reader import read_trades_with_report, stream_key
+    from mega_trading.data.ingest.reader import read_trades_with_report
+    from mega_trading.data.ingest.schema import stream_key
 
     trades, report = read_trades_with_report(path, market=market)
     found_kind = trades["kind"][0] if trades.height else kind

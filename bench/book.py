@@ -32,8 +32,7 @@ from pathlib import Path
 import msgspec
 from isal import igzip
 
-from mega_trading.book import capture
-from mega_trading.book import native as book_native
+from mega_trading.book import capture, native_scan
 from mega_trading.book.build import rebuild_captures
 from mega_trading.book.synthetic import synthetic_capture
 
@@ -80,7 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--python-diffs", type=int, default=20_000,
                     help="diffs for the pure-Python path (0: skip it)")
-    ap.add_argument("--scan-thread", type=int, default=int(book_native.SCAN_THREAD),
+    ap.add_argument("--scan-thread", type=int, default=int(native_scan.SCAN_THREAD),
                     choices=(0, 1), help="native: 1 = inflate + scan in a reader thread while "
                     "the book runs on the previous block")
     ap.add_argument("--inflate-threads", type=int, default=capture.INFLATE_THREADS,
@@ -88,7 +87,7 @@ def main() -> None:
                     "Python path, and the native one without --scan-thread)")
     args = ap.parse_args()
     capture.INFLATE_THREADS = args.inflate_threads
-    book_native.SCAN_THREAD = bool(args.scan_thread)
+    native_scan.SCAN_THREAD = bool(args.scan_thread)
     lines = synthetic_capture(args.diffs, levels_per_diff=args.levels, tickers=args.tickers)
     n_msgs = len(lines)
     print(f"synthetic capture: {n_msgs:,} messages ({args.diffs:,} diffs x {args.levels} "

@@ -22,7 +22,7 @@ CAPTURES = Path(__file__).parent / "data" / "captures"
 def book_engine(request, monkeypatch):
     """Every test here runs on both book paths (tests/test_book_native.py holds them to
     equal outputs; these hold each to the rules)."""
-    from mega_trading.book.native import ENGINE_ENV, native_error
+    from mega_trading.book.native_lib import ENGINE_ENV, native_error
 
     if request.param == "native" and native_error() is not None:
         pytest.skip(f"no native book path here: {native_error()}")

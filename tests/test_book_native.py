@@ -1,4 +1,4 @@
-"""The book's native path (book/native.py + book_native.c) against the pure-Python path:
+"""The book's native path (book/native*.py + book_scan.c / book_state.c) against the pure-Python path:
 the same check.json and the same tables bit for bit, on real captures and on synthetic
 ones full of gaps, resyncs and bad lines; the fallback without a compiler; the cache."""
 
@@ -13,8 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mega_trading.book import capture
-from mega_trading.book import native as book_native
+from mega_trading.book import capture, native_lib, native_scan
 from mega_trading.book.build import check_document, rebuild_captures, write_book
 from mega_trading.book.synthetic import synthetic_capture
 from mega_trading.cli import main
@@ -27,8 +26,8 @@ UM_BTC = CAPTURES / "um-BTCUSDT-20240808.gz"
 NEXO = [CAPTURES / "spot-NEXOUSDT-20240723.gz", CAPTURES / "spot-NEXOUSDT-20240724.gz"]
 TABLES = ("book_events.parquet", "top.parquet", "trades.parquet")
 
-needs_native = pytest.mark.skipif(book_native.native_error() is not None,
-                                  reason=f"no native book path here: {book_native.native_error()}")
+needs_native = pytest.mark.skipif(native_lib.native_error() is not None,
+                                  reason=f"no native book path here: {native_lib.native_error()}")
 
 
 def lines_of(path: Path) -> list[bytes]:
@@ -207,16 +206,16 @@ def test_lines_the_scanner_hands_back_are_read_like_python_reads_them(tmp_path, 
     check = both_paths([path], tmp_path)
     assert sum(check["skipped_lines"].values()) > 0
     kinds = np.bincount(scanned_kinds(path), minlength=7)
-    assert kinds[book_native.K_PY] > 50 and kinds[book_native.K_DIFF] > 100  # both ways used
+    assert kinds[native_lib.K_PY] > 50 and kinds[native_lib.K_DIFF] > 100  # both ways used
 
 
 def scanned_kinds(path: Path) -> np.ndarray:
-    lib = book_native.library()
+    lib = native_lib.library()
     handle = lib.scan_new()
     try:
         data = gzip.decompress(path.read_bytes())
         lib.scan_feed(handle, data, len(data))
-        return book_native._Scan(lib, handle).records["kind"].copy()
+        return native_scan._Scan(lib, handle).records["kind"].copy()
     finally:
         lib.scan_free(handle)
 
@@ -304,7 +303,7 @@ def test_small_blocks_with_and_without_the_reader_thread(monkeypatch, tmp_path, 
     error in the middle of a file: the same as the Python path, and no thread left."""
     import threading
 
-    monkeypatch.setattr(book_native, "SCAN_THREAD", scan_thread)
+    monkeypatch.setattr(native_scan, "SCAN_THREAD", scan_thread)
     monkeypatch.setattr(capture, "BLOCK_BYTES", 4096)
     check = both_paths([UM_BTC, *NEXO], tmp_path / "all")
     assert check["bookticker_mismatches"] == 0 and check["bookticker_checked"] > 400
@@ -321,14 +320,14 @@ def test_small_blocks_with_and_without_the_reader_thread(monkeypatch, tmp_path, 
 
 
 def test_the_engine_is_chosen_by_option_then_environment(monkeypatch):
-    monkeypatch.setenv(book_native.ENGINE_ENV, "python")
-    assert book_native.resolve_engine() == ("python", None)
+    monkeypatch.setenv(native_lib.ENGINE_ENV, "python")
+    assert native_lib.resolve_engine() == ("python", None)
     assert rebuild_captures([SPOT_BTC]).engine == "python"
     with pytest.raises(ConfigError, match="not one of auto, native, python"):
-        book_native.resolve_engine("fortran")
-    if book_native.native_error() is None:
-        assert book_native.resolve_engine("native") == ("native", None)
-        monkeypatch.setenv(book_native.ENGINE_ENV, "auto")
+        native_lib.resolve_engine("fortran")
+    if native_lib.native_error() is None:
+        assert native_lib.resolve_engine("native") == ("native", None)
+        monkeypatch.setenv(native_lib.ENGINE_ENV, "auto")
         assert rebuild_captures([SPOT_BTC]).engine == "native"
 
 
@@ -337,17 +336,17 @@ def no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(native, "find_compiler", lambda: None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    book_native.library.cache_clear()
-    book_native.native_error.cache_clear()
+    native_lib.library.cache_clear()
+    native_lib.native_error.cache_clear()
     yield tmp_path
-    book_native.library.cache_clear()
-    book_native.native_error.cache_clear()
+    native_lib.library.cache_clear()
+    native_lib.native_error.cache_clear()
 
 
 def test_without_a_compiler_auto_falls_back_to_python_and_native_refuses(no_compiler, capsys):
     tmp_path = no_compiler
-    assert "no C compiler" in book_native.native_error()
-    engine, note = book_native.resolve_engine("auto")
+    assert "no C compiler" in native_lib.native_error()
+    engine, note = native_lib.resolve_engine("auto")
     assert engine == "python" and "no C compiler" in note
     check = write_book(NEXO, tmp_path / "out", "auto")
     assert check["provenance"]["book_engine"] == "python"
@@ -365,25 +364,51 @@ def test_without_a_compiler_auto_falls_back_to_python_and_native_refuses(no_comp
 @needs_native
 def test_the_build_is_cached_and_written_atomically(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    book_native.library.cache_clear()
+    native_lib.library.cache_clear()
     try:
-        book_native.library()
+        native_lib.library()
         built = list((tmp_path / "mega_trading" / "kernels").iterdir())
         assert [p.suffix for p in built] == [".so"] and built[0].name.startswith("book_native")
         mtime = built[0].stat().st_mtime_ns
-        book_native.library.cache_clear()
-        book_native.library()                     # found in the cache: not rebuilt
+        native_lib.library.cache_clear()
+        native_lib.library()                     # found in the cache: not rebuilt
         assert built[0].stat().st_mtime_ns == mtime
         assert list((tmp_path / "mega_trading" / "kernels").iterdir()) == built
     finally:
-        book_native.library.cache_clear()
+        native_lib.library.cache_clear()
+
+
+
+@needs_native
+def test_editing_any_source_or_header_rebuilds(monkeypatch, tmp_path):
+    """The library is two C files and two headers: each is in the cache key, so an edit to
+    any one (a header included by one file only, too) builds a new library."""
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("book_scan.c", "book_state.c", "book_native.h", "book_json.h"):
+        shutil.copy(native_lib.SOURCES[0].with_name(name), src / name)
+    sources = tuple(src / p.name for p in native_lib.SOURCES)
+    kernels = tmp_path / "cache" / "mega_trading" / "kernels"
+    native.build(sources, native_lib.FLAGS, name=native_lib.LIBRARY_NAME)
+    assert len(list(kernels.iterdir())) == 1
+    for edited in ("book_json.h", "book_native.h", "book_state.c", "book_scan.c"):
+        with open(src / edited, "a") as handle:
+            handle.write("/* edited */\n")
+        lib = native.build(sources, native_lib.FLAGS, name=native_lib.LIBRARY_NAME)
+        assert lib.scan_record_size() > 0
+    built = sorted(p.name for p in kernels.iterdir())
+    assert len(built) == 5 and all(n.startswith("book_native_") for n in built)
 
 
 def test_the_native_module_and_book_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, mega_trading.core.native, mega_trading.book.build, mega_trading.book.native;"
+    code = ("import sys, mega_trading.core.native, mega_trading.book.build, mega_trading.book.native,"
+            " mega_trading.book.native_lib, mega_trading.book.native_scan;"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from mega_trading.core.errors import DataError
+from mega_trading.data.ingest.canonical import validate_trades
 from mega_trading.data.ingest.partitions import (
     ingest_files,
     list_partitions,
@@ -17,13 +18,8 @@ from mega_trading.data.ingest.partitions import (
     scan_partitions,
     write_partitions,
 )
-from mega_trading.data.ingest.reader import (
-    CANONICAL_SCHEMA,
-    parse_archive_name,
-    read_trades,
-    read_trades_with_report,
-    validate_trades,
-)
+from mega_trading.data.ingest.reader import read_trades, read_trades_with_report
+from mega_trading.data.ingest.schema import CANONICAL_SCHEMA, parse_archive_name
 
 
 def _sample(sample_dir: Path, name: str) -> Path:
@@ -351,7 +347,8 @@ def test_combined_frame_splits_into_the_same_parts(tmp_path, sample_trade_zips):
     "case", ["non-numeric price", "missing field", "extra field", "blank line", "bad boolean"]
 )
 def test_both_bad_line_finders_agree(tmp_path, case):
-    from mega_trading.data.ingest.reader import TRADES_LAYOUT, _diagnose, _diagnose_by_splitting
+    from mega_trading.data.ingest.csv_parse import _diagnose, _diagnose_by_splitting
+    from mega_trading.data.ingest.schema import TRADES_LAYOUT
 
     text, line, _ = BAD_FILES[case]
     data = text.encode()

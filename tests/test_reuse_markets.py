@@ -16,7 +16,8 @@ from mega_trading.core.config import from_dict
 from mega_trading.core.errors import DataError
 from mega_trading.data.bundled import bundled_dir
 from mega_trading.data.ingest.partitions import ingest_files, read_partitions
-from mega_trading.data.ingest.reader import read_trades, read_trades_with_report, stream_key
+from mega_trading.data.ingest.reader import read_trades, read_trades_with_report
+from mega_trading.data.ingest.schema import stream_key
 from mega_trading.data.prepare import PrepareConfig, prepare
 from mega_trading.data.shards import ShardSet
 from mega_trading.data.tokenizer import Tokenizer

@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "core", "data.bundled"),  # plumbing, and where the bundled data lies
     ("data.ingest", "book.capture", "book.record"),  # raw trades and captures
-    ("data.events", "book", "book.rebuild", "book.native", "book.build"),  # -> events, books
+    ("data.events", "book", "book.rebuild", "book.native", "book.native_lib", "book.native_scan",
+     "book.build"),  # -> events, books
     ("data.binning", "data.tokenizer"),  # -> one token per event
     ("data", "data.tokenizer_reuse", "data.windows", "data.shards", "data.parts",
      "data.prepare"),  # -> chronological shards

@@ -29,7 +29,9 @@ from mega_trading.book.capture import (
     name_identity,
     read_capture,
 )
-from mega_trading.book.native import NativeRows, feed_file, make_builder, resolve_engine
+from mega_trading.book.native import NativeRows, make_builder
+from mega_trading.book.native_lib import resolve_engine
+from mega_trading.book.native_scan import feed_file
 from mega_trading.book.rebuild import BookBuilder, Rows
 from mega_trading.core.errors import DataError
 from mega_trading.core.lineage import atomic_dir, provenance, sha256_file, write_json_atomic
@@ -74,7 +76,7 @@ def rebuild_captures(paths: list[Path], engine: str | None = None) -> Rebuilt:
     """Every capture replayed through one BookBuilder per (market, symbol).
 
     `engine`: "auto" (default, or $MEGA_TRADING_BOOK_ENGINE), "native" or "python" (see
-    book/native.py); both give the same books, rows and checks."""
+    book/native_lib.py); both give the same books, rows and checks."""
     chosen, note = resolve_engine(engine)
     new_builder = make_builder(chosen)
     paths = sorted((Path(p) for p in paths), key=lambda p: (_first_time(p), str(p)))

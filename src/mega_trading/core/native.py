@@ -1,14 +1,15 @@
-"""Compile a C source on first use, cache the shared object per machine, load it with ctypes.
+"""Compile C sources on first use, cache the shared object per machine, load it with ctypes.
 
 One implementation for every hand-written C part of the project (the CPU kernels in
-`kernels/`, the book's capture scanner in `book/book_native.c`); it imports no torch.
+`model/kernels/`, the book's scanner and loop in `book/book_scan.c` + `book/book_state.c`);
+it imports no torch.
 
 The object is built by the system C compiler (``$CC``, else ``cc``, else ``gcc``) into
-``$XDG_CACHE_HOME/mega_trading/kernels`` (else ``~/.cache/...``), under a name keyed by the
-source and the headers beside it, the flags, the compiler's version and the CPU (model and
-feature flags: ``-march=native`` depends on them). It is written to a temporary file in the
-cache directory and renamed into place, so a concurrent build or a killed one never leaves
-a half-written library that another process could load.
+``$XDG_CACHE_HOME/mega_trading/kernels`` (else ``~/.cache/...``), under a name keyed by
+every source and every header beside them, the flags, the compiler's version and the CPU
+(model and feature flags: ``-march=native`` depends on them). It is written to a temporary
+file in the cache directory and renamed into place, so a concurrent build or a killed one
+never leaves a half-written library that another process could load.
 """
 
 from __future__ import annotations
@@ -57,27 +58,30 @@ def find_compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def build(source: Path, flags: tuple[str, ...], tag: str = "",
-          compiler: str | None = None) -> ctypes.CDLL:
-    """`source` compiled with `flags` on this machine (once: then found in the cache),
-    loaded. `tag` goes into the file name only (to tell builds apart by eye); `compiler`
-    defaults to `find_compiler()`. Raises RuntimeError when no compiler is found or the
-    build fails, OSError when the library cannot be loaded."""
+def build(source: Path | tuple[Path, ...], flags: tuple[str, ...], tag: str = "",
+          compiler: str | None = None, name: str | None = None) -> ctypes.CDLL:
+    """`source` (one C file, or several linked into one library) compiled with `flags` on
+    this machine (once: then found in the cache), loaded. The file is named `name` (default:
+    the first source's stem) plus `tag` (to tell builds apart by eye); `compiler` defaults
+    to `find_compiler()`. Raises RuntimeError when no compiler is found or the build fails,
+    OSError when the library cannot be loaded."""
+    sources = (source,) if isinstance(source, Path) else tuple(source)
     compiler = compiler or find_compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
                              text=True, timeout=60).stdout
-    sources = [source, *sorted(source.parent.glob("*.h"))]  # and the headers it includes
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in sources), *flags, version,
-                                    machine_fingerprint()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}{tag}_{key}.so"
+    # every source and the headers they may include: editing any of them rebuilds
+    headers = sorted({h for s in sources for h in s.parent.glob("*.h")})
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in (*sources, *headers)), *flags,
+                                    version, machine_fingerprint()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name or sources[0].stem}{tag}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
-                                    check=False, capture_output=True, text=True,
+            command = [compiler, *flags, *map(str, sources), "-o", str(built), "-lm"]
+            result = subprocess.run(command, check=False, capture_output=True, text=True,
                                     timeout=BUILD_TIMEOUT_S)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")

@@ -26,7 +26,7 @@ import numpy as np
 from mega_trading.core.config import NonNegativeInt, PositiveInt, config_dataclass, to_dict
 from mega_trading.core.errors import ArtifactMismatchError, DataError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic
-from mega_trading.data.ingest.reader import split_stream_key
+from mega_trading.data.ingest.schema import split_stream_key
 from mega_trading.eval.baselines import Baseline, BaselineConfig, fit_baselines
 from mega_trading.eval.score_sums import ScoreSums
 from mega_trading.eval.scoring import (

@@ -42,7 +42,7 @@ from mega_trading.core.config import (
 )
 from mega_trading.core.errors import ConfigError
 from mega_trading.core.lineage import provenance, sha256_file, write_json_atomic, write_text_atomic
-from mega_trading.data.ingest.reader import normalize_kind, normalize_market
+from mega_trading.data.ingest.schema import normalize_kind, normalize_market
 
 DEFAULT_BASE_URL = "https://data.binance.vision"
 CHUNK_BYTES = 1 << 20

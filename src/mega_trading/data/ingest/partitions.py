@@ -21,12 +21,12 @@ import polars as pl
 
 from mega_trading.core.errors import DataError
 from mega_trading.core.lineage import atomic_path, provenance
-from mega_trading.data.ingest.reader import (
+from mega_trading.data.ingest.canonical import IngestReport
+from mega_trading.data.ingest.reader import read_trades_with_report
+from mega_trading.data.ingest.schema import (
     CANONICAL_COLUMNS,
     CANONICAL_SCHEMA,
-    IngestReport,
     parse_archive_name,
-    read_trades_with_report,
     stream_key,
 )
 

@@ -27,8 +27,9 @@ kurtosis and the |return| ACF of tokenized real flow, for two reasons:
   The market's tick is visible in the token history: the smallest non-zero move bin seen
   in the stream's last ``tick_window`` events (its "tick class", 1..``n_classes``, 0 =
   none seen). The tokenizer stores, per tick class and bin, the quantile table of the
-  training moves made in that context, and the decoder draws from it (from the plain
-  table where the context had fewer than ``MIN_CONTEXT_VALUES`` training moves);
+  training moves made in that context, and the decoder draws from it (a
+  context with fewer than ``MIN_CONTEXT_VALUES`` training moves borrows the nearest tick
+  class's table);
 * real prices bounce between a few levels (bid, ask), so consecutive moves cancel
   exactly; independent draws turn the bounce into a random walk. The decoder keeps the
   last ``n_levels`` distinct price levels of each stream (log price, bps) and, when one of
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_CONTEXT_VALUES = 32  # fewer training moves in a (tick class, bin): use the plain table
+MIN_CONTEXT_VALUES = 16  # fewer training moves in a (tick class, bin): borrow a neighbour's table
 DEFAULT_N_QUANTILES = 33  # 32 intervals per bin: ~1 kB of floats for the whole vocabulary
 TAIL_CAP = 1.5  # a tail draw is at most this many times the bin's most extreme training value
 LOG_TAIL_CAP = float(np.log(TAIL_CAP))  # the same, for fields that are logs (size, gap)
@@ -236,15 +237,23 @@ def context_quantiles(values: np.ndarray, bin_index: np.ndarray, classes: np.nda
                       n_bins: int, n_classes: int, n_quantiles: int
                       ) -> tuple[tuple[tuple[float, ...], ...], ...]:
     """Per tick class 1..n_classes and bin, the quantile table of the training values seen
-    in that context; () where fewer than MIN_CONTEXT_VALUES (the plain table is used)."""
-    out = []
+    in that context. A (class, bin) with fewer than MIN_CONTEXT_VALUES training values takes
+    the table of the nearest class that has enough (the finer tick first on a tie: a market
+    never seen at this tick is more like its nearest neighbours than like the pooled bin,
+    which mixes every market's scale); () where no class has enough (the plain table)."""
+    levels = np.linspace(0, 1, n_quantiles)
+    own = []
     for c in range(1, n_classes + 1):
         rows = classes == c
         tables = []
         for b in range(n_bins):
             picked = values[rows & (bin_index == b)]
-            tables.append(tuple(float(v) for v in np.quantile(np.sort(picked),
-                                                              np.linspace(0, 1, n_quantiles)))
+            tables.append(tuple(float(v) for v in np.quantile(picked, levels))
                           if picked.size >= MIN_CONTEXT_VALUES else ())
-        out.append(tuple(tables))
+        own.append(tables)
+    out = []
+    for c in range(n_classes):
+        order = sorted(range(n_classes), key=lambda k: (abs(k - c), k))
+        out.append(tuple(next((own[k][b] for k in order if own[k][b]), ())
+                         for b in range(n_bins)))
     return tuple(out)

@@ -113,6 +113,13 @@ class ModelSource:
         self.table = table or TokenTable.from_tokenizer(tokenizer)
         self.decode_rng = decode_rng
         self.prompts = prompts
+        # each episode is one decoding stream; its prompt sets the move context
+        self.decode_memory = tokenizer.decode_memory()
+        self._streams = np.arange(prompts.shape[0])
+        if decode_rng is not None:
+            tokenizer.decode_fields(prompts.reshape(-1), rng=np.random.default_rng(0),
+                                    streams=np.repeat(self._streams, prompts.shape[1]),
+                                    memory=self.decode_memory)
         self.fed: list[np.ndarray] = []  # token committed at each step, [B] each
         self.forced: list[np.ndarray] = []  # True where an agent fill was inserted
         self.engine.start(torch.from_numpy(prompts))
@@ -120,7 +127,8 @@ class ModelSource:
     def propose(self) -> Proposal:
         token = self.engine.sample(self.sampling, self.generator).cpu().numpy()
         if self.decode_rng is not None:
-            f = self.tokenizer.decode_fields(token, rng=self.decode_rng)
+            f = self.tokenizer.decode_fields(token, rng=self.decode_rng, streams=self._streams,
+                                             memory=self.decode_memory)
             return Proposal(token=token, is_event=f["is_event"], move_bps=f["move_bps"],
                             log_size=f["log_size"], dt_us=f["dt_us"])
         t = self.table

@@ -77,7 +77,7 @@ class TokenizerConfig:
     # context-aware move decoding (binning.MoveMemory); 0 turns a part off
     tick_window: NonNegativeInt = 64  # events looked back for the stream's smallest move bin (tick class)
     tick_classes: Annotated[int, Field(ge=1, le=16)] = 4  # move-bin distances from zero told apart
-    level_memory: NonNegativeInt = 32  # recent distinct price levels a move may snap back to
+    level_memory: NonNegativeInt = 4  # recent distinct price levels a move may snap back to (chosen on validation, BENCHMARKS.md)
 
 
 @dataclass(frozen=True)

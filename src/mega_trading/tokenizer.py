@@ -412,7 +412,7 @@ class Tokenizer:
             tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
             return draw_in_bins(i, bins.quantiles, rng, tails, bins.name in LOG_TAIL_FIELDS)
 
-        if mode == "median":
+        if mode == "median" or not self.move.quantiles:
             move = values(self.move, idx["move"])
         else:
             streams = (np.zeros(tokens.size, dtype=np.int64) if streams is None

@@ -114,9 +114,10 @@ class ModelSource:
         self.decode_rng = decode_rng
         self.prompts = prompts
         # each episode is one decoding stream; its prompt sets the move context
-        self.decode_memory = tokenizer.decode_memory()
+        self.decode_memory = None
         self._streams = np.arange(prompts.shape[0])
         if decode_rng is not None:
+            self.decode_memory = tokenizer.decode_memory()
             tokenizer.decode_fields(prompts.reshape(-1), rng=np.random.default_rng(0),
                                     streams=np.repeat(self._streams, prompts.shape[1]),
                                     memory=self.decode_memory)

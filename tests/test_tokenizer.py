@@ -293,3 +293,18 @@ def test_context_tables_come_from_training_moves(events):
             if table:
                 inside = moves[bins == b]
                 assert inside.min() <= table[0] <= table[-1] <= inside.max()
+
+
+def test_move_memory_copies_one_stream_and_leaves_the_rest():
+    from mega_trading.binning import MoveMemory
+
+    a, b = MoveMemory(8, 4, 4), MoveMemory(8, 4, 4)
+    streams, reset = np.array([0, 1, 0, 1]), np.zeros(4, dtype=bool)
+    a.tick_classes(np.array([1, 2, 0, 0]), streams, reset)
+    a.snap_to_levels(np.array([5.0, -5.0, 0.0, 0.0]), np.full(4, -np.inf), np.full(4, np.inf),
+                     streams, reset)
+    b.copy_stream(a, 1)
+    assert b.tick_classes(np.array([0]), np.array([1]), np.array([False])).tolist() == [2]
+    assert b.tick_classes(np.array([0]), np.array([0]), np.array([False])).tolist() == [0]
+    b.copy_stream(MoveMemory(8, 4, 4), 1)  # a stream the other never saw: forgotten
+    assert b.tick_classes(np.array([0]), np.array([1]), np.array([False])).tolist() == [0]

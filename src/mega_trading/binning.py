@@ -180,6 +180,14 @@ class MoveMemory:
         self._seen: dict[int, list[int]] = {}  # stream -> [step, last step of class 1..n]
         self._levels: dict[int, list[float]] = {}  # stream -> [current, ..., older] levels
 
+    def copy_stream(self, other: MoveMemory, stream: int) -> None:
+        """Take one stream's state from ``other`` (the rest stays)."""
+        for mine, theirs in ((self._seen, other._seen), (self._levels, other._levels)):
+            if stream in theirs:
+                mine[stream] = list(theirs[stream])
+            else:
+                mine.pop(stream, None)
+
     def tick_classes(self, ranks: np.ndarray, streams: np.ndarray, reset: np.ndarray) -> np.ndarray:
         """Tick class of each event from the events BEFORE it in its stream, then records
         the event's own rank. ``reset``: entries that start a new segment (class 0)."""

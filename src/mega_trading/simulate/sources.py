@@ -16,6 +16,7 @@ real event table and ignores inserted fills (``reacts_to_fills = False``).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,8 @@ class ModelSource:
     def propose(self) -> Proposal:
         token = self.engine.sample(self.sampling, self.generator).cpu().numpy()
         if self.decode_rng is not None:
+            # the proposal may be replaced by an agent fill (commit): keep the state before it
+            self._memory_before = copy.deepcopy(self.decode_memory)
             f = self.tokenizer.decode_fields(token, rng=self.decode_rng, streams=self._streams,
                                              memory=self.decode_memory)
             return Proposal(token=token, is_event=f["is_event"], move_bps=f["move_bps"],
@@ -138,6 +141,16 @@ class ModelSource:
 
     def commit(self, tokens: np.ndarray, consumed: np.ndarray) -> None:
         tokens = np.asarray(tokens, dtype=np.int64)
+        forced = ~np.asarray(consumed, dtype=bool)
+        if self.decode_memory is not None and forced.any():
+            # an inserted fill replaced the proposal: its stream's move context continues
+            # from before the proposal, with the fill's token
+            memory = self._memory_before
+            for stream in np.flatnonzero(~forced):
+                memory.copy_stream(self.decode_memory, int(stream))
+            self.tokenizer.decode_fields(tokens[forced], rng=self.decode_rng,
+                                         streams=self._streams[forced], memory=memory)
+            self.decode_memory = memory
         self.fed.append(tokens.copy())
         self.forced.append(~np.asarray(consumed, dtype=bool))
         self.engine.feed(torch.from_numpy(tokens))

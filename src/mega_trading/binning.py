@@ -27,9 +27,10 @@ kurtosis and the |return| ACF of tokenized real flow, for two reasons:
   The market's tick is visible in the token history: the smallest non-zero move bin seen
   in the stream's last ``tick_window`` events (its "tick class", 1..``n_classes``, 0 =
   none seen). The tokenizer stores, per tick class and bin, the quantile table of the
-  training moves made in that context, and the decoder draws from it (a
-  context with fewer than ``MIN_CONTEXT_VALUES`` training moves borrows the nearest tick
-  class's table);
+  training moves made in that context, and the decoder draws from it (a context with
+  fewer than ``MIN_CONTEXT_VALUES`` training moves borrows the nearest tick class's table;
+  context tables stay within their training values: no extrapolated tail, which the
+  plain tables keep for a stream with no tick class yet);
 * real prices bounce between a few levels (bid, ask), so consecutive moves cancel
   exactly; independent draws turn the bounce into a random walk. The decoder keeps the
   last ``n_levels`` distinct price levels of each stream (log price, bps) and, when one of

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         markov.append(base["markov3"].with_columns(rollout=pl.col("rollout") + 1000 * i))
         hawkes.append(base["compound_hawkes"].with_columns(symbol=pl.lit(stream)))
     real = shards.all_events("backtest").filter(pl.col("symbol").is_in(streams))
-    tok_real = tokenized_real(shards, "backtest").filter(pl.col("symbol").is_in(streams))
+    tok_real = tokenized_real(shards.tokenizer, real)
     card = scorecard(real, trained.all_events("train"), pl.concat(model_frames),
                      {"markov3": pl.concat(markov), "compound_hawkes": pl.concat(hawkes, how="diagonal_relaxed"),
                       "tokenized_real": tok_real}, facts_cfg, cfg.generate.seed)

@@ -125,6 +125,9 @@ def test_tokenizer_is_fitted_on_train_only(tmp_path, sample_trade_zips, prepared
     prepare(tampered, tmp_path / "tampered", CFG)
     again = ShardSet.open(tmp_path / "tampered")
     assert again.tokenizer.hash == prepared.tokenizer.hash
+    # the hash covers the move's per-tick-class tables (fitted on train events in order)
+    assert any(any(t) for t in prepared.tokenizer.move.context_quantiles)
+    assert again.tokenizer.move.context_quantiles == prepared.tokenizer.move.context_quantiles
     assert again.manifest["boundaries"] == prepared.manifest["boundaries"]
     assert again.manifest["manifest_hash"] != prepared.manifest["manifest_hash"]
 

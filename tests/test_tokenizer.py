@@ -134,7 +134,7 @@ def test_bin_index_follows_the_documented_intervals():
     assert plain.index([-5.0, -1.0, 0.0, 1.0, 5.0]).tolist() == [0, 1, 1, 2, 2]
 
 
-# --- in-bin decoding (tokenizer@2) ------------------------------------------------------------
+# --- in-bin decoding (tokenizer@2, @3) ------------------------------------------------------------
 
 def test_in_bin_draws_stay_in_their_bin_and_re_encode(tok, events):
     tokens = tok.encode(events)
@@ -184,7 +184,8 @@ def test_outlier_bins_keep_a_heavy_tail(tok, events):
     top = tok.field_sizes["move"] - 1
     side_move = tok.field_sizes["move"] * tok.field_sizes["size"] * tok.field_sizes["dt"]
     token = side_move + top * tok.field_sizes["size"] * tok.field_sizes["dt"]  # a buy, top move
-    moves = tok.decode(np.full(20000, token), seed=1)["move_bps"].to_numpy()
+    # one stream per token: the plain table (no tick-class context, no level memory)
+    moves = tok.decode(np.full(20000, token), seed=1, streams=np.arange(20000))["move_bps"].to_numpy()
     table = tok.move.quantiles[top]
     assert np.isfinite(moves).all() and moves.min() >= tok.move.pos_edges[-1]
     assert (moves > table[-2]).mean() == pytest.approx(1 / (len(table) - 1), abs=0.01)
@@ -193,10 +194,11 @@ def test_outlier_bins_keep_a_heavy_tail(tok, events):
     assert tok.move.tail_high is not None and tok.size.tail_low is not None
 
 
-def test_tokenizer_v1_artifact_is_refused_with_a_hint(tok, tmp_path):
+@pytest.mark.parametrize("old", ["tokenizer@1", "tokenizer@2"])
+def test_older_tokenizer_artifacts_are_refused_with_a_hint(tok, tmp_path, old):
     path = tok.save(tmp_path / "tokenizer.json")
-    path.write_text(path.read_text().replace("mega-trading/tokenizer@2", "mega-trading/tokenizer@1"))
-    with pytest.raises(DataError, match="prepare"):
+    path.write_text(path.read_text().replace("mega-trading/tokenizer@3", f"mega-trading/{old}"))
+    with pytest.raises(DataError, match=f"{old}.*prepare"):
         Tokenizer.load(path)
 
 
@@ -204,3 +206,105 @@ def test_quantile_tables_survive_save_load(tok, tmp_path):
     loaded = Tokenizer.load(tok.save(tmp_path / "tokenizer.json"))
     tokens = np.arange(tok.n_event_tokens)
     assert loaded.decode(tokens, seed=2).equals(tok.decode(tokens, seed=2))
+
+
+# --- context-aware move decoding (tokenizer@3, binning.MoveMemory) ---------------------------
+
+def test_level_memory_snaps_only_to_a_recent_level_inside_the_bin():
+    from mega_trading.data.binning import MoveMemory
+
+    memory = MoveMemory(tick_window=0, n_classes=1, n_levels=4)
+    one = np.zeros(1, dtype=np.int64)
+    up, _ = memory.snap_to_levels(np.array([10.0]), np.array([5.0]), np.array([20.0]), one,
+                                  np.array([True]))
+    assert up[0] == 10.0  # nothing visited above: the draw is kept
+    # back down: the start level lies 10 bps below, inside [-20, -5): snap to it exactly
+    down, snapped = memory.snap_to_levels(np.array([-7.0]), np.array([-20.0]), np.array([-5.0]),
+                                          one, np.array([False]))
+    assert snapped[0] and down[0] == pytest.approx(np.expm1(-np.log1p(10.0 / 1e4)) * 1e4)
+    assert (1 + up[0] / 1e4) * (1 + down[0] / 1e4) == pytest.approx(1.0, abs=1e-15)
+    # up again, but the bin [12, 20) does not hold the +10 bps level: no snap
+    far, snapped = memory.snap_to_levels(np.array([15.0]), np.array([12.0]), np.array([20.0]),
+                                         one, np.array([False]))
+    assert not snapped[0] and far[0] == 15.0
+    # a new segment forgets the levels
+    fresh, snapped = memory.snap_to_levels(np.array([-7.0]), np.array([-20.0]), np.array([-5.0]),
+                                           one, np.array([True]))
+    assert not snapped[0] and fresh[0] == -7.0
+
+
+def test_tick_class_reads_only_the_stream_past():
+    from mega_trading.data.binning import MoveMemory
+
+    memory = MoveMemory(tick_window=3, n_classes=4, n_levels=0)
+    ranks = np.array([0, 2, 0, 1, 0, 0, 0, 0, 3])
+    streams = np.array([0, 0, 1, 0, 0, 0, 0, 1, 1])  # stream 1 interleaved
+    reset = np.zeros(9, dtype=bool)
+    classes = memory.tick_classes(ranks, streams, reset)
+    # stream 0: -, r2 seen -> 2, then r1 -> 1 for 3 more events, then forgotten
+    assert classes[[0, 1, 3, 4, 5, 6]].tolist() == [0, 0, 2, 1, 1, 1]
+    assert classes[[2, 7, 8]].tolist() == [0, 0, 0]  # stream 1 never saw a move before
+    again = memory.tick_classes(np.array([0]), np.array([0]), np.array([False]))
+    assert again.tolist() == [0]  # stream 0's r1 is now 4 events back (> window)
+
+
+def test_context_decoding_re_encodes_and_restores_the_bounce():
+    """On real trades (bundled BTCUSDT + ETHUSDT day): in context, moves still re-encode to
+    their token, and decoded prices come back to levels they left (the bid-ask bounce) about
+    as often as real prices do; iid in-bin draws less often."""
+    from tests.test_facts import _sample_events
+
+    btc, eth = _sample_events()
+    train = pl.concat([btc.head(int(btc.height * 0.7)), eth.head(int(eth.height * 0.7))])
+    test = btc.tail(btc.height - int(btc.height * 0.7))
+    context = Tokenizer.fit(train)
+    plain = Tokenizer.fit(train, TokenizerConfig(tick_window=0, level_memory=0))
+    assert context.move.context_quantiles and not plain.move.context_quantiles
+    tokens = context.encode(test)
+    assert (plain.encode(test) == tokens).all()  # same bins either way
+
+    def returns_to_level(moves: np.ndarray) -> float:
+        """Share of non-zero moves that bring the price back to where it was two moves ago."""
+        log_price = np.cumsum(np.log1p(moves / 1e4))
+        nonzero = np.flatnonzero(moves != 0)
+        back = np.abs(log_price[nonzero[2:]] - log_price[nonzero[:-2]]) < 1e-9
+        return float(back.mean())
+
+    def decoded(tok) -> np.ndarray:
+        frame = tok.decode(tokens, seed=4)
+        assert (tok.encode(frame) == tokens).all()
+        return frame["move_bps"].to_numpy()
+
+    real = returns_to_level(test["move_bps"].to_numpy())
+    # real: 19 % of BTC moves return to the level of two moves before; context 20 %; iid
+    # draws 15 % (only where a bin is a single tick, so the draws cancel by chance)
+    assert real > 0.1
+    assert abs(returns_to_level(decoded(context)) - real) < 0.1 * real
+    assert abs(returns_to_level(decoded(plain)) - real) > 0.2 * real
+
+
+def test_context_tables_come_from_training_moves(events):
+    train = events.head(int(events.height * 0.7))
+    tok = Tokenizer.fit(train)
+    moves = train["move_bps"].to_numpy()
+    bins = tok.move.index(moves)
+    for tables in tok.move.context_quantiles:
+        for b, table in enumerate(tables):
+            if table:
+                inside = moves[bins == b]
+                assert inside.min() <= table[0] <= table[-1] <= inside.max()
+
+
+def test_move_memory_copies_one_stream_and_leaves_the_rest():
+    from mega_trading.data.binning import MoveMemory
+
+    a, b = MoveMemory(8, 4, 4), MoveMemory(8, 4, 4)
+    streams, reset = np.array([0, 1, 0, 1]), np.zeros(4, dtype=bool)
+    a.tick_classes(np.array([1, 2, 0, 0]), streams, reset)
+    a.snap_to_levels(np.array([5.0, -5.0, 0.0, 0.0]), np.full(4, -np.inf), np.full(4, np.inf),
+                     streams, reset)
+    b.copy_stream(a, 1)
+    assert b.tick_classes(np.array([0]), np.array([1]), np.array([False])).tolist() == [2]
+    assert b.tick_classes(np.array([0]), np.array([0]), np.array([False])).tolist() == [0]
+    b.copy_stream(MoveMemory(8, 4, 4), 1)  # a stream the other never saw: forgotten
+    assert b.tick_classes(np.array([0]), np.array([1]), np.array([False])).tolist() == [0]

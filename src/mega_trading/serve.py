@@ -743,9 +743,12 @@ class RolloutService:
         """The response body: decoded rollouts, the prompt, provenance."""
         from mega_trading.generation.generate import rollouts_to_events
 
+        # in-bin draws: seeded per request; each rollout decoded after its prompt (context)
+        prompt = np.broadcast_to(np.asarray(job.prompt, dtype=np.int64),
+                                 (new_tokens.shape[0], len(job.prompt)))
         frame = rollouts_to_events(new_tokens, self.tokenizer, anchor.price, anchor.time_us,
-                                   anchor.symbol, anchor.size_level,
-                                   decode_seed=job.seed)  # in-bin draws: seeded per request
+                                   anchor.symbol, anchor.size_level, decode_seed=job.seed,
+                                   context_tokens=prompt)
         columns = {name: frame[name].to_list() for name in Rollout.model_fields if name != "index"
                    and name != "tokens"}
         columns["tokens"] = frame["token"].to_list()

@@ -283,8 +283,12 @@ def _training_sample(root: Path, events_index: dict, cuts: dict, cfg: PrepareCon
         for entry in entries:
             take_lo, take_hi = max(lo - offset, 0), min(hi - offset, entry["n_events"])
             if take_hi > take_lo:
-                frame = (scan_part(root, entry, symbol).select("move_bps", "log_size", "dt_us", "side")
-                         .slice(take_lo, take_hi - take_lo).collect())
+                # symbol and segment starts: the move's decoding context is fitted per
+                # stream, in time order (a row sample keeps the order)
+                frame = (scan_part(root, entry, symbol)
+                         .select("move_bps", "log_size", "dt_us", "side", "segment_start")
+                         .slice(take_lo, take_hi - take_lo).collect()
+                         .with_columns(symbol=pl.lit(symbol)))
                 if keep < 1.0:
                     frame = frame.sample(fraction=keep, seed=len(frames))
                 frames.append(frame)

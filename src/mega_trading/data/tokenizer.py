@@ -18,12 +18,16 @@ vocabulary is a trade event or one of two specials: no vocabulary is spent on ev
 trades never have. ``decode`` maps a token to values of its bins, either (``mode="in_bin"``,
 the default) drawn, seeded, from the TRAINING values inside each bin through a compact
 per-bin quantile table with heavy-tailed outlier bins (``binning.py``), or
-(``mode="median"``) the training median of each bin. In-bin draws re-encode to the same
-token, so decoding never moves an event to another bin.
+(``mode="median"``) the training median of each bin. The move is decoded in context
+(``binning.MoveMemory``): from the table of training moves made at the stream's tick class
+(the smallest move bin seen recently: a market's tick size), and snapped to a recently
+visited price level when one lies inside the token's bin (the bid-ask bounce). In-bin
+draws re-encode to the same token, so decoding never moves an event to another bin.
 
-The artifact is a versioned JSON file (``tokenizer@2``: the quantile tables are new; an
-``@1`` artifact is refused, prepare the data again); its content hash (``Tokenizer.hash``) is recorded
-by every downstream artifact and checked when a checkpoint is loaded.
+The artifact is a versioned JSON file (``tokenizer@3``: the move field's per-tick-class
+quantile tables are new; ``@1`` / ``@2`` artifacts are refused, prepare the data again);
+its content hash (``Tokenizer.hash``) is recorded by every downstream artifact and checked
+when a checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -39,18 +43,23 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from mega_trading.core.config import PositiveInt, config_dataclass
+from mega_trading.core.config import NonNegativeInt, PositiveInt, config_dataclass
 from mega_trading.core.errors import ConfigError, DataError
 from mega_trading.core.lineage import json_hash, write_text_atomic
 from mega_trading.data.binning import (
     DEFAULT_N_QUANTILES,
     BinTail,
+    MoveMemory,
     bin_quantiles,
+    context_quantiles,
     draw_in_bins,
     fit_tail,
+    move_ranks,
 )
 
-FORMAT = "mega-trading/tokenizer@2"
+FORMAT = "mega-trading/tokenizer@3"
+OLD_FORMATS = {"mega-trading/tokenizer@1": "no per-bin quantile tables for in-bin decoding",
+               "mega-trading/tokenizer@2": "no per-tick-class move tables for context decoding"}
 DECODE_MODES = ("in_bin", "median")
 LOG_TAIL_FIELDS = ("move",)  # Pareto tail in |move|; size and dt are log values already
 FIELD_NAMES = ("side", "move", "size", "dt")
@@ -65,6 +74,10 @@ class TokenizerConfig:
     tail_quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.995  # beyond it (and below 1 - it): the outlier bins
     fit_sample: PositiveInt = 500_000  # fit quantiles on at most this many training events (seeded sample)
     n_quantiles: Annotated[int, Field(ge=3)] = DEFAULT_N_QUANTILES  # per-bin quantile table for in-bin decoding
+    # context-aware move decoding (binning.MoveMemory); 0 turns a part off
+    tick_window: NonNegativeInt = 64  # events looked back for the stream's smallest move bin (tick class)
+    tick_classes: Annotated[int, Field(ge=1, le=16)] = 4  # move-bin distances from zero told apart
+    level_memory: NonNegativeInt = 4  # recent distinct price levels a move may snap back to (chosen on validation, BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,8 @@ class FieldBins:
     quantiles: tuple[tuple[float, ...], ...] = ()  # per bin, for in-bin decoding
     tail_low: BinTail | None = None  # bin 0 when it is open-ended below
     tail_high: BinTail | None = None  # the last bin (always open-ended above)
+    # move only: per tick class 1..n, per bin, a quantile table (() = use ``quantiles``)
+    context_quantiles: tuple[tuple[tuple[float, ...], ...], ...] = ()
 
     @property
     def low_open(self) -> bool:
@@ -114,6 +129,12 @@ class FieldBins:
         smallest_positive = np.nextafter(0.0, 1.0)
         lower = [*self.neg_edges, 0.0] if self.has_negative else []
         return np.asarray([*lower, smallest_positive, *self.pos_edges], dtype=np.float64)
+
+    @functools.cached_property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) per bin: bin b holds lower[b] <= value < upper[b]."""
+        edges = self._all_edges
+        return np.r_[-np.inf, edges], np.r_[edges, np.inf]
 
 
 def _quantile_edges(values: np.ndarray, n_bins: int, tail_quantile: float) -> tuple[float, ...]:
@@ -206,7 +227,7 @@ def _with_reps(bins: FieldBins, values: np.ndarray,
     high = ordered[idx == bins.n_bins - 1]
     low = ordered[idx == 0]
     return FieldBins(**{
-        **{k: v for k, v in bins.__dict__.items() if not k.startswith("_")},
+        **{k: v for k, v in bins.__dict__.items() if not k.startswith("_") and k != "bounds"},
         "representatives": reps, "quantiles": table,
         "tail_high": fit_tail(high, table[-1], upper=True, log_tail=log_tail),
         "tail_low": fit_tail(low, table[0], upper=False, log_tail=log_tail) if bins.low_open else None,
@@ -251,6 +272,7 @@ class Tokenizer:
         """Fit bins on TRAINING events only (the caller guarantees the split)."""
         if train_events.height == 0:
             raise DataError("cannot fit a tokenizer on zero training events")
+        ordered_events = _contiguous_sample(train_events, cfg.fit_sample)
         if train_events.height > cfg.fit_sample:
             train_events = train_events.sample(n=cfg.fit_sample, seed=0)
         move = train_events["move_bps"].to_numpy().astype(np.float64)
@@ -273,10 +295,36 @@ class Tokenizer:
             ),
             config={"move_bins_per_side": cfg.move_bins_per_side, "size_bins": cfg.size_bins,
                     "dt_bins": cfg.dt_bins, "tail_quantile": cfg.tail_quantile,
-                    "n_quantiles": nq},
+                    "n_quantiles": nq, "tick_window": cfg.tick_window,
+                    "tick_classes": cfg.tick_classes, "level_memory": cfg.level_memory},
         )
+        tok = tok._with_move_context(ordered_events)
         tokens = tok.encode(train_events)
         return tok._with_stats(tokens, n_train_events=train_events.height)
+
+    def _with_move_context(self, events: pl.DataFrame) -> Tokenizer:
+        """Per-tick-class move tables from TRAINING events in stream order (their tick
+        classes computed by the same ``MoveMemory`` the decoder uses)."""
+        if self.config.get("tick_window", 0) <= 0:
+            return self
+        move = events["move_bps"].to_numpy().astype(np.float64)
+        bin_index = self.move.index(move)
+        streams, reset = _streams_of(events)
+        memory = self.decode_memory()
+        classes = memory.tick_classes(move_ranks(bin_index, self.move.n_neg, memory.n_classes),
+                                      streams, reset)
+        tables = context_quantiles(move, bin_index, classes, self.move.n_bins, memory.n_classes,
+                                   int(self.config.get("n_quantiles", DEFAULT_N_QUANTILES)))
+        move_bins = FieldBins(**{**{k: v for k, v in self.move.__dict__.items()
+                                    if not k.startswith("_") and k != "bounds"},
+                                 "context_quantiles": tables})
+        return Tokenizer(self.side, move_bins, self.size, self.dt, self.config, self.stats)
+
+    def decode_memory(self) -> MoveMemory:
+        """A fresh per-stream state for context-aware move decoding (``decode_fields``)."""
+        return MoveMemory(int(self.config.get("tick_window", 0)),
+                          int(self.config.get("tick_classes", 1)),
+                          int(self.config.get("level_memory", 0)))
 
     def _with_stats(self, tokens: np.ndarray, n_train_events: int) -> Tokenizer:
         counts = np.bincount(tokens, minlength=self.n_event_tokens)
@@ -339,15 +387,20 @@ class Tokenizer:
         return {name: out[name] for name in FIELD_NAMES}
 
     def decode_fields(self, tokens: np.ndarray, mode: str = "in_bin", seed: int = 0,
-                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                      rng: np.random.Generator | None = None, streams: np.ndarray | None = None,
+                      memory: MoveMemory | None = None) -> dict[str, np.ndarray]:
         """Decoded values per token as arrays: side (+-1), move_bps, log_size, log_dt
         (0 for the zero-gap bin), dt_us, is_event; specials give side 0 and zeros.
 
         mode "in_bin" draws each field inside its bin (``binning.py``) from ``rng`` (default:
-        a PCG64 seeded with ``seed``); "median" gives each bin's training median.
+        a PCG64 seeded with ``seed``), the move in context: ``streams`` (default: one
+        stream) says which stream each token continues, in order; a SEG token starts a new
+        segment of its stream; ``memory`` (default: fresh) carries the streams' state from
+        an earlier call (step-by-step decoding). "median" gives each bin's training median.
         """
         if mode not in DECODE_MODES:
             raise ConfigError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        tokens = self.check_tokens(np.asarray(tokens).reshape(-1))
         idx = self.field_indices(tokens)
         is_event = idx["side"] >= 0
         rng = rng if rng is not None else np.random.default_rng(seed)
@@ -359,8 +412,14 @@ class Tokenizer:
             tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
             return draw_in_bins(i, bins.quantiles, rng, tails, bins.name in LOG_TAIL_FIELDS)
 
-        move, size, dt_log = values(self.move, idx["move"]), values(self.size, idx["size"]), \
-            values(self.dt, idx["dt"])
+        if mode == "median" or not self.move.quantiles:
+            move = values(self.move, idx["move"])
+        else:
+            streams = (np.zeros(tokens.size, dtype=np.int64) if streams is None
+                       else np.asarray(streams, dtype=np.int64).reshape(-1))
+            move = self._decode_moves(idx["move"], tokens == self.seg_id, streams,
+                                      memory or self.decode_memory(), rng)
+        size, dt_log = values(self.size, idx["size"]), values(self.dt, idx["dt"])
         # floor (not round): an in-bin draw below the bin's largest training gap (an
         # integer number of us) must not round up into the next bin
         dt_us = np.where(idx["dt"] == 0, 0, np.floor(np.exp(dt_log) + 1e-6)).astype(np.int64)
@@ -370,11 +429,38 @@ class Tokenizer:
                 "log_dt": np.where(zero, 0.0, dt_log), "dt_us": np.where(zero, 0, dt_us),
                 "is_event": is_event}
 
+    def _decode_moves(self, move_index: np.ndarray, reset: np.ndarray, streams: np.ndarray,
+                      memory: MoveMemory, rng: np.random.Generator) -> np.ndarray:
+        """In-bin moves drawn from the stream's tick-class table, then level memory."""
+        bins = self.move
+        i = np.maximum(move_index, 0)
+        u, v = rng.random(i.shape), rng.random(i.shape)  # two uniforms per token, as draw_in_bins
+        ranks = move_ranks(move_index, bins.n_neg, memory.n_classes)
+        classes = memory.tick_classes(ranks, streams, reset)
+        tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
+        move = draw_in_bins(i, bins.quantiles, None, tails, True, uniforms=(u, v))
+        for c, tables in enumerate(bins.context_quantiles, start=1):
+            rows = classes == c
+            if not rows.any():
+                continue
+            # a (class, bin) without enough training moves keeps the plain draw
+            chosen = tuple(t if t else (0.0,) for t in tables)
+            has = np.array([bool(t) for t in tables])[i]
+            pick = rows & has
+            if pick.any():
+                move[pick] = draw_in_bins(i[pick], chosen, None, None, False,
+                                          uniforms=(u[pick], v[pick]))
+        move = np.where(move_index < 0, 0.0, move)
+        lower, upper = bins.bounds
+        snapped, _ = memory.snap_to_levels(move, lower[i], upper[i], streams, reset)
+        return snapped
+
     def decode(self, tokens: np.ndarray, mode: str = "in_bin", seed: int = 0,
-               rng: np.random.Generator | None = None) -> pl.DataFrame:
+               rng: np.random.Generator | None = None, streams: np.ndarray | None = None,
+               memory: MoveMemory | None = None) -> pl.DataFrame:
         """Event features per token (see ``decode_fields``); specials give nulls and
         is_event=False."""
-        f = self.decode_fields(tokens, mode, seed, rng)
+        f = self.decode_fields(tokens, mode, seed, rng, streams, memory)
         frame = pl.DataFrame({"side": f["side"], "move_bps": f["move_bps"],
                               "log_size": f["log_size"], "dt_us": f["dt_us"],
                               "is_event": f["is_event"]})
@@ -391,7 +477,9 @@ class Tokenizer:
                     "representatives": list(b.representatives), "n_bins": b.n_bins,
                     "quantiles": [list(q) for q in b.quantiles],
                     "tail_low": b.tail_low.to_list() if b.tail_low else None,
-                    "tail_high": b.tail_high.to_list() if b.tail_high else None}
+                    "tail_high": b.tail_high.to_list() if b.tail_high else None,
+                    **({"context_quantiles": [[list(t) for t in c] for c in b.context_quantiles]}
+                       if b.context_quantiles else {})}
 
         return {
             "format": FORMAT,
@@ -423,10 +511,10 @@ class Tokenizer:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"cannot read tokenizer artifact ({exc})", path) from exc
-        if doc.get("format") == "mega-trading/tokenizer@1":
-            raise DataError("tokenizer@1 artifact has no per-bin quantile tables for in-bin "
-                            f"decoding (this code reads {FORMAT}): run `mega-trading prepare` "
-                            "again", path)
+        if doc.get("format") in OLD_FORMATS:
+            old = doc["format"].rsplit("/", 1)[-1]
+            raise DataError(f"{old} artifact has {OLD_FORMATS[doc['format']]} (this code reads "
+                            f"{FORMAT}): run `mega-trading prepare` again", path)
         if doc.get("format") != FORMAT:
             raise DataError(f"not a {FORMAT} artifact (format={doc.get('format')!r})", path)
 
@@ -440,10 +528,44 @@ class Tokenizer:
                              has_negative=b["has_negative"],
                              representatives=tuple(b["representatives"]),
                              quantiles=tuple(tuple(q) for q in b.get("quantiles", [])),
-                             tail_low=tail(b.get("tail_low")), tail_high=tail(b.get("tail_high")))
+                             tail_low=tail(b.get("tail_low")), tail_high=tail(b.get("tail_high")),
+                             context_quantiles=tuple(tuple(tuple(t) for t in c)
+                                                     for c in b.get("context_quantiles", [])))
 
         tok = cls(*(bins(n) for n in FIELD_NAMES), config=doc.get("config", {}),
                   stats=doc.get("stats", {}))
         if "hash" in doc and doc["hash"] != tok.hash:
             raise DataError(f"tokenizer content does not match its recorded hash {doc['hash'][:12]}", path)
         return tok
+
+
+def _contiguous_sample(events: pl.DataFrame, max_rows: int, n_chunks: int = 50) -> pl.DataFrame:
+    """At most ``max_rows`` rows in ``n_chunks`` contiguous runs spread over the table (the
+    move context needs events in stream order; a row sample would shuffle them)."""
+    if events.height <= max_rows:
+        return events
+    run = max(max_rows // n_chunks, 1)
+    starts = np.linspace(0, events.height - run, n_chunks).astype(np.int64)
+    return pl.concat([events.slice(int(s), run) for s in starts])
+
+
+def _streams_of(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(stream id, starts a segment) per event row: streams are symbols (one stream
+    without a symbol column); a segment start, or a row where the stream is not the row
+    before's stream (a new chunk), resets the stream's decoding context."""
+    n = events.height
+    if "symbol" in events.columns:
+        _, streams = np.unique(events["symbol"].cast(pl.Utf8).fill_null("").to_numpy(),
+                               return_inverse=True)
+    else:
+        streams = np.zeros(n, dtype=np.int64)
+    reset = np.zeros(n, dtype=bool)
+    if "segment_start" in events.columns:
+        reset |= events["segment_start"].fill_null(False).to_numpy().astype(bool)
+    if "segment" in events.columns:
+        seg = events["segment"].to_numpy()
+        reset[1:] |= seg[1:] != seg[:-1]
+    if n:
+        reset[0] = True
+        reset[1:] |= streams[1:] != streams[:-1]
+    return streams.astype(np.int64), reset

@@ -653,9 +653,13 @@ def tokenized_real(tokenizer: Any, events: pl.DataFrame) -> pl.DataFrame:
     """Real events passed through the tokenizer and decoded back (the quantization floor).
 
     Model rollouts are decoded tokens, so part of their distance from real flow is just the
-    bins; this source shows how much, so the model is not blamed for the tokenizer.
+    bins; this source shows how much, so the model is not blamed for the tokenizer. Each
+    (symbol, segment) is decoded as its own stream, in order, like a rollout is.
     """
-    decoded = tokenizer.decode(tokenizer.encode(events))
+    keys = [c for c in ("symbol", "segment") if c in events.columns]
+    streams = (events.select(pl.struct(keys).rank("dense")).to_series().to_numpy()
+               if keys else None)
+    decoded = tokenizer.decode(tokenizer.encode(events), streams=streams)
     return events.select("symbol", "time_us", "segment", "segment_start").hstack(
         decoded.select("side", "move_bps", "log_size", "dt_us"))
 
@@ -676,7 +680,8 @@ def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int,
     tokens = markov.generate_batch(prompts.numpy(), gen_cfg.length, np.random.default_rng(seed))
     markov_events = rollouts_to_events(
         tokens[:, prompts.shape[1]:], shards.tokenizer, info["last_price"].to_numpy(),
-        info["last_time_us"].to_numpy(), info["symbol"].to_list(), info["size_level"].to_numpy())
+        info["last_time_us"].to_numpy(), info["symbol"].to_list(), info["size_level"].to_numpy(),
+        context_tokens=prompts.numpy())
     hawkes = CompoundHawkes.fit(train_events if train_events is not None
                                 else trained.all_events("train"))
     hawkes_events = hawkes.sample(n_events, np.random.default_rng(seed + 1))

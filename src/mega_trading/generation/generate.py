@@ -293,12 +293,15 @@ def seg_prompts(shards, split: str = "backtest", symbol: str | None = None, n: i
 
 def rollouts_to_events(tokens_new, tokenizer, start_price, start_time_us, symbol,
                        size_level=None, decode_seed: int = 0,
-                       decode_mode: str = "in_bin") -> pl.DataFrame:
+                       decode_mode: str = "in_bin", context_tokens=None) -> pl.DataFrame:
     """Generated tokens [B, n] -> one row per token (layout in the module docstring).
 
     start_price, start_time_us, symbol and size_level are scalars or one value per rollout;
     without size_level, quote_qty is null. Tokens decode inside their bins (seeded with
-    ``decode_seed``), or to the bin medians with ``decode_mode="median"``.
+    ``decode_seed``), or to the bin medians with ``decode_mode="median"``. Each rollout is
+    one decoding stream (the move is decoded in context, ``binning.MoveMemory``);
+    ``context_tokens`` [B, P] (its prompt) are decoded first, so the context is known from
+    the first new event.
     """
     if isinstance(tokens_new, torch.Tensor):
         tokens_new = tokens_new.detach().to("cpu").numpy()
@@ -306,8 +309,17 @@ def rollouts_to_events(tokens_new, tokenizer, start_price, start_time_us, symbol
     if tokens.ndim != 2:
         raise ConfigError(f"tokens_new must be [B, n], got shape {tokens.shape}")
     n_roll, n_step = tokens.shape
+    if isinstance(context_tokens, torch.Tensor):
+        context_tokens = context_tokens.detach().to("cpu").numpy()
+    n_context = 0 if context_tokens is None else np.asarray(context_tokens).shape[1]
+    stream = (tokens if context_tokens is None
+              else np.concatenate([np.asarray(context_tokens, dtype=np.int64), tokens], axis=1))
     # refuses ids outside the vocabulary
-    decoded = tokenizer.decode(tokens.reshape(-1), mode=decode_mode, seed=decode_seed)
+    decoded = tokenizer.decode(stream.reshape(-1), mode=decode_mode, seed=decode_seed,
+                               streams=np.repeat(np.arange(n_roll), stream.shape[1]))
+    if n_context:
+        keep = np.tile(np.arange(stream.shape[1]) >= n_context, n_roll)
+        decoded = decoded.filter(pl.Series(keep))
 
     def per_rollout(value, dtype) -> np.ndarray:
         return np.broadcast_to(np.asarray(value, dtype=dtype), (n_roll,))[:, None]
@@ -388,7 +400,8 @@ def generate_rollouts(model, shards, cfg: GenerateConfig,
             on_batch(min(lo + cfg.batch_size, cfg.n), cfg.n)
     events = rollouts_to_events(torch.cat(new_tokens), tokenizer, info["last_price"].to_numpy(),
                                 info["last_time_us"].to_numpy(), info["symbol"].to_list(),
-                                info["size_level"].to_numpy(), decode_seed=cfg.seed)
+                                info["size_level"].to_numpy(), decode_seed=cfg.seed,
+                                context_tokens=prompts)
     return events, info
 
 

@@ -16,6 +16,7 @@ real event table and ignores inserted fills (``reacts_to_fills = False``).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,6 +109,14 @@ class ModelSource:
         self.table = table or TokenTable.from_tokenizer(tokenizer)
         self.decode_rng = decode_rng
         self.prompts = prompts
+        # each episode is one decoding stream; its prompt sets the move context
+        self.decode_memory = None
+        self._streams = np.arange(prompts.shape[0])
+        if decode_rng is not None:
+            self.decode_memory = tokenizer.decode_memory()
+            tokenizer.decode_fields(prompts.reshape(-1), rng=np.random.default_rng(0),
+                                    streams=np.repeat(self._streams, prompts.shape[1]),
+                                    memory=self.decode_memory)
         self.fed: list[np.ndarray] = []  # token committed at each step, [B] each
         self.forced: list[np.ndarray] = []  # True where an agent fill was inserted
         self.engine.start(torch.from_numpy(prompts))
@@ -115,7 +124,10 @@ class ModelSource:
     def propose(self) -> Proposal:
         token = self.engine.sample(self.sampling, self.generator).cpu().numpy()
         if self.decode_rng is not None:
-            f = self.tokenizer.decode_fields(token, rng=self.decode_rng)
+            # the proposal may be replaced by an agent fill (commit): keep the state before it
+            self._memory_before = copy.deepcopy(self.decode_memory)
+            f = self.tokenizer.decode_fields(token, rng=self.decode_rng, streams=self._streams,
+                                             memory=self.decode_memory)
             return Proposal(token=token, is_event=f["is_event"], move_bps=f["move_bps"],
                             log_size=f["log_size"], dt_us=f["dt_us"])
         t = self.table
@@ -124,6 +136,16 @@ class ModelSource:
 
     def commit(self, tokens: np.ndarray, consumed: np.ndarray) -> None:
         tokens = np.asarray(tokens, dtype=np.int64)
+        forced = ~np.asarray(consumed, dtype=bool)
+        if self.decode_memory is not None and forced.any():
+            # an inserted fill replaced the proposal: its stream's move context continues
+            # from before the proposal, with the fill's token
+            memory = self._memory_before
+            for stream in np.flatnonzero(~forced):
+                memory.copy_stream(self.decode_memory, int(stream))
+            self.tokenizer.decode_fields(tokens[forced], rng=self.decode_rng,
+                                         streams=self._streams[forced], memory=memory)
+            self.decode_memory = memory
         self.fed.append(tokens.copy())
         self.forced.append(~np.asarray(consumed, dtype=bool))
         self.engine.feed(torch.from_numpy(tokens))

@@ -61,6 +61,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -96,7 +97,10 @@ DEFAULT_START_PRICE = 1.0  # tokens / events prompts: the price path is an index
 
 @config_dataclass
 class ServeSettings:
-    batch_window_ms: NonNegativeFloat = 5.0  # how long the worker waits for more jobs to batch
+    # A batch starts when it is full, when no request joined it for batch_window_ms, or
+    # max_batch_wait_ms after the worker took its first request, whichever comes first.
+    batch_window_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 5.0
+    max_batch_wait_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 50.0
     max_batch_requests: PositiveInt = 16  # requests per forward batch; 1 = batching off
     batch_rows: PositiveInt = 16  # rows of EVERY forward pass (fixed shape: see the docstring)
     max_new_tokens: PositiveInt = 8192  # n * length per request
@@ -397,6 +401,18 @@ class Batcher:
         self.pending: deque[Job] = deque()  # taken from the queue, another prompt length
         self.running: list[Job] = []
         self.task: asyncio.Task | None = None
+        self.answering = 0  # answers being written: their clients may come back soon
+        self.last_activity = 0.0  # time.monotonic() a job joined a batch or an answer left
+
+    @contextlib.contextmanager
+    def writing_answer(self):
+        """Around the writing of one answer: `_collect` keeps a batch open meanwhile."""
+        self.answering += 1
+        try:
+            yield
+        finally:
+            self.answering -= 1
+            self.last_activity = time.monotonic()
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -487,7 +503,16 @@ class Batcher:
         return await self.queue.get()
 
     async def _collect(self, first: Job) -> list[Job]:
-        """`first` plus compatible jobs arriving within the batch window, up to the limits."""
+        """`first` plus compatible jobs, up to the limits, while the server is busy.
+
+        The batch starts when it is full, or when for ``batch_window_ms`` no job joined it
+        and no answer was written (while answers are being written it stays open), or
+        ``max_batch_wait_ms`` after `first` was taken, whichever comes first. Not a fixed
+        window from the first job: answers leave one after another, and the clients they
+        answer come back spread over the time the answers take to write; a fixed window
+        cut them into convoys that each paid for all ``batch_rows`` rows of a forward pass.
+        ``batch_window_ms`` 0: no waiting, only the jobs already queued join.
+        """
         batch, rows = [first], first.n
         limit_requests, limit_rows = self.settings.max_batch_requests, self.engine.batch_rows
 
@@ -499,22 +524,39 @@ class Batcher:
                 return True
             return False
 
+        def full() -> bool:
+            return len(batch) >= limit_requests or rows >= limit_rows
+
         for job in list(self.pending):
-            if len(batch) >= limit_requests or rows >= limit_rows:
+            if full():
                 return batch
             if take(job):
                 self.pending.remove(job)
-        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
-        while len(batch) < limit_requests and rows < limit_rows:
-            remaining = deadline - time.monotonic()
+        gap_s = self.settings.batch_window_ms / 1000
+        closes_at = time.monotonic() + self.settings.max_batch_wait_ms / 1000
+        self.last_activity = max(self.last_activity, time.monotonic())
+
+        def open_until() -> float:
+            if gap_s == 0:
+                return 0.0
+            if self.answering:
+                return closes_at
+            return min(self.last_activity + gap_s, closes_at)
+
+        while not full():
+            remaining = open_until() - time.monotonic()
             try:
-                if remaining > 0:
-                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                if remaining > 0:  # waits of at most one gap: answers move open_until()
+                    job = await asyncio.wait_for(self.queue.get(), min(remaining, gap_s))
                 else:
                     job = self.queue.get_nowait()
-            except (TimeoutError, asyncio.QueueEmpty):
+            except TimeoutError:
+                continue
+            except asyncio.QueueEmpty:
                 break
-            if not take(job):
+            if take(job):
+                self.last_activity = time.monotonic()
+            else:
                 self.pending.append(job)
         return batch
 
@@ -567,6 +609,10 @@ class RolloutService:
                             f"vocabulary {self.tokenizer.vocab_size}", self.run_dir)
         self.model_sha256 = sha256_file(weights)
         self.git_commit = git_commit()
+        self._identity: dict[str, Any] | None = None
+        # One thread writes the answers, in the order their tokens are done: the first answer
+        # of a batch leaves after one payload, not after all of them shared the GIL.
+        self._answers: ThreadPoolExecutor | None = None  # from start() to stop()
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
                                     settings.batch_rows)
         self.batcher = Batcher(self.engine, settings)
@@ -742,21 +788,25 @@ class RolloutService:
                         split=ref.split, symbol=ref.symbol, start=start)
         return np.asarray(tokens[start:start + length], dtype=np.int64), anchor
 
+    async def answer(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
+        """The payload, built on the answer thread (off the event loop)."""
+        loop = asyncio.get_running_loop()
+        with self.batcher.writing_answer():
+            return await loop.run_in_executor(self._answers, self.payload, job, anchor,
+                                              new_tokens)
+
+    def start(self) -> None:
+        self._answers = ThreadPoolExecutor(1, thread_name_prefix="rollout-answers")
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self._answers is not None:
+            self._answers.shutdown(wait=False, cancel_futures=True)
+
     def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The response body: decoded rollouts, the prompt, provenance."""
-        from mega_trading.generate import rollouts_to_events
-
-        frame = rollouts_to_events(new_tokens, self.tokenizer, anchor.price, anchor.time_us,
-                                   anchor.symbol, anchor.size_level,
-                                   decode_seed=job.seed)  # in-bin draws: seeded per request
-        columns = {name: frame[name].to_list() for name in Rollout.model_fields if name != "index"
-                   and name != "tokens"}
-        columns["tokens"] = frame["token"].to_list()
-        for name in ("move_bps", "log_size", "price", "quote_qty"):
-            columns[name] = [_finite(x) for x in columns[name]]
-        n, length = new_tokens.shape
-        rollouts = [{"index": i, **{k: v[i * length:(i + 1) * length] for k, v in columns.items()}}
-                    for i in range(n)]
+        rollouts = rollout_columns(self.tokenizer, new_tokens, anchor, decode_seed=job.seed)
         cfg = job.sampling
         return {
             "rollouts": rollouts,
@@ -778,6 +828,11 @@ class RolloutService:
         }
 
     def identity(self) -> dict[str, Any]:
+        if self._identity is None:  # constant; the tokenizer hash alone costs ~1 ms
+            self._identity = self._compute_identity()
+        return dict(self._identity)
+
+    def _compute_identity(self) -> dict[str, Any]:
         return {
             "run": self.run_dir.resolve().name,
             "checkpoint_step": self.state.get("step"),
@@ -871,8 +926,58 @@ class RolloutService:
                 "vs_best_baseline": model.get("vs_baselines", {}).get(best) if best else None}
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
+def rollout_columns(tokenizer, new_tokens: np.ndarray, anchor: Anchor,
+                    decode_seed: int) -> list[dict[str, Any]]:
+    """Tokens [n, length] -> one ``Rollout`` body per row, as JSON-ready lists.
+
+    The values of ``generate.rollouts_to_events`` (tokens decoded inside their bins from
+    PCG64(decode_seed), price compounded from the anchor, time summed from it, quote size
+    from the size level; specials and non-finite numbers null; a test holds the two equal),
+    built on numpy arrays: a polars frame per answer cost ~1.5 ms, which the worker's next
+    batch waited for.
+    """
+    tokens = np.asarray(new_tokens, dtype=np.int64)
+    n, length = tokens.shape
+    fields = tokenizer.decode_fields(tokens.reshape(-1), seed=decode_seed)
+    is_event = fields["is_event"].reshape(n, length)
+    price = anchor.price * np.cumprod(1.0 + fields["move_bps"].reshape(n, length) / 1e4, axis=1)
+    time_us = anchor.time_us + np.cumsum(fields["dt_us"].astype(np.int64).reshape(n, length),
+                                         axis=1)
+    level = np.nan if anchor.size_level is None else anchor.size_level
+    quote_qty = np.where(is_event, np.exp(fields["log_size"].reshape(n, length)) * level, np.nan)
+
+    def grid(name: str) -> np.ndarray:
+        return fields[name].reshape(n, length)
+
+    columns = {
+        "tokens": (tokens, None),
+        "is_event": (is_event, None),
+        "segment_start": (tokens == tokenizer.seg_id, None),
+        "side": (grid("side"), is_event),
+        "move_bps": (grid("move_bps"), is_event),
+        "log_size": (grid("log_size"), is_event),
+        "dt_us": (grid("dt_us"), is_event),
+        "time_us": (time_us, None),
+        "price": (price, np.ones_like(is_event)),
+        "quote_qty": (quote_qty, is_event),
+    }
+    rollouts = [{"index": i} for i in range(n)]
+    for name, (values, shown) in columns.items():
+        for i, row in enumerate(_json_rows(values, shown)):
+            rollouts[i][name] = row
+    return rollouts
+
+
+def _json_rows(values: np.ndarray, shown: np.ndarray | None) -> list[list[Any]]:
+    """values [n, length] as lists; null where `shown` is False or a float is not finite."""
+    rows = values.tolist()
+    if shown is None:
+        return rows
+    if values.dtype.kind == "f":
+        shown = shown & np.isfinite(values)
+    for i in np.flatnonzero(~shown.all(axis=1)):
+        rows[i] = [v if keep else None for v, keep in zip(rows[i], shown[i].tolist())]
+    return rows
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -950,12 +1055,12 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if service is not None:
-            service.batcher.start()
+            service.start()
         try:
             yield
         finally:
             if service is not None:
-                await service.batcher.stop()
+                await service.stop()
 
     app = FastAPI(title=API_TITLE, version=__version__, lifespan=lifespan,
                   description="Synthetic Binance order flow sampled from a trained Mega-Trading "
@@ -1007,7 +1112,7 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
         svc = running()
         job, anchor = await asyncio.to_thread(svc.build_job, body)
         new_tokens = await svc.batcher.submit(job)
-        return await asyncio.to_thread(svc.payload, job, anchor, new_tokens)
+        return await svc.answer(job, anchor, new_tokens)
 
     return app
 

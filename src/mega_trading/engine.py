@@ -31,7 +31,7 @@ import torch
 from mega_trading.decode import decode_step, decode_weights
 from mega_trading.errors import ConfigError
 from mega_trading.model import Transformer
-from mega_trading.sampling import SamplingConfig, sample_next
+from mega_trading.sampling import SamplingConfig, race_probs, race_winner, sample_next
 
 
 def special_ids(vocab_size: int) -> tuple[int, int]:
@@ -121,6 +121,38 @@ class DecodeEngine:
         """The next token of every row [B] (or of `rows`), drawn from `generator`."""
         logits = self.logits if rows is None else self.logits[rows]
         return sample_step(logits, sampling, self.banned(sampling), generator)
+
+    @torch.inference_mode()
+    def sample_each(self, draws: Sequence[tuple[SamplingConfig, torch.Generator, slice]]
+                    ) -> torch.Tensor:
+        """The next token of every row [B]; each slice of rows drawn with its own settings
+        and generator (the rollout service's requests). The same tokens as ``sample`` on each
+        slice, with one pass over all B rows per distinct settings instead of one per slice:
+        every op but the random draw runs on all rows (a row's arithmetic does not depend on
+        the others, and the shape does not depend on the slices); each slice draws its race
+        from its own generator, as ``sample`` would. Rows in no slice give PAD."""
+        tokens = torch.full((self.logits.shape[0],), self.pad_id, dtype=torch.long,
+                            device=self.device)
+        by_settings: dict[SamplingConfig, list[tuple[torch.Generator, slice]]] = {}
+        for sampling, generator, rows in draws:
+            by_settings.setdefault(sampling, []).append((generator, rows))
+        for sampling, slices in by_settings.items():
+            banned = self.banned(sampling)
+            logits = self.logits.index_fill(-1, banned, float("-inf")) if len(banned) \
+                else self.logits
+            logits = logits.float()
+            if sampling.temperature == 0:
+                choice = logits.argmax(-1)
+            else:
+                probs, indices = race_probs(logits, sampling.temperature, sampling.top_k,
+                                            sampling.top_p, sampling.min_p)
+                race = torch.ones_like(probs)
+                for generator, rows in slices:
+                    race[rows].exponential_(1.0, generator=generator)
+                choice = race_winner(probs, race, indices)
+            for _, rows in slices:
+                tokens[rows] = choice[rows]
+        return tokens
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -334,6 +334,7 @@ class Job:
     seed: int
     sampling_source: str = "request"  # or "measured" / "default" (SamplingInfo.source)
     cancelled: bool = False  # read by the worker thread: the client is gone, skip the work
+    client: Any = None  # the connection it came on, (host, port); None: unknown
     future: asyncio.Future | None = None
     started: asyncio.Event | None = None
 
@@ -374,8 +375,10 @@ class RolloutEngine:
             live = [p for p in plans if not p[0].cancelled and t < t0 + p[0].length]
             if not live:
                 break
-            for job, rows, generator in live:
-                tokens[rows, t] = engine.sample(job.sampling, generator, rows)
+            drawn = engine.sample_each([(job.sampling, generator, rows)
+                                        for job, rows, generator in live])
+            for job, rows, _ in live:
+                tokens[rows, t] = drawn[rows]
                 if t + 1 == t0 + job.length:
                     on_done(job, tokens[rows, t0:t + 1].cpu().numpy())
             if t + 1 == end:
@@ -401,18 +404,23 @@ class Batcher:
         self.pending: deque[Job] = deque()  # taken from the queue, another prompt length
         self.running: list[Job] = []
         self.task: asyncio.Task | None = None
-        self.answering = 0  # answers being written: their clients may come back soon
+        self.answering = 0  # answers being built or sent: their clients may come back soon
         self.last_activity = 0.0  # time.monotonic() a job joined a batch or an answer left
+        self.answered: dict[Any, float] = {}  # connection -> when its answer left, until
+        # it sends its next request
 
     @contextlib.contextmanager
-    def writing_answer(self):
-        """Around the writing of one answer: `_collect` keeps a batch open meanwhile."""
+    def writing_answer(self, client: Any = None):
+        """Around the writing of one answer, up to its last byte sent (`AnswerTracking`):
+        meanwhile `_collect` keeps a batch open, and for a while after for its client."""
         self.answering += 1
         try:
             yield
         finally:
             self.answering -= 1
             self.last_activity = time.monotonic()
+            if client is not None:
+                self.answered[client] = self.last_activity
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -438,6 +446,7 @@ class Batcher:
 
     async def submit(self, job: Job) -> np.ndarray:
         """Queue a job and wait for its tokens [n, length] (503 / 504 on the limits)."""
+        self.answered.pop(job.client, None)  # it came back
         if self.task is None or self.task.done():
             raise ServeError("the rollout worker is not running", 503)
         if self.queued >= self.settings.max_queue:
@@ -533,15 +542,22 @@ class Batcher:
             if take(job):
                 self.pending.remove(job)
         gap_s = self.settings.batch_window_ms / 1000
-        closes_at = time.monotonic() + self.settings.max_batch_wait_ms / 1000
-        self.last_activity = max(self.last_activity, time.monotonic())
+        max_wait_s = self.settings.max_batch_wait_ms / 1000
+        now = time.monotonic()
+        closes_at = now + max_wait_s
+        self.last_activity = max(self.last_activity, now)
+        self.answered = {client: at for client, at in self.answered.items()
+                         if at > now - max_wait_s}
 
         def open_until() -> float:
             if gap_s == 0:
                 return 0.0
+            until = self.last_activity + gap_s
             if self.answering:
-                return closes_at
-            return min(self.last_activity + gap_s, closes_at)
+                until = closes_at
+            elif self.answered:  # a client answered moments ago is likely to come back
+                until = max(until, max(self.answered.values()) + max_wait_s)
+            return min(until, closes_at)
 
         while not full():
             remaining = open_until() - time.monotonic()
@@ -791,9 +807,7 @@ class RolloutService:
     async def answer(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The payload, built on the answer thread (off the event loop)."""
         loop = asyncio.get_running_loop()
-        with self.batcher.writing_answer():
-            return await loop.run_in_executor(self._answers, self.payload, job, anchor,
-                                              new_tokens)
+        return await loop.run_in_executor(self._answers, self.payload, job, anchor, new_tokens)
 
     def start(self) -> None:
         self._answers = ThreadPoolExecutor(1, thread_name_prefix="rollout-answers")
@@ -1031,6 +1045,25 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class AnswerTracking:
+    """ASGI middleware: what a request enters on ``scope[KEY]`` (an ExitStack) is left
+    when its response has been sent, or the client has gone: the batcher counts answers
+    up to their last byte (``Batcher.writing_answer``)."""
+
+    KEY = "mega_trading.answer"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with contextlib.ExitStack() as stack:
+            scope[self.KEY] = stack
+            await self.app(scope, receive, send)
+
+
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {413: "body too large (checked before parsing)",
             422: "invalid request: schema, vocabulary or limits",
@@ -1067,6 +1100,7 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
                               "decoder. Same request and seed, same rollouts.")
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AnswerTracking)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -1107,11 +1141,13 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
 
     @app.post("/v1/rollouts", response_model=RolloutResponse, tags=["rollouts"],
               responses=_error_responses(413, 422, 503, 504))
-    async def rollouts(body: RolloutRequest) -> dict[str, Any]:
+    async def rollouts(body: RolloutRequest, request: Request) -> dict[str, Any]:
         """Sample `n` rollouts of `length` tokens continuing one prompt."""
         svc = running()
         job, anchor = await asyncio.to_thread(svc.build_job, body)
+        job.client = request.scope.get("client")
         new_tokens = await svc.batcher.submit(job)
+        request.scope[AnswerTracking.KEY].enter_context(svc.batcher.writing_answer(job.client))
         return await svc.answer(job, anchor, new_tokens)
 
     return app

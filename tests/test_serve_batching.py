@@ -141,3 +141,35 @@ def test_other_prompt_lengths_wait_for_their_own_batch():
 def test_batch_timing_settings_are_bounded(field, value):
     with pytest.raises(ConfigError, match=field):
         ServeSettings(**{field: value})
+
+
+def test_a_client_answered_moments_ago_is_expected_back():
+    """Client "a" was just answered on a connection it keeps: the batch that "b" opens
+    waits for it (0.5 s, past the 0.1 s window) within the max wait, and "a" joins."""
+    settings = ServeSettings(batch_window_ms=100, max_batch_wait_ms=30_000)
+
+    async def scenario(batcher: Batcher):
+        with batcher.writing_answer(client="a"):
+            pass
+        b = Job(**{**vars(job(1)), "client": "b"})
+        a = Job(**{**vars(job(0)), "client": "a"})
+        first = asyncio.create_task(batcher.submit(b))
+        await asyncio.sleep(0.5)
+        await asyncio.gather(first, batcher.submit(a))
+
+    batches, _ = run_batcher(settings, scenario)
+    assert batches == [[1, 0]]
+
+
+def test_an_answered_client_that_stays_away_holds_a_batch_at_most_the_max_wait():
+    settings = ServeSettings(batch_window_ms=50, max_batch_wait_ms=300)
+
+    async def scenario(batcher: Batcher):
+        with batcher.writing_answer(client="a"):
+            pass
+        started = time.monotonic()
+        await batcher.submit(Job(**{**vars(job(1)), "client": "b"}))
+        return time.monotonic() - started
+
+    batches, waited_s = run_batcher(settings, scenario)
+    assert batches == [[1]] and 0.15 < waited_s < 10

@@ -93,6 +93,9 @@ MAX_ABS_LOG_SIZE = 50.0
 MAX_DT_US = 10**13
 MAX_SEED = 2**63 - 1
 DEFAULT_START_PRICE = 1.0  # tokens / events prompts: the price path is an index from 1
+# Answers of at most this many new tokens are built on the event loop (~1 ms): a thread hop
+# per answer, and the GIL shared with the engine thread, cost more than the building.
+INLINE_ANSWER_TOKENS = 1024
 
 
 @config_dataclass
@@ -805,7 +808,10 @@ class RolloutService:
         return np.asarray(tokens[start:start + length], dtype=np.int64), anchor
 
     async def answer(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
-        """The payload, built on the answer thread (off the event loop)."""
+        """The payload: a small one (~1 ms) at once on the event loop, a larger one on the
+        answer thread, so that it does not hold up the other requests."""
+        if new_tokens.size <= INLINE_ANSWER_TOKENS:
+            return self.payload(job, anchor, new_tokens)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._answers, self.payload, job, anchor, new_tokens)
 
@@ -1144,7 +1150,10 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
     async def rollouts(body: RolloutRequest, request: Request) -> dict[str, Any]:
         """Sample `n` rollouts of `length` tokens continuing one prompt."""
         svc = running()
-        job, anchor = await asyncio.to_thread(svc.build_job, body)
+        if body.tokens is not None:  # checked in microseconds: no thread hop
+            job, anchor = svc.build_job(body)
+        else:  # events to encode, or a window or segment start to read from the shards
+            job, anchor = await asyncio.to_thread(svc.build_job, body)
         job.client = request.scope.get("client")
         new_tokens = await svc.batcher.submit(job)
         request.scope[AnswerTracking.KEY].enter_context(svc.batcher.writing_answer(job.client))

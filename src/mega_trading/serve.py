@@ -1154,7 +1154,8 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
             job, anchor = svc.build_job(body)
         else:  # events to encode, or a window or segment start to read from the shards
             job, anchor = await asyncio.to_thread(svc.build_job, body)
-        job.client = request.scope.get("client")
+        client = request.scope.get("client")  # (host, port); a list from some servers
+        job.client = tuple(client) if client else None
         new_tokens = await svc.batcher.submit(job)
         request.scope[AnswerTracking.KEY].enter_context(svc.batcher.writing_answer(job.client))
         return await svc.answer(job, anchor, new_tokens)

@@ -8,6 +8,8 @@ fetched ONCE per engine (parameters do not change while sampling). Its step API:
 * ``logits``: the logits the next token is drawn from, [B, V];
 * ``sample(sampling, generator, rows=None)``: draw the next token of every row (or of a
   slice of rows, each caller's own generator: the rollout service's requests);
+* ``sample_each(draws)``: the same, each slice of rows with its own settings and generator
+  in one pass per distinct settings (the rollout service's batches);
 * ``feed(tokens)``: append one token per row [B] and compute the next logits: one fused
   decode step, or, when the cache is full, the window slides (below).
 

@@ -14,19 +14,29 @@
   two equal: regenerate with ``python -m mega_trading.serve docs/openapi.json``).
 
 Batching. Handlers never touch the model: they validate a request into a ``Job`` and put
-it on a queue. One worker task takes the oldest job, waits up to ``batch_window_ms`` for
-more jobs with the same prompt length (so every row shares one prefill and one sliding
-window schedule) until ``batch_rows`` rows or ``max_batch_requests`` requests are taken,
-and runs them together in a worker thread (``RolloutEngine.run_batch``); a job with a
-shorter ``length`` is answered as soon as its own tokens are done. Jobs of another prompt
-length wait in order for the next batch. ``max_batch_requests=1`` turns batching off.
+it on a queue. One worker task takes the oldest job and collects more jobs with the same
+prompt length (so every row shares one prefill and one sliding window schedule), up to
+``batch_rows`` rows or ``max_batch_requests`` requests, then runs them together in a
+worker thread (``RolloutEngine.run_batch``). A batch starts as soon as it is full, or
+when for ``batch_window_ms`` no job joined it and no answer was being written, and at the
+latest ``max_batch_wait_ms`` after its first job was taken; meanwhile it also waits for
+clients answered on a connection they keep open less than ``max_batch_wait_ms`` ago (a
+client answered moments ago is likely to send its next request). Answers leave one after
+another, so the clients of one batch come back spread over the time the answers take to
+write and read; a window counted from the first job cut them into convoys that each paid
+for all ``batch_rows`` rows (BENCHMARKS.md, issue 18). A job with a shorter ``length`` is
+answered as soon as its own tokens are done. Jobs of another prompt length wait in order
+for the next batch. ``max_batch_requests=1`` turns batching off; ``batch_window_ms=0``
+takes only the jobs already queued.
 
 Determinism under batching: a request's rollouts depend only on the request (prompt,
 sampling settings, seed) and the server's run and ``batch_rows``, never on which other
 requests share its batch or on which rows it gets, because
 
-1. each request samples its rows with its OWN ``torch.Generator`` seeded with its seed,
-   through ``DecodeEngine.sample`` on its own rows, so no other request draws from its stream;
+1. each request samples its rows with its OWN ``torch.Generator`` seeded with its seed
+   (``DecodeEngine.sample_each``: the race of its rows drawn from its generator; every
+   other sampling op runs on all ``batch_rows`` rows, once per distinct settings), so no
+   other request draws from its stream;
 2. every forward pass has the same shape, ``[batch_rows, T]``: unused rows are padding.
    Every op of the model is row-independent (embedding, per-row norms, per-sequence
    attention, matmuls), but a BLAS kernel may reduce in another order for another batch
@@ -100,8 +110,9 @@ INLINE_ANSWER_TOKENS = 1024
 
 @config_dataclass
 class ServeSettings:
-    # A batch starts when it is full, when no request joined it for batch_window_ms, or
-    # max_batch_wait_ms after the worker took its first request, whichever comes first.
+    # A batch starts when it is full, when for batch_window_ms no request joined it and no
+    # answer was written (0: no waiting), or max_batch_wait_ms after its first request was
+    # taken, whichever comes first (the module docstring says what else it waits for).
     batch_window_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 5.0
     max_batch_wait_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 50.0
     max_batch_requests: PositiveInt = 16  # requests per forward batch; 1 = batching off

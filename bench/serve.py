@@ -153,9 +153,20 @@ class RawHTTP:
 async def drive(base: str, clients: int, args: argparse.Namespace, vocab_events: int,
                 client: str = "httpx") -> dict:
     """`clients` concurrent loops sharing a budget of requests and seconds; `client`:
-    "httpx" (one AsyncClient, a pool of `clients` connections) or "raw" (`RawHTTP`)."""
+    "httpx" (one AsyncClient, a pool of `clients` connections), "httpx-each" (an
+    AsyncClient of one connection per client: httpx's pool scans all its connections for
+    every request) or "raw" (`RawHTTP`). The clients are made before the clock starts."""
     import httpx
 
+    if client == "raw":
+        https = [RawHTTP(base) for _ in range(clients)]
+    elif client == "httpx-each":
+        one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        https = [httpx.AsyncClient(base_url=base, timeout=120, limits=one)
+                 for _ in range(clients)]
+    else:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        https = [httpx.AsyncClient(base_url=base, timeout=120, limits=limits)] * clients
     latencies: list[float] = []
     errors = 0
     issued = 0
@@ -178,17 +189,10 @@ async def drive(base: str, clients: int, args: argparse.Namespace, vocab_events:
             else:
                 errors += 1
 
-    if client == "raw":
-        raw = [RawHTTP(base) for _ in range(clients)]
-        await asyncio.gather(*(client_loop(http) for http in raw))
-        elapsed = time.perf_counter() - start
-        for http in raw:
-            await http.aclose()
-    else:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
-            await asyncio.gather(*(client_loop(http) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
+    await asyncio.gather(*(client_loop(http) for http in https))
+    elapsed = time.perf_counter() - start
+    for http in set(https):
+        await http.aclose()
     lat = np.asarray(latencies) * 1e3
     done = len(latencies)
     return {"clients": clients, "requests": done + errors, "ok": done, "errors": errors,

@@ -1007,7 +1007,8 @@ def _json_rows(values: np.ndarray, shown: np.ndarray | None) -> list[list[Any]]:
     if values.dtype.kind == "f":
         shown = shown & np.isfinite(values)
     for i in np.flatnonzero(~shown.all(axis=1)):
-        rows[i] = [v if keep else None for v, keep in zip(rows[i], shown[i].tolist())]
+        rows[i] = ([v if keep else None for v, keep in zip(rows[i], shown[i].tolist())]
+                   if shown[i].any() else [None] * len(rows[i]))
     return rows
 
 

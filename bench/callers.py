@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="serve: time (max)")
     parser.add_argument("--window-ms", type=float, default=5.0,
                         help="serve: batch_window_ms (bench/serve.py uses 5)")
+    parser.add_argument("--client", choices=("httpx", "httpx-each", "raw"), default="httpx",
+                        help="serve: the load generator (bench/serve.py's drive): httpx (one "
+                             "pool), httpx-each (one connection per client) or raw HTTP/1.1 "
+                             "on asyncio streams (the least client CPU)")
     parser.add_argument("--repeat", type=int, default=3, help="generate: timed runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -107,8 +111,10 @@ def bench_serve(serve, run: Path, data: Path, args, log_dir: Path) -> dict:
         drive_args = argparse.Namespace(prompt=args.prompt, length=args.new,
                                         requests=args.requests, max_seconds=args.max_seconds)
         asyncio.run(serve.drive(base, 1, argparse.Namespace(**{**vars(drive_args),
-                                                                "requests": 2}), vocab_events))
-        result = asyncio.run(serve.drive(base, args.batch, drive_args, vocab_events))
+                                                                "requests": 2}), vocab_events,
+                                args.client))
+        result = asyncio.run(serve.drive(base, args.batch, drive_args, vocab_events,
+                                         args.client))
         health = httpx.get(base + "/healthz", timeout=10).json()
         return {**result, "requests_per_batch": health["requests"] / max(health["batches"], 1)}
     finally:

@@ -95,3 +95,24 @@ def test_feed_slides_the_window_to_the_newest_keep_tokens():
     torch.testing.assert_close(dec.logits, expected.detach())
     dec.feed(torch.tensor([21]))  # then one decode step at position 3
     assert dec.length == 4 and dec.context[0, :4].tolist() == [6, 7, 20, 21]
+
+
+def test_sample_each_draws_what_sample_draws_on_each_slice():
+    """The service's one pass per distinct settings gives each slice of rows the tokens
+    `sample` gives it alone, from its own generator: mixed settings (greedy, top-k with
+    a banned id, top-p, min-p), rows left out give PAD."""
+    model = tiny_model(32)
+    prompts = torch.randint(0, VOCAB - 2, (8, PROMPT), generator=torch.Generator().manual_seed(1))
+    top_k = SamplingConfig(temperature=1.3, top_k=5, forbid_seg=True)
+    draws = [(top_k, slice(0, 2), 11), (SamplingConfig(temperature=0), slice(2, 3), 12),
+             (SamplingConfig(top_p=0.7, min_p=0.05), slice(3, 6), 13), (top_k, slice(6, 7), 14)]
+    batch = engine.DecodeEngine(model, specials=(PAD, SEG))
+    batch.start(prompts)
+    for _ in range(5):
+        each = batch.sample_each([(cfg, torch.Generator().manual_seed(seed), rows)
+                                  for cfg, rows, seed in draws])
+        for cfg, rows, seed in draws:
+            alone = batch.sample(cfg, torch.Generator().manual_seed(seed), rows)
+            assert torch.equal(each[rows], alone), (cfg.label, rows)
+        assert each[7] == PAD and not (each[:2] == SEG).any()
+        batch.feed(each)

@@ -260,6 +260,33 @@ def test_a_request_without_a_prompt_starts_a_segment(client, tiny_run):
     assert moved["prompt"]["start_price"] == 9.0
 
 
+@pytest.mark.parametrize("with_prompt", [False, True])
+@pytest.mark.parametrize("size_level", [None, 37.5])
+def test_answers_hold_the_values_of_rollouts_to_events(client, size_level, with_prompt):
+    """The service decodes answers on numpy (serve.rollout_columns), not through the polars
+    frame of generate.rollouts_to_events: the same values, specials and nulls included."""
+    from mega_trading.generation.generate import rollouts_to_events
+    from mega_trading.serve import Anchor, rollout_columns
+
+    tokenizer = service_of(client).tokenizer
+    tokens = np.random.default_rng(3).integers(0, tokenizer.vocab_size, (3, 40))
+    tokens[0, :2] = [tokenizer.seg_id, tokenizer.pad_id]
+    anchor = Anchor("tokens", price=250.0, time_us=1_700_000_000_000_000, size_level=size_level)
+    # a prompt is decoded first (the move's context), as the service does
+    prompt = np.random.default_rng(4).integers(0, tokenizer.vocab_size - 2, 24) if with_prompt else None
+    columns = rollout_columns(tokenizer, tokens, anchor, decode_seed=11, context_tokens=prompt)
+    frame = rollouts_to_events(tokens, tokenizer, anchor.price, anchor.time_us, None,
+                               size_level, decode_seed=11,
+                               context_tokens=None if prompt is None else np.tile(prompt, (3, 1)))
+    assert [rollout["index"] for rollout in columns] == [0, 1, 2]
+    for name in ("tokens", "is_event", "segment_start", "side", "move_bps", "log_size", "dt_us",
+                 "time_us", "price", "quote_qty"):
+        column = frame["token" if name == "tokens" else name]
+        expected = (column.fill_nan(None) if column.dtype.is_float() else column).to_list()
+        assert [v for rollout in columns for v in rollout[name]] == expected, name
+    assert columns[0]["side"][0] is None and columns[0]["quote_qty"][1] is None
+
+
 def test_rollouts_equal_generate_when_a_request_fills_the_batch(client):
     """The batched decode loop is generate.generate's: same tokens for the same seed,
     through a sliding window (prompt 40 + 60 new > block 64)."""

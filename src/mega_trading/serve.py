@@ -14,19 +14,29 @@
   two equal: regenerate with ``python -m mega_trading.serve docs/openapi.json``).
 
 Batching. Handlers never touch the model: they validate a request into a ``Job`` and put
-it on a queue. One worker task takes the oldest job, waits up to ``batch_window_ms`` for
-more jobs with the same prompt length (so every row shares one prefill and one sliding
-window schedule) until ``batch_rows`` rows or ``max_batch_requests`` requests are taken,
-and runs them together in a worker thread (``RolloutEngine.run_batch``); a job with a
-shorter ``length`` is answered as soon as its own tokens are done. Jobs of another prompt
-length wait in order for the next batch. ``max_batch_requests=1`` turns batching off.
+it on a queue. One worker task takes the oldest job and collects more jobs with the same
+prompt length (so every row shares one prefill and one sliding window schedule), up to
+``batch_rows`` rows or ``max_batch_requests`` requests, then runs them together in a
+worker thread (``RolloutEngine.run_batch``). A batch starts as soon as it is full, or
+when for ``batch_window_ms`` no job joined it and no answer was being written, and at the
+latest ``max_batch_wait_ms`` after its first job was taken; meanwhile it also waits for
+clients answered on a connection they keep open less than ``max_batch_wait_ms`` ago (a
+client answered moments ago is likely to send its next request). Answers leave one after
+another, so the clients of one batch come back spread over the time the answers take to
+write and read; a window counted from the first job cut them into convoys that each paid
+for all ``batch_rows`` rows (BENCHMARKS.md, issue 18). A job with a shorter ``length`` is
+answered as soon as its own tokens are done. Jobs of another prompt length wait in order
+for the next batch. ``max_batch_requests=1`` turns batching off; ``batch_window_ms=0``
+takes only the jobs already queued.
 
 Determinism under batching: a request's rollouts depend only on the request (prompt,
 sampling settings, seed) and the server's run and ``batch_rows``, never on which other
 requests share its batch or on which rows it gets, because
 
-1. each request samples its rows with its OWN ``torch.Generator`` seeded with its seed,
-   through ``DecodeEngine.sample`` on its own rows, so no other request draws from its stream;
+1. each request samples its rows with its OWN ``torch.Generator`` seeded with its seed
+   (``DecodeEngine.sample_each``: the race of its rows drawn from its generator; every
+   other sampling op runs on all ``batch_rows`` rows, once per distinct settings), so no
+   other request draws from its stream;
 2. every forward pass has the same shape, ``[batch_rows, T]``: unused rows are padding.
    Every op of the model is row-independent (embedding, per-row norms, per-sequence
    attention, matmuls), but a BLAS kernel may reduce in another order for another batch
@@ -61,6 +71,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -92,11 +103,18 @@ MAX_ABS_LOG_SIZE = 50.0
 MAX_DT_US = 10**13
 MAX_SEED = 2**63 - 1
 DEFAULT_START_PRICE = 1.0  # tokens / events prompts: the price path is an index from 1
+# Answers of at most this many new tokens are built on the event loop (~1 ms): a thread hop
+# per answer, and the GIL shared with the engine thread, cost more than the building.
+INLINE_ANSWER_TOKENS = 1024
 
 
 @config_dataclass
 class ServeSettings:
-    batch_window_ms: NonNegativeFloat = 5.0  # how long the worker waits for more jobs to batch
+    # A batch starts when it is full, when for batch_window_ms no request joined it and no
+    # answer was written (0: no waiting), or max_batch_wait_ms after its first request was
+    # taken, whichever comes first (the module docstring says what else it waits for).
+    batch_window_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 5.0
+    max_batch_wait_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 50.0
     max_batch_requests: PositiveInt = 16  # requests per forward batch; 1 = batching off
     batch_rows: PositiveInt = 16  # rows of EVERY forward pass (fixed shape: see the docstring)
     max_new_tokens: PositiveInt = 8192  # n * length per request
@@ -330,6 +348,7 @@ class Job:
     seed: int
     sampling_source: str = "request"  # or "measured" / "default" (SamplingInfo.source)
     cancelled: bool = False  # read by the worker thread: the client is gone, skip the work
+    client: Any = None  # the connection it came on, (host, port); None: unknown
     future: asyncio.Future | None = None
     started: asyncio.Event | None = None
 
@@ -370,8 +389,10 @@ class RolloutEngine:
             live = [p for p in plans if not p[0].cancelled and t < t0 + p[0].length]
             if not live:
                 break
-            for job, rows, generator in live:
-                tokens[rows, t] = engine.sample(job.sampling, generator, rows)
+            drawn = engine.sample_each([(job.sampling, generator, rows)
+                                        for job, rows, generator in live])
+            for job, rows, _ in live:
+                tokens[rows, t] = drawn[rows]
                 if t + 1 == t0 + job.length:
                     on_done(job, tokens[rows, t0:t + 1].cpu().numpy())
             if t + 1 == end:
@@ -397,6 +418,23 @@ class Batcher:
         self.pending: deque[Job] = deque()  # taken from the queue, another prompt length
         self.running: list[Job] = []
         self.task: asyncio.Task | None = None
+        self.answering = 0  # answers being built or sent: their clients may come back soon
+        self.last_activity = 0.0  # time.monotonic() a job joined a batch or an answer left
+        self.answered: dict[Any, float] = {}  # connection -> when its answer left, until
+        # it sends its next request
+
+    @contextlib.contextmanager
+    def writing_answer(self, client: Any = None):
+        """Around the writing of one answer, up to its last byte sent (`AnswerTracking`):
+        meanwhile `_collect` keeps a batch open, and for a while after for its client."""
+        self.answering += 1
+        try:
+            yield
+        finally:
+            self.answering -= 1
+            self.last_activity = time.monotonic()
+            if client is not None:
+                self.answered[client] = self.last_activity
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -422,6 +460,7 @@ class Batcher:
 
     async def submit(self, job: Job) -> np.ndarray:
         """Queue a job and wait for its tokens [n, length] (503 / 504 on the limits)."""
+        self.answered.pop(job.client, None)  # it came back
         if self.task is None or self.task.done():
             raise ServeError("the rollout worker is not running", 503)
         if self.queued >= self.settings.max_queue:
@@ -487,7 +526,16 @@ class Batcher:
         return await self.queue.get()
 
     async def _collect(self, first: Job) -> list[Job]:
-        """`first` plus compatible jobs arriving within the batch window, up to the limits."""
+        """`first` plus compatible jobs, up to the limits, while the server is busy.
+
+        The batch starts when it is full, or when for ``batch_window_ms`` no job joined it
+        and no answer was written (while answers are being written it stays open), or
+        ``max_batch_wait_ms`` after `first` was taken, whichever comes first. Not a fixed
+        window from the first job: answers leave one after another, and the clients they
+        answer come back spread over the time the answers take to write; a fixed window
+        cut them into convoys that each paid for all ``batch_rows`` rows of a forward pass.
+        ``batch_window_ms`` 0: no waiting, only the jobs already queued join.
+        """
         batch, rows = [first], first.n
         limit_requests, limit_rows = self.settings.max_batch_requests, self.engine.batch_rows
 
@@ -499,22 +547,46 @@ class Batcher:
                 return True
             return False
 
+        def full() -> bool:
+            return len(batch) >= limit_requests or rows >= limit_rows
+
         for job in list(self.pending):
-            if len(batch) >= limit_requests or rows >= limit_rows:
+            if full():
                 return batch
             if take(job):
                 self.pending.remove(job)
-        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
-        while len(batch) < limit_requests and rows < limit_rows:
-            remaining = deadline - time.monotonic()
+        gap_s = self.settings.batch_window_ms / 1000
+        max_wait_s = self.settings.max_batch_wait_ms / 1000
+        now = time.monotonic()
+        closes_at = now + max_wait_s
+        self.last_activity = max(self.last_activity, now)
+        self.answered = {client: at for client, at in self.answered.items()
+                         if at > now - max_wait_s}
+
+        def open_until() -> float:
+            if gap_s == 0:
+                return 0.0
+            until = self.last_activity + gap_s
+            if self.answering:
+                until = closes_at
+            elif self.answered:  # a client answered moments ago is likely to come back
+                until = max(until, max(self.answered.values()) + max_wait_s)
+            return min(until, closes_at)
+
+        while not full():
+            remaining = open_until() - time.monotonic()
             try:
-                if remaining > 0:
-                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                if remaining > 0:  # waits of at most one gap: answers move open_until()
+                    job = await asyncio.wait_for(self.queue.get(), min(remaining, gap_s))
                 else:
                     job = self.queue.get_nowait()
-            except (TimeoutError, asyncio.QueueEmpty):
+            except TimeoutError:
+                continue
+            except asyncio.QueueEmpty:
                 break
-            if not take(job):
+            if take(job):
+                self.last_activity = time.monotonic()
+            else:
                 self.pending.append(job)
         return batch
 
@@ -567,6 +639,10 @@ class RolloutService:
                             f"vocabulary {self.tokenizer.vocab_size}", self.run_dir)
         self.model_sha256 = sha256_file(weights)
         self.git_commit = git_commit()
+        self._identity: dict[str, Any] | None = None
+        # One thread writes the answers, in the order their tokens are done: the first answer
+        # of a batch leaves after one payload, not after all of them shared the GIL.
+        self._answers: ThreadPoolExecutor | None = None  # from start() to stop()
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
                                     settings.batch_rows)
         self.batcher = Batcher(self.engine, settings)
@@ -739,24 +815,28 @@ class RolloutService:
                         start=start)
         return prompt, anchor
 
+    async def answer(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
+        """The payload: a small one (~1 ms) at once on the event loop, a larger one on the
+        answer thread, so that it does not hold up the other requests."""
+        if new_tokens.size <= INLINE_ANSWER_TOKENS:
+            return self.payload(job, anchor, new_tokens)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._answers, self.payload, job, anchor, new_tokens)
+
+    def start(self) -> None:
+        self._answers = ThreadPoolExecutor(1, thread_name_prefix="rollout-answers")
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self._answers is not None:
+            self._answers.shutdown(wait=False, cancel_futures=True)
+
     def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The response body: decoded rollouts, the prompt, provenance."""
-        from mega_trading.generation.generate import rollouts_to_events
-
-        # in-bin draws: seeded per request; each rollout decoded after its prompt (context)
-        prompt = np.broadcast_to(np.asarray(job.prompt, dtype=np.int64),
-                                 (new_tokens.shape[0], len(job.prompt)))
-        frame = rollouts_to_events(new_tokens, self.tokenizer, anchor.price, anchor.time_us,
-                                   anchor.symbol, anchor.size_level, decode_seed=job.seed,
-                                   context_tokens=prompt)
-        columns = {name: frame[name].to_list() for name in Rollout.model_fields if name != "index"
-                   and name != "tokens"}
-        columns["tokens"] = frame["token"].to_list()
-        for name in ("move_bps", "log_size", "price", "quote_qty"):
-            columns[name] = [_finite(x) for x in columns[name]]
-        n, length = new_tokens.shape
-        rollouts = [{"index": i, **{k: v[i * length:(i + 1) * length] for k, v in columns.items()}}
-                    for i in range(n)]
+        # in-bin draws seeded per request; each rollout decoded after its prompt (context)
+        rollouts = rollout_columns(self.tokenizer, new_tokens, anchor, decode_seed=job.seed,
+                                   context_tokens=job.prompt)
         cfg = job.sampling
         return {
             "rollouts": rollouts,
@@ -778,6 +858,11 @@ class RolloutService:
         }
 
     def identity(self) -> dict[str, Any]:
+        if self._identity is None:  # constant; the tokenizer hash alone costs ~1 ms
+            self._identity = self._compute_identity()
+        return dict(self._identity)
+
+    def _compute_identity(self) -> dict[str, Any]:
         return {
             "run": self.run_dir.resolve().name,
             "checkpoint_step": self.state.get("step"),
@@ -871,8 +956,68 @@ class RolloutService:
                 "vs_best_baseline": model.get("vs_baselines", {}).get(best) if best else None}
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
+def rollout_columns(tokenizer, new_tokens: np.ndarray, anchor: Anchor, decode_seed: int,
+                    context_tokens: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Tokens [n, length] -> one ``Rollout`` body per row, as JSON-ready lists.
+
+    The values of ``generate.rollouts_to_events`` (tokens decoded inside their bins from
+    PCG64(decode_seed), price compounded from the anchor, time summed from it, quote size
+    from the size level; specials and non-finite numbers null; a test holds the two equal),
+    built on numpy arrays: a polars frame per answer cost ~1.5 ms, which the worker's next
+    batch waited for.
+    """
+    tokens = np.asarray(new_tokens, dtype=np.int64)
+    n, length = tokens.shape
+    # Each rollout is one decoding stream, its prompt (the same for every row) decoded
+    # first so the move's context is known from the first new event.
+    context = (np.zeros((n, 0), dtype=np.int64) if context_tokens is None
+               else np.broadcast_to(np.asarray(context_tokens, dtype=np.int64).reshape(1, -1),
+                                    (n, np.asarray(context_tokens).size)))
+    stream = np.concatenate([context, tokens], axis=1)
+    decoded = tokenizer.decode_fields(stream.reshape(-1), seed=decode_seed,
+                                      streams=np.repeat(np.arange(n), stream.shape[1]))
+    fields = {k: np.asarray(v).reshape(n, -1)[:, context.shape[1]:].reshape(-1)
+              for k, v in decoded.items()}
+    is_event = fields["is_event"].reshape(n, length)
+    price = anchor.price * np.cumprod(1.0 + fields["move_bps"].reshape(n, length) / 1e4, axis=1)
+    time_us = anchor.time_us + np.cumsum(fields["dt_us"].astype(np.int64).reshape(n, length),
+                                         axis=1)
+    level = np.nan if anchor.size_level is None else anchor.size_level
+    quote_qty = np.where(is_event, np.exp(fields["log_size"].reshape(n, length)) * level, np.nan)
+
+    def grid(name: str) -> np.ndarray:
+        return fields[name].reshape(n, length)
+
+    columns = {
+        "tokens": (tokens, None),
+        "is_event": (is_event, None),
+        "segment_start": (tokens == tokenizer.seg_id, None),
+        "side": (grid("side"), is_event),
+        "move_bps": (grid("move_bps"), is_event),
+        "log_size": (grid("log_size"), is_event),
+        "dt_us": (grid("dt_us"), is_event),
+        "time_us": (time_us, None),
+        "price": (price, np.ones_like(is_event)),
+        "quote_qty": (quote_qty, is_event),
+    }
+    rollouts = [{"index": i} for i in range(n)]
+    for name, (values, shown) in columns.items():
+        for i, row in enumerate(_json_rows(values, shown)):
+            rollouts[i][name] = row
+    return rollouts
+
+
+def _json_rows(values: np.ndarray, shown: np.ndarray | None) -> list[list[Any]]:
+    """values [n, length] as lists; null where `shown` is False or a float is not finite."""
+    rows = values.tolist()
+    if shown is None:
+        return rows
+    if values.dtype.kind == "f":
+        shown = shown & np.isfinite(values)
+    for i in np.flatnonzero(~shown.all(axis=1)):
+        rows[i] = ([v if keep else None for v, keep in zip(rows[i], shown[i].tolist())]
+                   if shown[i].any() else [None] * len(rows[i]))
+    return rows
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -926,6 +1071,25 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class AnswerTracking:
+    """ASGI middleware: what a request enters on ``scope[KEY]`` (an ExitStack) is left
+    when its response has been sent, or the client has gone: the batcher counts answers
+    up to their last byte (``Batcher.writing_answer``)."""
+
+    KEY = "mega_trading.answer"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with contextlib.ExitStack() as stack:
+            scope[self.KEY] = stack
+            await self.app(scope, receive, send)
+
+
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {413: "body too large (checked before parsing)",
             422: "invalid request: schema, vocabulary or limits",
@@ -950,18 +1114,19 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if service is not None:
-            service.batcher.start()
+            service.start()
         try:
             yield
         finally:
             if service is not None:
-                await service.batcher.stop()
+                await service.stop()
 
     app = FastAPI(title=API_TITLE, version=__version__, lifespan=lifespan,
                   description="Synthetic Binance order flow sampled from a trained Mega-Trading "
                               "decoder. Same request and seed, same rollouts.")
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AnswerTracking)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -1002,12 +1167,18 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
 
     @app.post("/v1/rollouts", response_model=RolloutResponse, tags=["rollouts"],
               responses=_error_responses(413, 422, 503, 504))
-    async def rollouts(body: RolloutRequest) -> dict[str, Any]:
+    async def rollouts(body: RolloutRequest, request: Request) -> dict[str, Any]:
         """Sample `n` rollouts of `length` tokens continuing one prompt."""
         svc = running()
-        job, anchor = await asyncio.to_thread(svc.build_job, body)
+        if body.tokens is not None:  # checked in microseconds: no thread hop
+            job, anchor = svc.build_job(body)
+        else:  # events to encode, or a window or segment start to read from the shards
+            job, anchor = await asyncio.to_thread(svc.build_job, body)
+        client = request.scope.get("client")  # (host, port); a list from some servers
+        job.client = tuple(client) if client else None
         new_tokens = await svc.batcher.submit(job)
-        return await asyncio.to_thread(svc.payload, job, anchor, new_tokens)
+        request.scope[AnswerTracking.KEY].enter_context(svc.batcher.writing_answer(job.client))
+        return await svc.answer(job, anchor, new_tokens)
 
     return app
 

@@ -8,6 +8,8 @@ fetched ONCE per engine (parameters do not change while sampling). Its step API:
 * ``logits``: the logits the next token is drawn from, [B, V];
 * ``sample(sampling, generator, rows=None)``: draw the next token of every row (or of a
   slice of rows, each caller's own generator: the rollout service's requests);
+* ``sample_each(draws)``: the same, each slice of rows with its own settings and generator
+  in one pass per distinct settings (the rollout service's batches);
 * ``feed(tokens)``: append one token per row [B] and compute the next logits: one fused
   decode step, or, when the cache is full, the window slides (below).
 
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from mega_trading.core.errors import ConfigError
-from mega_trading.generation.sampling import SamplingConfig, sample_next
+from mega_trading.generation.sampling import SamplingConfig, race_probs, race_winner, sample_next
 from mega_trading.model.decode import decode_step, decode_weights
 from mega_trading.model.transformer import Transformer
 
@@ -121,6 +123,38 @@ class DecodeEngine:
         """The next token of every row [B] (or of `rows`), drawn from `generator`."""
         logits = self.logits if rows is None else self.logits[rows]
         return sample_step(logits, sampling, self.banned(sampling), generator)
+
+    @torch.inference_mode()
+    def sample_each(self, draws: Sequence[tuple[SamplingConfig, torch.Generator, slice]]
+                    ) -> torch.Tensor:
+        """The next token of every row [B]; each slice of rows drawn with its own settings
+        and generator (the rollout service's requests). The same tokens as ``sample`` on each
+        slice, with one pass over all B rows per distinct settings instead of one per slice:
+        every op but the random draw runs on all rows (a row's arithmetic does not depend on
+        the others, and the shape does not depend on the slices); each slice draws its race
+        from its own generator, as ``sample`` would. Rows in no slice give PAD."""
+        tokens = torch.full((self.logits.shape[0],), self.pad_id, dtype=torch.long,
+                            device=self.device)
+        by_settings: dict[SamplingConfig, list[tuple[torch.Generator, slice]]] = {}
+        for sampling, generator, rows in draws:
+            by_settings.setdefault(sampling, []).append((generator, rows))
+        for sampling, slices in by_settings.items():
+            banned = self.banned(sampling)
+            logits = self.logits.index_fill(-1, banned, float("-inf")) if len(banned) \
+                else self.logits
+            logits = logits.float()
+            if sampling.temperature == 0:
+                choice = logits.argmax(-1)
+            else:
+                probs, indices = race_probs(logits, sampling.temperature, sampling.top_k,
+                                            sampling.top_p, sampling.min_p)
+                race = torch.ones_like(probs)
+                for generator, rows in slices:
+                    race[rows].exponential_(1.0, generator=generator)
+                choice = race_winner(probs, race, indices)
+            for _, rows in slices:
+                tokens[rows] = choice[rows]
+        return tokens
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:

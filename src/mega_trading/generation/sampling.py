@@ -78,6 +78,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
+    probs, indices = race_probs(logits, temperature, top_k, top_p, min_p)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return race_winner(probs, race, indices)
+
+
+def race_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample_next`'s probabilities (temperature > 0) of float logits [B, V]: [B, K] and the
+    vocabulary ids of their columns (None: all V, in order)."""
     if temperature != 1:  # dividing by 1 changes nothing: skip a [B, V] pass per step
         logits = logits / temperature
     indices = None
@@ -90,7 +99,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         probs = probs * top_p_keep(probs, top_p)
     if min_p > 0:  # relative to the most likely token, which therefore always stays
         probs = probs * (probs >= min_p * probs.amax(-1, keepdim=True))
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return probs, indices
+
+
+def race_winner(probs: torch.Tensor, race: torch.Tensor,
+                indices: torch.Tensor | None) -> torch.Tensor:
+    """The token of each row that wins the race argmax(probs / race), race ~ Exp(1)."""
     choice = (probs / race).argmax(-1)
     if indices is None:
         return choice

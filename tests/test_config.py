@@ -130,7 +130,7 @@ def test_bounds_are_declared_and_errors_are_one_line(override, message):
 
 
 def test_direct_construction_checks_bounds_too():
-    from mega_trading.serve import ServeSettings
+    from mega_trading.serve.schemas import ServeSettings
     from mega_trading.simulate import PolicyConfig
     from mega_trading.train.loop import TrainConfig
 

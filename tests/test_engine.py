@@ -15,7 +15,7 @@ from mega_trading.generation.generate import generate
 from mega_trading.generation.sampling import SamplingConfig
 from mega_trading.model import decode
 from mega_trading.model.transformer import ModelConfig, Transformer
-from mega_trading.serve import Job, RolloutEngine
+from mega_trading.serve.batching import Job, RolloutEngine
 from mega_trading.simulate.sources import ModelSource, TokenTable
 
 VOCAB, BLOCK, ROWS, PROMPT, NEW, SEED = 40, 16, 4, 6, 37, 5  # 6 + 37 > 16: the window slides

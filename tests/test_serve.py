@@ -15,7 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mega_trading.serve import ServeSettings, create_app
+from mega_trading.serve.app import create_app
+from mega_trading.serve.schemas import ServeSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 64
@@ -266,7 +267,7 @@ def test_answers_hold_the_values_of_rollouts_to_events(client, size_level, with_
     """The service decodes answers on numpy (serve.rollout_columns), not through the polars
     frame of generate.rollouts_to_events: the same values, specials and nulls included."""
     from mega_trading.generation.generate import rollouts_to_events
-    from mega_trading.serve import Anchor, rollout_columns
+    from mega_trading.serve.answers import Anchor, rollout_columns
 
     tokenizer = service_of(client).tokenizer
     tokens = np.random.default_rng(3).integers(0, tokenizer.vocab_size, (3, 40))

@@ -11,7 +11,8 @@ import pytest
 
 from mega_trading.core.errors import ConfigError
 from mega_trading.generation.sampling import SamplingConfig
-from mega_trading.serve import Batcher, Job, ServeSettings
+from mega_trading.serve.batching import Batcher, Job
+from mega_trading.serve.schemas import ServeSettings
 
 
 class RecordingEngine:

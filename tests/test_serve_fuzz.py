@@ -14,7 +14,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
 
-from mega_trading.serve import ServeSettings, create_app
+from mega_trading.serve.app import create_app
+from mega_trading.serve.schemas import ServeSettings
 from tests.test_serve import build_tiny_run
 
 FUZZ_SETTINGS = ServeSettings(batch_rows=4, max_new_tokens=64, max_body_bytes=64 * 1024,

@@ -554,7 +554,7 @@ def serve(
                                         "batch_window_ms=10 max_batch_requests=1 batch_rows=8."),
 ) -> None:
     """Serve rollouts over HTTP: POST /v1/rollouts, GET /v1/model, GET /healthz."""
-    from mega_trading.serve import create_app, serve_forever
+    from mega_trading.serve.app import create_app, serve_forever
 
     settings = resolve("serve", config, overrides, step=step, device=device)
     application = create_app(run, data, settings)

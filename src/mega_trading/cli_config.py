@@ -59,7 +59,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "report": ("mega_trading.cli_config:ReportOptions", None),
     "run": ("mega_trading.pipeline:RunConfig", ""),
     "ablate": ("mega_trading.ablation:AblationConfig", None),
-    "serve": ("mega_trading.serve:ServeSettings", None),
+    "serve": ("mega_trading.serve.schemas:ServeSettings", None),
     "simulate": ("mega_trading.simulate.config:SimConfig", "simulate.scenario"),
     "book": ("mega_trading.cli_config:BookOptions", None),
     "record": ("mega_trading.book.record:RecordConfig", None),

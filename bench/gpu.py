@@ -132,7 +132,7 @@ def make_batches(args, vocab: int, seq: int, shards=None) -> list[tuple[torch.Te
 
 
 def make_optimizer(model, kind: str):
-    from mega_trading.train.loop import TrainConfig
+    from mega_trading.train.config import TrainConfig
     from mega_trading.train.optim import OptimConfig, build_optimizer
 
     defaults = TrainConfig()
@@ -152,7 +152,7 @@ def run_toggle(preset: str, model_cfg, mode: str, args, batches, device, amp_dty
     """Build a fresh model (same seed), apply the toggle, train warmup + steps, measure."""
     from mega_trading.model.transformer import Transformer
     from mega_trading.train.accel import apply_liger, enable_activation_checkpointing, to_device
-    from mega_trading.train.loop import _autocast, compute_loss
+    from mega_trading.train.loss import autocast_for, compute_loss
 
     use_compile, use_liger = MODES[mode]
     result = Result(preset=preset, mode=mode,
@@ -171,7 +171,7 @@ def run_toggle(preset: str, model_cfg, mode: str, args, batches, device, amp_dty
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = to_device(x, device, pin), to_device(y, device, pin)
-        with _autocast(device, amp_dtype):
+        with autocast_for(device, amp_dtype):
             loss = compute_loss(forward, x, y, lm_head)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -305,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print(NEEDS_CUDA, file=sys.stderr)
         return 2
-    from mega_trading.train.loop import _amp_dtype, peak_flops
+    from mega_trading.train.loss import amp_dtype_for
+    from mega_trading.train.metrics import peak_flops
 
     device = torch.device("cuda") if not args.dry_run else torch.device("cpu")
-    amp_dtype = _amp_dtype("auto", device)  # bf16 on CUDA, float32 on CPU: train's default
+    amp_dtype = amp_dtype_for("auto", device)  # bf16 on CUDA, float32 on CPU: train's default
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as train.py does
     peak, peak_source = peak_flops(device, amp_dtype,

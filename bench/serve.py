@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_run(root: Path, preset: str) -> tuple[Path, Path]:
     from mega_trading.data.bundled import sample_files
     from mega_trading.data.prepare import PrepareConfig, prepare
-    from mega_trading.train.loop import TrainConfig, train
+    from mega_trading.train.config import TrainConfig
+    from mega_trading.train.loop import train
 
     data, run = root / "data", root / "run"
     prepare(sample_files("trades"), data, PrepareConfig(block_size=256, stride=128, workers=1))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from mega_trading.model.export_hf import hf_state_dict, llama_config
 from mega_trading.model.transformer import ModelConfig, Transformer
 from mega_trading.train.accel import apply_accel, resolve_accel
-from mega_trading.train.loop import ModelWithLoss
+from mega_trading.train.loss import ModelWithLoss
 from mega_trading.train.optim import OptimConfig, build_optimizer
 
 

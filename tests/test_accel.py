@@ -33,7 +33,8 @@ from mega_trading.train.accel import (
     resolve_accel,
     to_device,
 )
-from mega_trading.train.loop import TrainConfig, compute_loss
+from mega_trading.train.config import TrainConfig
+from mega_trading.train.loss import compute_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "gpu.py"

@@ -13,7 +13,8 @@ import mega_trading
 from mega_trading.core.config import apply_overrides
 from mega_trading.core.errors import DataError
 from mega_trading.eval.backtest import run_backtest
-from mega_trading.train.loop import TrainConfig, train
+from mega_trading.train.config import TrainConfig
+from mega_trading.train.loop import train
 
 README = Path(__file__).parent.parent / "README.md"
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=1",

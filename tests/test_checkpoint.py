@@ -27,7 +27,8 @@ from mega_trading.model.checkpoint import (
     set_rng_state,
 )
 from mega_trading.model.transformer import ModelConfig, Transformer
-from mega_trading.train.loop import TrainConfig, train
+from mega_trading.train.config import TrainConfig
+from mega_trading.train.loop import train
 from mega_trading.train.optim import build_optimizer
 
 TOKENIZER_HASH, MANIFEST_HASH = "a" * 64, "b" * 64

@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_strict():
 
 
 def test_overrides_never_mutate_the_original():
-    from mega_trading.train.loop import TrainConfig
+    from mega_trading.train.config import TrainConfig
 
     base = TrainConfig(model={"d_model": 32})
     changed = apply_overrides(base, ["model.d_model=64"])
@@ -132,7 +132,7 @@ def test_bounds_are_declared_and_errors_are_one_line(override, message):
 def test_direct_construction_checks_bounds_too():
     from mega_trading.serve.schemas import ServeSettings
     from mega_trading.simulate import PolicyConfig
-    from mega_trading.train.loop import TrainConfig
+    from mega_trading.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match="steps must be >= 1, got 0"):
         TrainConfig(steps=0)
@@ -227,7 +227,8 @@ def test_demo_sets_block_size_once():
 
 def test_train_reads_block_size_from_the_data(tiny_data_dir, tmp_path):
     from mega_trading.data.shards import ShardSet
-    from mega_trading.train.loop import TrainConfig, _model_config
+    from mega_trading.train.config import TrainConfig
+    from mega_trading.train.loop import _model_config
 
     shards = ShardSet.open(tiny_data_dir)
     assert shards.block_size == 32

@@ -15,8 +15,9 @@ import torch
 
 from mega_trading.core.config import apply_overrides
 from mega_trading.core.errors import ConfigError
+from mega_trading.train.config import TrainConfig
 from mega_trading.train.distributed import DistContext, mean_across_ranks, use_fsdp
-from mega_trading.train.loop import TrainConfig, train
+from mega_trading.train.loop import train
 
 # Newton-Schulz in float32: in bf16 (the default on CPUs with native bf16) a 1e-7 difference
 # between the batch splits can flip one rounding and move the loss by ~1e-5 a few steps

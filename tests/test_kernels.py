@@ -14,7 +14,7 @@ from mega_trading.core.errors import ConfigError
 from mega_trading.model import kernels
 from mega_trading.model.transformer import Attention, ModelConfig, Transformer
 from mega_trading.train.accel import CPUKernelAttention, apply_cpu_attention, resolve_accel
-from mega_trading.train.loop import TrainConfig
+from mega_trading.train.config import TrainConfig
 from tests.numerics import assert_float32_close, float64_twin, model_reduction_len
 
 CPU = torch.device("cpu")

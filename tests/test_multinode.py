@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from mega_trading.core.config import apply_overrides
-from mega_trading.train.loop import TrainConfig, train
+from mega_trading.train.config import TrainConfig
+from mega_trading.train.loop import train
 
 # The single-process reference run and the tiny prepared data are test_distributed's fixtures.
 from tests.test_distributed import (  # noqa: F401

@@ -37,7 +37,8 @@ def build_run(root: Path) -> tuple[Path, Path]:
     from mega_trading.model.checkpoint import load_model
     from mega_trading.simulate.config import SimConfig
     from mega_trading.simulate.run import policy_configs, run_simulation
-    from mega_trading.train.loop import TrainConfig, train
+    from mega_trading.train.config import TrainConfig
+    from mega_trading.train.loop import train
 
     data, run = root / "data", root / "run"
     prepare(sample_files("trades"), data, PrepareConfig(block_size=64, stride=32, workers=1))

@@ -150,7 +150,8 @@ def test_a_file_read_as_the_other_market_is_a_one_line_error(which, market, um_b
 def trained_run(tmp_path_factory, spot_btc, spot_eth) -> tuple[Path, Path]:
     """A tiny run on spot BTCUSDT + ETHUSDT trained by `train` (so RUN/config.json and
     RUN/tokenizer.json are the real thing); ETHUSDT is held out of training entirely."""
-    from mega_trading.train.loop import TrainConfig, train
+    from mega_trading.train.config import TrainConfig
+    from mega_trading.train.loop import train
 
     root = tmp_path_factory.mktemp("zero_shot")
     data = root / "data"

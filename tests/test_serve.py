@@ -27,7 +27,8 @@ def build_tiny_run(root: Path) -> tuple[Path, Path]:
     """A prepared copy of the bundled sample and a 2-step tiny run trained on it."""
     from mega_trading.data.bundled import sample_files
     from mega_trading.data.prepare import PrepareConfig, prepare
-    from mega_trading.train.loop import TrainConfig, train
+    from mega_trading.train.config import TrainConfig
+    from mega_trading.train.loop import train
 
     data, run = root / "data", root / "run"
     prepare(sample_files("trades"), data, PrepareConfig(block_size=BLOCK, stride=32, workers=1))

@@ -15,7 +15,8 @@ import torch
 from mega_trading.core.config import apply_overrides, from_dict
 from mega_trading.core.errors import ConfigError
 from mega_trading.data.shards import ShardSet
-from mega_trading.train.loop import NonFiniteLossError, TrainConfig, lr_scale, resolve_config, train
+from mega_trading.train.config import NonFiniteLossError, TrainConfig, lr_scale, resolve_config
+from mega_trading.train.loop import train
 
 TINY = {"n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 64}
 
@@ -200,7 +201,7 @@ def test_compiled_training_matches_eager_on_cpu(data_dir, tmp_path):
 def test_cpu_utilization_is_measured_against_the_peak_of_the_autocast_dtype(monkeypatch):
     """bf16 matmuls run 2x or more faster than float32 on CPUs with AVX512-BF16 / AMX:
     MFU against the float32 peak would overstate a bf16 run's utilization."""
-    from mega_trading.train import loop as train_module
+    from mega_trading.train import metrics as train_module
     monkeypatch.setattr(train_module, "_measured_cpu_flops", {})
     seen = []
     real_mm = torch.mm

@@ -267,7 +267,8 @@ def train_command(
     """Train the decoder on prepared shards (also under `torchrun --nproc_per_node=N`)."""
     import os
 
-    from mega_trading.train.loop import require_data_dir, resume_base, train
+    from mega_trading.train.config import require_data_dir, resume_base
+    from mega_trading.train.loop import train
 
     base, data_dir = resume_base(out, resume, data)
     cfg = resolve("train", config, [*(overrides or []), *set_overrides], base=base,

@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "download": ("mega_trading.data.ingest.download:DownloadConfig", None),
     "ingest": ("mega_trading.cli_config:IngestOptions", None),
     "prepare": ("mega_trading.data.prepare:PrepareConfig", "prepare"),
-    "train": ("mega_trading.train.loop:TrainConfig", "train"),
+    "train": ("mega_trading.train.config:TrainConfig", "train"),
     "export-hf": ("mega_trading.cli_config:ExportOptions", None),
     "backtest": ("mega_trading.eval.backtest:BacktestConfig", "backtest"),
     "generate": ("mega_trading.generation.generate:GenerateConfig", "generate"),

@@ -38,7 +38,7 @@ from mega_trading.eval.facts import FactsConfig
 from mega_trading.eval.sampling_search import SamplingSearchConfig
 from mega_trading.generation.generate import GenerateConfig
 from mega_trading.simulate import SimConfig
-from mega_trading.train.loop import TrainConfig, check_block_size
+from mega_trading.train.config import TrainConfig, check_block_size
 
 
 @config_dataclass
@@ -125,7 +125,8 @@ STAGE_SOURCES = {
                 "mega_trading.data.binning", "mega_trading.data.windows", "mega_trading.data.shards",
                 "mega_trading.data.parts", "mega_trading.data.prepare"),
     "train": ("mega_trading.model.transformer", "mega_trading.model.kernels", "mega_trading.train.accel",
-              "mega_trading.train.optim", "mega_trading.train.loop", "mega_trading.model.checkpoint",
+              "mega_trading.train.optim", "mega_trading.train.config", "mega_trading.train.loss",
+              "mega_trading.train.metrics", "mega_trading.train.loop", "mega_trading.model.checkpoint",
               "mega_trading.train.distributed"),
     "calibrate": ("mega_trading.eval.calibrate", "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
     "sampling": ("mega_trading.eval.sampling_search", "mega_trading.generation.sampling", "mega_trading.eval.realism",

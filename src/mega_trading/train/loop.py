@@ -12,280 +12,43 @@ run that was never interrupted.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, field_validator
 
 from mega_trading.core.config import (
-    AutoBool,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveInt,
-    config_dataclass,
-    load_config,
     to_dict,
 )
-from mega_trading.core.errors import ConfigError, MegaTradingError
+from mega_trading.core.errors import ConfigError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic
-from mega_trading.train.optim import _unwrap
-
-VALIDATION_SEED_OFFSET = 1_000_003  # validation windows never share the training RNG stream
-
-# Settings that may change when a run is resumed: they do not alter the trajectory of the
-# weights (steps extends or shortens the run; the cosine schedule follows the new total).
-RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                     "keep_last", "tracking", "compile", "fsdp", "peak_flops", "liger",
-                     "activation_checkpointing", "cpu_attention")
-
-
-class NonFiniteLossError(MegaTradingError):
-    """The loss or gradient norm became NaN/inf: training stopped before the bad update."""
-
-
-@config_dataclass
-class TrainConfig:
-    preset: str = "micro"
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on the preset
-    steps: PositiveInt = 1000
-    batch_size: PositiveInt = 32  # windows per micro-batch, over all ranks together
-    grad_accum: PositiveInt = 1
-    # None: the data's (prepare.block_size, recorded in the manifest). It is ONE setting
-    # per run: a value here (or in model.block_size) that disagrees with the data's is an error.
-    block_size: Annotated[int, Field(ge=2)] | None = None
-    lr: float = 3e-3  # AdamW (embeddings, head, norm gains)
-    muon_lr: float = 0.02  # Muon (hidden matrices)
-    # Newton-Schulz precision; auto: bf16 on CUDA and on CPUs that multiply bf16 natively
-    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    weight_decay: float = 0.0
-    warmup_steps: NonNegativeInt = 50
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine floor, as a fraction of the peak
-    grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping (the norm is still logged)
-    eval_every: NonNegativeInt = 100  # 0 disables periodic validation (the final one still runs)
-    eval_batches: PositiveInt = 8
-    log_every: PositiveInt = 10
-    ckpt_every: NonNegativeInt = 500  # a checkpoint is also written at the end
-    # > 0: stop after this many validations without a new best validation loss, and keep
-    # the best checkpoint as `latest` (checkpoints are then written at each new best only)
-    early_stop_patience: NonNegativeInt = 0
-    early_stop_min_delta: NonNegativeFloat = 0.0  # an improvement smaller than this is not one
-    keep_last: NonNegativeInt = 3
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA
-    compile: AutoBool = "auto"  # auto: torch.compile on CUDA only
-    fsdp: AutoBool = "auto"  # auto: FSDP2 for large models on several GPUs, else DDP
-    liger: AutoBool = "auto"  # auto: Liger-Kernel fused ops on CUDA when installed (accel.py)
-    cpu_attention: AutoBool = "auto"  # auto: our causal-attention kernel on CPU if it builds
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory
-    tracking: Literal["mlflow", "none"] = "mlflow"
-    peak_flops: float | None = None  # per device, for MFU; default: table (CUDA) / measured (CPU)
-
-    @field_validator("model")
-    @classmethod
-    def _check_model_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        from mega_trading.model.transformer import ModelConfig
-
-        names = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
-        if "vocab_size" in overrides:
-            raise ValueError("vocab_size comes from the data's tokenizer; do not set it")
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
-                              f"valid keys: {', '.join('model.' + n for n in sorted(names))}")
-        return dict(overrides)  # a private copy: a frozen config must not change with the caller's dict
-
-
-def lr_scale(step: int, cfg: TrainConfig) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup to 1, then a cosine
-    decay to `min_lr_ratio` at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - 1 - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
-
-
-# --- config resolution (CLI) -------------------------------------------------------------------
-
-def resume_base(out_dir: str | Path, resume: bool = False,
-                data_dir: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
-    """With --resume: the run's saved training config (what later layers change) and its
-    data directory (unless one is given); else nothing."""
-    saved_path = Path(out_dir) / "config.json"
-    if not (resume and saved_path.is_file()):
-        return {}, Path(data_dir) if data_dir is not None else None
-    saved = read_json(saved_path)
-    data_dir = data_dir or saved.get("data_dir")
-    return saved["train"], Path(data_dir) if data_dir is not None else None
-
-
-def resolve_config(out_dir: str | Path, resume: bool = False, config_file: str | Path | None = None,
-                   flags: Mapping[str, Any] | None = None, overrides: list[str] | None = None,
-                   data_dir: str | Path | None = None) -> tuple[TrainConfig, Path]:
-    """Build the TrainConfig for `mega-trading train` and find the data directory.
-
-    Layers, later wins: defaults (or, with --resume, the run's saved config) < YAML file <
-    flags given on the command line < `key=value` overrides.
-    """
-    base, data_dir = resume_base(out_dir, resume, data_dir)
-    cfg = load_config(TrainConfig, config_file, overrides or [], base=base, flags=flags)
-    return cfg, require_data_dir(data_dir)
-
-
-def require_data_dir(data_dir: Path | None) -> Path:
-    if data_dir is None:
-        raise ConfigError("no data directory: pass --data DIR (the output of `mega-trading prepare`)")
-    return data_dir
-
-
-# --- derived numbers ---------------------------------------------------------------------------
-
-# Dense (no sparsity) peak FLOP/s per GPU: bf16 tensor cores, and TF32 for float32 matmuls.
-CUDA_PEAK_FLOPS = {  # name fragment -> (bf16, tf32)
-    "H200": (989.4e12, 494.7e12),
-    "H100 PCIe": (756.0e12, 378.0e12),
-    "H100": (989.4e12, 494.7e12),
-    "A100": (312.0e12, 156.0e12),
-}
-_measured_cpu_flops: dict[str, float] = {}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bf16"}
-
-
-def measure_cpu_flops(size: int = 1024, reps: int = 3,
-                      dtype: torch.dtype = torch.float32) -> float:
-    """Best matmul FLOP/s on this CPU in `dtype` with torch's current thread count (large,
-    regular matmuls: about the most a training step could reach). Under bf16 autocast the
-    step's matmuls run in bf16, which CPUs with AVX512-BF16 or AMX do 2x or more faster
-    than float32, so utilization is measured against the bf16 peak there."""
-    key = f"{size}:{torch.get_num_threads()}:{dtype}"
-    if key not in _measured_cpu_flops:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        torch.mm(a, b)  # warm up
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        _measured_cpu_flops[key] = 2 * size**3 / best
-    return _measured_cpu_flops[key]
-
-
-def peak_flops(device: torch.device, amp_dtype: torch.dtype | None,
-               override: float | None = None) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
-    if override:
-        return override, "configured"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, (bf16, tf32) in CUDA_PEAK_FLOPS.items():
-            if fragment in name:
-                return (bf16 if amp_dtype == torch.bfloat16 else tf32), f"{name} datasheet"
-        return None, f"{name}: no peak in the table (set peak_flops)"
-    # Generator is torch's: measuring must not move the global RNG a resumed run restores.
-    state = torch.get_rng_state()
-    try:
-        dtype = amp_dtype or torch.float32
-        return measure_cpu_flops(dtype=dtype), f"measured {_DTYPE_NAMES[dtype]} matmul"
-    finally:
-        torch.set_rng_state(state)
-
-
-def derived_numbers(model_cfg, cfg: TrainConfig, train_tokens: int) -> dict[str, Any]:
-    """Parameter count and the per-step / per-run token and FLOP budget."""
-    info = model_cfg.describe()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
-    flops_per_token = model_cfg.flops_per_token(model_cfg.block_size)
-    total_tokens = tokens_per_step * cfg.steps
-    return {
-        "n_params": info["n_params"],
-        "n_params_hidden": info["n_params_hidden"],
-        "block_size": model_cfg.block_size,
-        "vocab_size": model_cfg.vocab_size,
-        "tokens_per_step": tokens_per_step,
-        "flops_per_token": flops_per_token,
-        "total_tokens": total_tokens,
-        "total_flops": flops_per_token * total_tokens,
-        "train_split_tokens": train_tokens,
-        "epochs": total_tokens / max(train_tokens, 1),
-    }
-
-
-# --- pieces of the loop --------------------------------------------------------------------------
-
-def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 lm_head: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of a batch of windows.
-
-    With `lm_head` (the bare model's output weight) the model stops at its final hidden
-    states and head + loss run as one fused op (accel.fused_linear_cross_entropy: Liger's
-    kernel on CUDA never materializes the [B, T, V] logits).
-    """
-    if lm_head is not None:
-        from mega_trading.train.accel import fused_linear_cross_entropy
-
-        return fused_linear_cross_entropy(model(x, return_hidden=True), lm_head, y)
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-class ModelWithLoss(torch.nn.Module):
-    """`compute_loss` as a module, (x, y) -> mean cross-entropy, so that `torch.compile`
-    takes model, output head and loss as ONE graph: the head's log-softmax and the loss
-    then fuse with the model's ops, forward and backward (on CPU the step runs ~1.15x
-    faster than with the model compiled alone; bench/train.py)."""
-
-    def __init__(self, model: torch.nn.Module, fused_head: bool = False):
-        super().__init__()
-        self.model, self.fused_head = model, fused_head
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lm_head = _unwrap(self.model).output.weight if self.fused_head else None
-        return compute_loss(self.model, x, y, lm_head)
-
-
-def _loss_module(raw: torch.nn.Module, wrapped: torch.nn.Module, compiled: bool,
-                 fused_head: bool) -> torch.nn.Module:
-    """What a training step calls. One process: model and loss compiled together. Under
-    DDP/FSDP the wrapper itself is compiled (that is what lets Dynamo split the graph at
-    gradient buckets) and the loss stays outside."""
-    if not compiled:
-        return ModelWithLoss(wrapped, fused_head)
-    if wrapped is raw:
-        return torch.compile(ModelWithLoss(raw, fused_head))
-    return ModelWithLoss(torch.compile(wrapped), fused_head)
-
-
-def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "bfloat16" or (setting == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                          enabled=amp_dtype is not None)
-
-
-def _want_compile(setting: str | bool, device: torch.device) -> bool:
-    return setting in (True, "true") or (setting == "auto" and device.type == "cuda")
-
-
-def check_block_size(name: str, value: Any, expected: int, expected_name: str) -> None:
-    """block_size is one setting per run (prepare's); an explicit other value is an error."""
-    if value is not None and int(value) != expected:
-        raise ConfigError(f"{name}={value} disagrees with {expected_name}={expected}: "
-                          f"block_size is set once, by prepare (prepare.block_size / --block-size)")
+from mega_trading.train.config import (
+    RESUMABLE_CHANGES,
+    VALIDATION_SEED_OFFSET,
+    NonFiniteLossError,
+    TrainConfig,
+    check_block_size,
+    lr_scale,
+)
+from mega_trading.train.loss import (
+    amp_dtype_for,
+    autocast_for,
+    build_loss_module,
+    evaluate,
+    want_compile,
+)
+from mega_trading.train.metrics import (
+    MetricsLog,
+    default_log,
+    derived_numbers,
+    peak_flops,
+    progress_bar,
+)
 
 
 def _model_config(cfg: TrainConfig, shards, log: Callable[[str], None]):
@@ -323,55 +86,6 @@ def _validation_batches(shards, block: int, batch: int, cfg: TrainConfig, ctx, l
     return [sampler.next_batch()[:2] for _ in range(cfg.eval_batches)]
 
 
-@torch.no_grad()
-def evaluate(loss_module, batches, device, amp_dtype, ctx) -> float | None:
-    """Mean validation loss; `loss_module(x, y)` is a `ModelWithLoss` (maybe compiled)."""
-    from mega_trading.train.distributed import mean_across_ranks
-
-    if not batches:
-        return None
-    was_training = loss_module.training
-    loss_module.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in batches:
-        with _autocast(device, amp_dtype):
-            total += loss_module(x.to(device), y.to(device)).double()
-    loss_module.train(was_training)
-    return mean_across_ranks([total.item() / len(batches)], ctx)[0]
-
-
-class MetricsLog:
-    """RUN/metrics.jsonl: one JSON object per logged step (rank 0 writes)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Keep only records up to `step` (a killed run may also have left a torn last line)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        from mega_trading.core.lineage import write_text_atomic
-
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
 def _check_finite(loss: float, grad_norm: float, step: int, cfg: TrainConfig,
                   run_dir: Path) -> None:
     if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -396,27 +110,6 @@ def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
                           f"run's own settings or start a new --out")
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"),
-                    TextColumn("{task.fields[tok_s]:,.0f} tok/s"), TimeRemainingColumn(),
-                    disable=not enabled)
-
-
-def _default_log(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(message)
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, *,
@@ -431,7 +124,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
     ctx = init_distributed(cfg.device)
     try:
         session = _Session.start(Path(data_dir), Path(out_dir), cfg, resume, ctx,
-                                 log or _default_log)
+                                 log or default_log)
         summary = session.run(show_progress)
     except BaseException:
         # No barrier on the way out: a failing peer might never reach it.
@@ -455,7 +148,7 @@ class _Session:
     derived: dict[str, Any]
     raw: torch.nn.Module  # the bare (maybe FSDP2-sharded) model: optimizer and checkpoints
     wrapped: torch.nn.Module  # DDP wrapper or `raw`: owns gradient sync
-    loss: torch.nn.Module  # what a step calls: (x, y) -> loss (`_loss_module`)
+    loss: torch.nn.Module  # what a step calls: (x, y) -> loss (`build_loss_module`)
     optimizer: Any
     sampler: Any  # dataset.WindowSampler over the train split
     val_batches: list
@@ -501,7 +194,7 @@ class _Session:
         train_tokens = sum(shards.n_tokens("train", s) for s in shards.symbols("train"))
         derived = derived_numbers(model_cfg, cfg, train_tokens)
         device = ctx.device
-        amp_dtype = _amp_dtype(cfg.dtype, device)
+        amp_dtype = amp_dtype_for(cfg.dtype, device)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         raw = Transformer(model_cfg).to(device)
@@ -510,7 +203,7 @@ class _Session:
                               cpu_attention=cfg.cpu_attention, head_dim=model_cfg.head_dim)
         apply_accel(raw, accel)  # module swaps come before wrapping and compiling
         wrapped = wrap_model(raw, ctx, fsdp)
-        compiled = _want_compile(cfg.compile, device)
+        compiled = want_compile(cfg.compile, device)
         optimizer = build_optimizer(raw, OptimConfig(muon_lr=cfg.muon_lr, adamw_lr=cfg.lr,
                                                      muon_ns_dtype=cfg.muon_ns_dtype,
                                                      weight_decay=cfg.weight_decay))
@@ -525,7 +218,7 @@ class _Session:
                       "derived": derived}
         session = cls(cfg=cfg, ctx=ctx, run_dir=run_dir, shards=shards, model_cfg=model_cfg,
                       derived=derived, raw=raw, wrapped=wrapped,
-                      loss=_loss_module(raw, wrapped, compiled, accel.fused_cross_entropy),
+                      loss=build_loss_module(raw, wrapped, compiled, accel.fused_cross_entropy),
                       optimizer=optimizer, sampler=sampler,
                       val_batches=_validation_batches(shards, block, per_rank, cfg, ctx, log),
                       amp_dtype=amp_dtype, peak=peak, run_config=run_config,
@@ -624,7 +317,7 @@ class _Session:
             x, y, _ = self.sampler.next_batch()
             x, y = to_device(x, device, pin), to_device(y, device, pin)
             with gradient_sync(self.wrapped, enabled=micro == cfg.grad_accum - 1):
-                with _autocast(device, self.amp_dtype):
+                with autocast_for(device, self.amp_dtype):
                     loss = self.loss(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
@@ -671,7 +364,7 @@ class _Session:
         self.best: dict[str, Any] = {"step": None, "val_loss": None}
         self.stopped_at: int | None = None
         self.loss.train()
-        with _progress(show_progress and self.ctx.is_main) as progress:
+        with progress_bar(show_progress and self.ctx.is_main) as progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.start_step,
                                      loss=float("nan"), tok_s=0.0)
             for step in range(self.start_step + 1, cfg.steps + 1):

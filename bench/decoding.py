@@ -21,8 +21,10 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> dict:
     from mega_trading.data.shards import ShardSet
-    from mega_trading.eval.facts import FactsConfig, compute_facts, fact_gaps, tokenized_real
+    from mega_trading.eval.facts import compute_facts, fact_gaps
     from mega_trading.eval.realism import score_source
+    from mega_trading.eval.scorecard import tokenized_real
+    from mega_trading.eval.statistics import FactsConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)

@@ -26,8 +26,9 @@ import polars as pl
 def main(argv: list[str] | None = None) -> dict:
     from mega_trading.core.config import from_dict
     from mega_trading.data.shards import ShardSet
-    from mega_trading.eval.facts import FactsConfig, baseline_rollouts, scorecard, tokenized_real
     from mega_trading.eval.realism import headline
+    from mega_trading.eval.scorecard import baseline_rollouts, scorecard, tokenized_real
+    from mega_trading.eval.statistics import FactsConfig
     from mega_trading.generation.generate import GenerateConfig, generate_rollouts
     from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
     from mega_trading.model.checkpoint import load_model

@@ -16,8 +16,9 @@ from mega_trading.data.parts import expand_inputs
 from mega_trading.data.prepare import PrepareConfig, prepare
 from mega_trading.data.shards import ShardSet
 from mega_trading.data.windows import window_plan
-from mega_trading.eval.facts import DISTRIBUTIONS, FactsConfig, scorecard
 from mega_trading.eval.hawkes import CompoundHawkes
+from mega_trading.eval.scorecard import scorecard
+from mega_trading.eval.statistics import DISTRIBUTIONS, FactsConfig
 
 WINDOW = 64
 

@@ -11,20 +11,17 @@ from scipy import stats
 
 from mega_trading.core.errors import MegaTradingError
 from mega_trading.core.lineage import read_json
-from mega_trading.eval.facts import (
+from mega_trading.eval.distances import _DistanceKit, distances
+from mega_trading.eval.facts import compute_facts
+from mega_trading.eval.scorecard import scorecard, summary_table, write_scorecard
+from mega_trading.eval.statistics import (
     DISTRIBUTIONS,
     DegenerateReturnsError,
     FactsConfig,
-    _DistanceKit,
     aggregated_returns_clock,
     aggregated_returns_event,
-    compute_facts,
-    distances,
     powerlaw_fit,
     prepare_events,
-    scorecard,
-    summary_table,
-    write_scorecard,
 )
 
 N = 20_000

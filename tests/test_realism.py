@@ -8,14 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from mega_trading.eval.facts import (
-    DISTRIBUTIONS,
-    FactsConfig,
-    compute_facts,
-    distances,
-    fact_gaps,
-    scorecard,
-)
+from mega_trading.eval.distances import distances
+from mega_trading.eval.facts import compute_facts, fact_gaps
 from mega_trading.eval.realism import (
     RATIO_FLOOR,
     gap_ratios,
@@ -23,6 +17,8 @@ from mega_trading.eval.realism import (
     resample_blocks,
     score_source,
 )
+from mega_trading.eval.scorecard import scorecard
+from mega_trading.eval.statistics import DISTRIBUTIONS, FactsConfig
 from tests.test_facts import _sample_events
 
 
@@ -42,7 +38,7 @@ def test_score_counts_within_beat_and_geo_mean():
 def test_block_resampling_keeps_blocks_whole():
     btc, _ = _sample_events()
     frame = btc.head(1000)
-    from mega_trading.eval.facts import prepare_events
+    from mega_trading.eval.statistics import prepare_events
 
     n = prepare_events(frame).n
     replicate = resample_blocks(frame, 100, np.random.default_rng(0))
@@ -147,7 +143,7 @@ def test_tokenized_real_across_two_tick_sizes_is_within_the_floor_in_context():
     from mega_trading.data.events import compute_events
     from mega_trading.data.ingest.reader import read_trades
     from mega_trading.data.tokenizer import Tokenizer, TokenizerConfig
-    from mega_trading.eval.facts import tokenized_real
+    from mega_trading.eval.scorecard import tokenized_real
 
     btc, _ = _sample_events()
     nexo = [compute_events(read_trades(p))

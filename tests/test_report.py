@@ -27,7 +27,8 @@ def build_run(root: Path) -> tuple[Path, Path]:
     from mega_trading.data.prepare import PrepareConfig, prepare
     from mega_trading.data.shards import ShardSet
     from mega_trading.eval.backtest import run_backtest
-    from mega_trading.eval.facts import FactsConfig, run_facts
+    from mega_trading.eval.scorecard import run_facts
+    from mega_trading.eval.statistics import FactsConfig
     from mega_trading.generation.generate import (
         GenerateConfig,
         generate_rollouts,

@@ -114,7 +114,7 @@ def sampling_variant(run_cfg: RunConfig, name: str, console: Console) -> Path:
     import dataclasses
 
     from mega_trading.data.shards import ShardSet
-    from mega_trading.eval.facts import run_facts
+    from mega_trading.eval.scorecard import run_facts
     from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
     from mega_trading.generation.sampling import resolve_sampling
     from mega_trading.model.checkpoint import load_model

@@ -447,7 +447,7 @@ def facts(
     """Stylized facts: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
     from rich.table import Table
 
-    from mega_trading.eval.facts import run_facts, summary_table
+    from mega_trading.eval.scorecard import run_facts, summary_table
 
     cfg = resolve("facts", config, overrides)
     if rollouts is None and run is not None and (run / "rollouts.parquet").is_file():

@@ -55,7 +55,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "export-hf": ("mega_trading.cli_config:ExportOptions", None),
     "backtest": ("mega_trading.eval.backtest:BacktestConfig", "backtest"),
     "generate": ("mega_trading.generation.generate:GenerateConfig", "generate"),
-    "facts": ("mega_trading.eval.facts:FactsConfig", "facts"),
+    "facts": ("mega_trading.eval.statistics:FactsConfig", "facts"),
     "report": ("mega_trading.cli_config:ReportOptions", None),
     "run": ("mega_trading.pipeline:RunConfig", ""),
     "ablate": ("mega_trading.ablation:AblationConfig", None),

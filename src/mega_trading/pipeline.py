@@ -34,8 +34,8 @@ from mega_trading.core.stages import Stage, code_identity, run_stages, stamp_pat
 from mega_trading.data.prepare import PrepareConfig
 from mega_trading.eval.backtest import BacktestConfig
 from mega_trading.eval.calibrate import CalibrateConfig
-from mega_trading.eval.facts import FactsConfig
 from mega_trading.eval.sampling_search import SamplingSearchConfig
+from mega_trading.eval.statistics import FactsConfig
 from mega_trading.generation.generate import GenerateConfig
 from mega_trading.simulate import SimConfig
 from mega_trading.train.config import TrainConfig, check_block_size
@@ -130,14 +130,16 @@ STAGE_SOURCES = {
               "mega_trading.train.distributed"),
     "calibrate": ("mega_trading.eval.calibrate", "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
     "sampling": ("mega_trading.eval.sampling_search", "mega_trading.generation.sampling", "mega_trading.eval.realism",
-                 "mega_trading.eval.facts", "mega_trading.generation.generate", "mega_trading.data.tokenizer",
+                 "mega_trading.eval.statistics", "mega_trading.eval.facts",
+                 "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.generation.generate", "mega_trading.data.tokenizer",
                  "mega_trading.data.binning"),
     "backtest": ("mega_trading.eval.baselines", "mega_trading.eval.scoring", "mega_trading.eval.backtest",
                  "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
-    "generate": ("mega_trading.generation.generate", "mega_trading.model.decode", "mega_trading.model.transformer",
+    "generate": ("mega_trading.generation.generate", "mega_trading.generation.engine", "mega_trading.model.decode", "mega_trading.model.transformer",
                  "mega_trading.model.kernels", "mega_trading.data.tokenizer", "mega_trading.data.binning",
                  "mega_trading.generation.sampling"),
-    "facts": ("mega_trading.eval.facts", "mega_trading.eval.hawkes", "mega_trading.eval.baselines",
+    "facts": ("mega_trading.eval.statistics", "mega_trading.eval.facts",
+                 "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.eval.hawkes", "mega_trading.eval.baselines",
               "mega_trading.generation.generate", "mega_trading.eval.realism"),
     "simulate": ("mega_trading.simulate", "mega_trading.generation.generate", "mega_trading.model.decode",
                  "mega_trading.model.transformer", "mega_trading.generation.sampling", "mega_trading.data.binning"),
@@ -218,7 +220,7 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                                        sampling=sampling_info))
 
     def do_facts() -> None:
-        from mega_trading.eval.facts import run_facts
+        from mega_trading.eval.scorecard import run_facts
 
         run_facts(data, run / "rollouts.parquet", run / "facts.json", cfg.facts, cfg.generate.seed,
                   gen_cfg=cfg.generate)

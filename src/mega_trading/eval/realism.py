@@ -85,7 +85,7 @@ def resample_blocks(events: pl.DataFrame, block_events: int,
                     rng: np.random.Generator) -> pl.DataFrame:
     """One block-bootstrap replicate of an event table: as many blocks as it has, drawn with
     replacement, each its own group (column ``rollout``), in the ``facts`` layout."""
-    from mega_trading.eval.facts import prepare_events
+    from mega_trading.eval.statistics import prepare_events
 
     ev = prepare_events(events)
     blocks = block_groups(ev, block_events)

@@ -1,6 +1,6 @@
 """Section 5: stylized facts, real vs generated, against the noise floor (RUN/facts.json).
 
-facts.json (``mega_trading.eval.facts.scorecard``) holds, for each source, its facts (moments,
+facts.json (``mega_trading.eval.scorecard.scorecard``) holds, for each source, its facts (moments,
 tails, autocorrelation curves, response), the distances of its distributions to the real
 backtest events with bootstrap CIs, and the gap of each fact to the real one. Sources:
 ``real`` (backtest events, the reference), ``noise_floor`` (real training events: how far
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mega_trading.eval.facts import lookup
+from mega_trading.eval.scorecard import lookup
 from mega_trading.report.artifacts import Artifacts
 from mega_trading.report.charts import color_of, embed, style
 from mega_trading.report.html import Section, ci, esc, not_produced, note, num, table
@@ -229,7 +229,8 @@ def _samples(art: Artifacts) -> dict[str, dict[str, np.ndarray]]:
     """label -> distribution values, for real / noise floor / model, prepared as facts does."""
     import polars as pl
 
-    from mega_trading.eval.facts import distribution_values, prepare_events
+    from mega_trading.eval.distances import distribution_values
+    from mega_trading.eval.statistics import prepare_events
 
     out: dict[str, dict[str, np.ndarray]] = {}
     shards = art.shards()

@@ -97,7 +97,7 @@ def test_every_command_takes_config_and_set():
 
 def test_every_command_has_a_config_class_that_rejects_unknown_keys(capsys):
     from mega_trading.cli import main
-    from mega_trading.cli_config import COMMANDS
+    from mega_trading.cli.config import COMMANDS
 
     names = {name for name, _ in _cli_commands()} - EXEMPT_COMMANDS - {"config show"}
     assert names == set(COMMANDS)  # a new command must say what its --config mirrors
@@ -250,7 +250,7 @@ def test_train_cli_block_size_disagreement_writes_nothing(tiny_data_dir, tmp_pat
 
 
 def test_stage_command_reads_its_section_of_a_pipeline_file(tmp_path):
-    from mega_trading.cli_config import command_config
+    from mega_trading.cli.config import command_config
 
     gen = command_config("generate", CONFIGS / "demo.yaml", ["seed=3"], flags={"n": 8, "length": None})
     assert (gen.n, gen.length, gen.prompt_length, gen.rollouts_per_prompt, gen.seed) == (8, 256, 96, 2, 3)

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("eval", "book.facts"),  # -> held-out metrics, stylized facts, realism
     ("simulate", "serve"),  # products on top of generation
     ("report",),  # -> one HTML file
-    ("pipeline", "ablation", "api", "cli", "cli_config"),  # orchestration: may import all
+    ("pipeline", "ablation", "api", "cli"),  # orchestration: may import all
 )
 # The one import up the layers: the package root lends the notebook API its name.
 FACADE_IMPORTS = frozenset({("__init__", "api")})

@@ -49,19 +49,19 @@ class BookOptions:
 # command -> (config class "module:Class", its section in a pipeline YAML or None)
 COMMANDS: dict[str, tuple[str, str | None]] = {
     "download": ("mega_trading.data.ingest.download:DownloadConfig", None),
-    "ingest": ("mega_trading.cli_config:IngestOptions", None),
+    "ingest": ("mega_trading.cli.config:IngestOptions", None),
     "prepare": ("mega_trading.data.prepare:PrepareConfig", "prepare"),
     "train": ("mega_trading.train.config:TrainConfig", "train"),
-    "export-hf": ("mega_trading.cli_config:ExportOptions", None),
+    "export-hf": ("mega_trading.cli.config:ExportOptions", None),
     "backtest": ("mega_trading.eval.backtest:BacktestConfig", "backtest"),
     "generate": ("mega_trading.generation.generate:GenerateConfig", "generate"),
     "facts": ("mega_trading.eval.statistics:FactsConfig", "facts"),
-    "report": ("mega_trading.cli_config:ReportOptions", None),
+    "report": ("mega_trading.cli.config:ReportOptions", None),
     "run": ("mega_trading.pipeline:RunConfig", ""),
     "ablate": ("mega_trading.ablation:AblationConfig", None),
     "serve": ("mega_trading.serve.schemas:ServeSettings", None),
     "simulate": ("mega_trading.simulate.config:SimConfig", "simulate.scenario"),
-    "book": ("mega_trading.cli_config:BookOptions", None),
+    "book": ("mega_trading.cli.config:BookOptions", None),
     "record": ("mega_trading.book.record:RecordConfig", None),
 }
 

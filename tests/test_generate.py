@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.data.field_bins import FieldBins
 from mega_trading.data.prepare import PrepareConfig, prepare
 from mega_trading.data.shards import ShardSet
-from mega_trading.data.tokenizer import FieldBins, Tokenizer
+from mega_trading.data.tokenizer import Tokenizer
 from mega_trading.generation.generate import (
     GenerateConfig,
     SamplingConfig,

@@ -121,7 +121,7 @@ def test_non_finite_feature_is_refused(tok, events):
 def test_bin_index_follows_the_documented_intervals():
     """One searchsorted over all edges must give: negative bins [e_i, e_i+1), exactly 0
     (either sign) its own bin, positive bins [e_i, e_i+1), tails open-ended."""
-    from mega_trading.data.tokenizer import FieldBins
+    from mega_trading.data.field_bins import FieldBins
 
     signed = FieldBins("move", pos_edges=(1.0, 2.0), neg_edges=(-2.0, -1.0), zero_bin=True,
                        has_negative=True)

@@ -121,7 +121,7 @@ def _file_identity(path: Path) -> str | None:
 
 # The modules that implement each stage: a change to their source reruns it (stages.py).
 STAGE_SOURCES = {
-    "prepare": ("mega_trading.data.ingest", "mega_trading.data.events", "mega_trading.data.tokenizer",
+    "prepare": ("mega_trading.data.ingest", "mega_trading.data.events", "mega_trading.data.tokenizer", "mega_trading.data.field_bins",
                 "mega_trading.data.binning", "mega_trading.data.windows", "mega_trading.data.shards",
                 "mega_trading.data.parts", "mega_trading.data.prepare"),
     "train": ("mega_trading.model.transformer", "mega_trading.model.kernels", "mega_trading.train.accel",
@@ -131,12 +131,12 @@ STAGE_SOURCES = {
     "calibrate": ("mega_trading.eval.calibrate", "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
     "sampling": ("mega_trading.eval.sampling_search", "mega_trading.generation.sampling", "mega_trading.eval.realism",
                  "mega_trading.eval.statistics", "mega_trading.eval.facts",
-                 "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.generation.generate", "mega_trading.data.tokenizer",
+                 "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.generation.generate", "mega_trading.data.tokenizer", "mega_trading.data.field_bins",
                  "mega_trading.data.binning"),
     "backtest": ("mega_trading.eval.baselines", "mega_trading.eval.scoring", "mega_trading.eval.backtest",
                  "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
     "generate": ("mega_trading.generation.generate", "mega_trading.generation.engine", "mega_trading.model.decode", "mega_trading.model.transformer",
-                 "mega_trading.model.kernels", "mega_trading.data.tokenizer", "mega_trading.data.binning",
+                 "mega_trading.model.kernels", "mega_trading.data.tokenizer", "mega_trading.data.field_bins", "mega_trading.data.binning",
                  "mega_trading.generation.sampling"),
     "facts": ("mega_trading.eval.statistics", "mega_trading.eval.facts",
                  "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.eval.hawkes", "mega_trading.eval.baselines",

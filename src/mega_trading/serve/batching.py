@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mega_trading.generation.sampling import SamplingConfig
 from mega_trading.serve.schemas import ServeError, ServeSettings
 
 log = logging.getLogger("mega_trading.serve")
@@ -30,7 +31,7 @@ class Job:
     prompt: np.ndarray  # int64 [T]
     n: int
     length: int
-    sampling: Any  # mega_trading.generation.sampling.SamplingConfig
+    sampling: SamplingConfig
     seed: int
     sampling_source: str = "request"  # or "measured" / "default" (SamplingInfo.source)
     cancelled: bool = False  # read by the worker thread: the client is gone, skip the work

@@ -27,6 +27,9 @@ from mega_trading.core.config import (
 )
 from mega_trading.core.errors import ConfigError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic
+from mega_trading.data.shards import ShardSet
+from mega_trading.data.windows import WindowSampler
+from mega_trading.model.transformer import ModelConfig
 from mega_trading.train.config import (
     RESUMABLE_CHANGES,
     VALIDATION_SEED_OFFSET,
@@ -35,6 +38,7 @@ from mega_trading.train.config import (
     check_block_size,
     lr_scale,
 )
+from mega_trading.train.distributed import DistContext
 from mega_trading.train.loss import (
     amp_dtype_for,
     autocast_for,
@@ -141,16 +145,16 @@ class _Session:
     samplers, outputs. Built by `start`, driven by `run`."""
 
     cfg: TrainConfig
-    ctx: Any  # distributed.DistContext
+    ctx: DistContext
     run_dir: Path
-    shards: Any  # dataset.ShardSet
-    model_cfg: Any  # model.ModelConfig
+    shards: ShardSet
+    model_cfg: ModelConfig
     derived: dict[str, Any]
     raw: torch.nn.Module  # the bare (maybe FSDP2-sharded) model: optimizer and checkpoints
     wrapped: torch.nn.Module  # DDP wrapper or `raw`: owns gradient sync
     loss: torch.nn.Module  # what a step calls: (x, y) -> loss (`build_loss_module`)
     optimizer: Any
-    sampler: Any  # dataset.WindowSampler over the train split
+    sampler: WindowSampler  # over the train split
     val_batches: list
     amp_dtype: torch.dtype | None
     peak: float | None

@@ -35,6 +35,11 @@ from mega_trading.core.config import (
 )
 from mega_trading.core.errors import ConfigError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic, write_text_atomic
+from mega_trading.data.shards import ShardSet
+from mega_trading.eval.scorecard import run_facts
+from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
+from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
+from mega_trading.model.checkpoint import load_model
 from mega_trading.pipeline import RunConfig, load_run_config, run_pipeline
 
 
@@ -76,8 +81,6 @@ def cell_name(model: str, symbols: str, steps: int, context: int | None = None) 
 
 def parse_sampling(spec: str):
     """'measured' -> None; 'temperature=0.9,min_p=0.05' -> SamplingConfig(...)."""
-    from mega_trading.core.config import from_dict
-    from mega_trading.generation.sampling import SamplingConfig
 
     if spec.strip() == "measured":
         return None
@@ -87,7 +90,6 @@ def parse_sampling(spec: str):
 
 def cell_config(base: RunConfig, cfg: AblationConfig, model: str, symbols: str, steps: int,
                 context: int | None = None) -> RunConfig:
-    from mega_trading.core.config import to_dict
 
     preset, model_overrides = parse_model(model)
     out = Path(cfg.out_dir)
@@ -113,11 +115,6 @@ def sampling_variant(run_cfg: RunConfig, name: str, console: Console) -> Path:
     the facts.json (the cell's own for "measured")."""
     import dataclasses
 
-    from mega_trading.data.shards import ShardSet
-    from mega_trading.eval.scorecard import run_facts
-    from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
-    from mega_trading.generation.sampling import resolve_sampling
-    from mega_trading.model.checkpoint import load_model
 
     run = Path(run_cfg.run_dir)
     explicit = parse_sampling(name)

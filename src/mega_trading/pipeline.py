@@ -26,19 +26,28 @@ from mega_trading.core.config import (
     PositiveFloat,
     apply_overrides,
     config_dataclass,
+    dump_yaml,
     load_config,
     to_dict,
 )
-from mega_trading.core.lineage import read_json, sha256_file
+from mega_trading.core.lineage import read_json, sha256_file, write_json_atomic, write_text_atomic
 from mega_trading.core.stages import Stage, code_identity, run_stages, stamp_path
-from mega_trading.data.prepare import PrepareConfig
-from mega_trading.eval.backtest import BacktestConfig
-from mega_trading.eval.calibrate import CalibrateConfig
-from mega_trading.eval.sampling_search import SamplingSearchConfig
+from mega_trading.data.bundled import resolve_input, sample_files
+from mega_trading.data.parts import expand_inputs
+from mega_trading.data.prepare import PrepareConfig, prepare
+from mega_trading.data.shards import ShardSet
+from mega_trading.eval.backtest import BacktestConfig, resolve_device, run_backtest
+from mega_trading.eval.calibrate import CalibrateConfig, run_calibration
+from mega_trading.eval.sampling_search import SamplingSearchConfig, run_sampling_search
+from mega_trading.eval.scorecard import run_facts
 from mega_trading.eval.statistics import FactsConfig
 from mega_trading.generation.generate import GenerateConfig
-from mega_trading.simulate import SimConfig
+from mega_trading.generation.sampling import resolve_sampling
+from mega_trading.model.checkpoint import checkpoints_dir, latest_step, load_model, step_dir_name
+from mega_trading.report import build_report
+from mega_trading.simulate import SimConfig, policy_configs, run_simulation
 from mega_trading.train.config import TrainConfig, check_block_size
+from mega_trading.train.loop import train
 
 
 @config_dataclass
@@ -97,8 +106,6 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def _input_files(cfg: RunConfig) -> list[Path]:
-    from mega_trading.data.bundled import resolve_input, sample_files
-    from mega_trading.data.parts import expand_inputs
 
     if cfg.inputs:
         return expand_inputs([resolve_input(item) for item in cfg.inputs])
@@ -106,7 +113,6 @@ def _input_files(cfg: RunConfig) -> list[Path]:
 
 
 def _checkpoint_identity(run_dir: Path) -> dict:
-    from mega_trading.model.checkpoint import checkpoints_dir, latest_step, step_dir_name
 
     step = latest_step(run_dir)
     if step is None:
@@ -156,12 +162,10 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         return read_json(manifest)["manifest_hash"] if manifest.is_file() else None
 
     def do_prepare() -> None:
-        from mega_trading.data.prepare import prepare
 
         prepare(files, data, cfg.prepare, show_progress=True)
 
     def do_train() -> None:
-        from mega_trading.train.loop import train
 
         # Same data and config as an interrupted run: resume it; anything else starts over.
         stale = stamp_path(run, "train.started")
@@ -175,39 +179,30 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-            from mega_trading.core.lineage import write_json_atomic
 
             write_json_atomic(stale, key)
         train(data, run, cfg.train, resume=resumable, show_progress=True, log=console.print)
 
     def do_calibrate() -> None:
-        from mega_trading.eval.backtest import resolve_device
-        from mega_trading.eval.calibrate import run_calibration
 
         run_calibration(run, data, cfg.calibrate, device=resolve_device(cfg.train.device),
                         log=console.print)
 
     def do_sampling() -> None:
-        from mega_trading.eval.backtest import resolve_device
-        from mega_trading.eval.sampling_search import run_sampling_search
 
         run_sampling_search(run, data, cfg.sampling_search, cfg.generate, cfg.facts,
                             device=resolve_device(cfg.train.device), log=console.print)
 
     def do_backtest() -> None:
-        from mega_trading.eval.backtest import run_backtest
 
         run_backtest(run, data, cfg.backtest_split, None, cfg.backtest, log=console.print)
 
     def do_generate() -> None:
-        from mega_trading.data.shards import ShardSet
         from mega_trading.generation.generate import (
             generate_rollouts,
             rollout_lineage,
             write_rollouts,
         )
-        from mega_trading.generation.sampling import resolve_sampling
-        from mega_trading.model.checkpoint import load_model
 
         shards = ShardSet.open(data)
         model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,
@@ -220,14 +215,11 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                                        sampling=sampling_info))
 
     def do_facts() -> None:
-        from mega_trading.eval.scorecard import run_facts
 
         run_facts(data, run / "rollouts.parquet", run / "facts.json", cfg.facts, cfg.generate.seed,
                   gen_cfg=cfg.generate)
 
     def do_simulate() -> None:
-        from mega_trading.eval.backtest import resolve_device
-        from mega_trading.simulate import policy_configs, run_simulation
 
         sim = cfg.simulate
         policies = policy_configs(",".join(sim.policies), side=sim.side, qty=sim.qty, horizon_s=sim.horizon_s)
@@ -236,7 +228,6 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
                        out=run / "simulate.json", log=console.print)
 
     def do_report() -> None:
-        from mega_trading.report import build_report
 
         path = build_report(run, data, run / "report.html", log=console.print)
         console.print(f"[bold green]report:[/] {path.resolve()}")
@@ -288,8 +279,6 @@ def _hashable(cfg) -> dict:
 def run_pipeline(cfg: RunConfig, force: bool = False, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     cfg.run_path.mkdir(parents=True, exist_ok=True)
-    from mega_trading.core.config import dump_yaml
-    from mega_trading.core.lineage import write_text_atomic
 
     write_text_atomic(cfg.run_path / "pipeline.yaml", dump_yaml(cfg))
     if force:  # training starts over too, rather than resuming a finished run

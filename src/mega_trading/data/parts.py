@@ -19,6 +19,8 @@ from mega_trading.core.lineage import (
     sha256_file,
 )
 from mega_trading.data.events import EventConfig, compute_events
+from mega_trading.data.ingest.reader import read_trades_with_report
+from mega_trading.data.ingest.schema import stream_key
 from mega_trading.data.shards import TOKEN_DTYPE, scan_part
 from mega_trading.data.tokenizer import Tokenizer
 
@@ -105,8 +107,6 @@ def read_input(path: Path, kind: str, out_root: Path, work: Path, event_cfg: Eve
     recomputed later from the saved edge rows (``patch_heads``, exact) and stored beside
     the file's events as its head, which readers put in place of the first rows.
     """
-    from mega_trading.data.ingest.reader import read_trades_with_report
-    from mega_trading.data.ingest.schema import stream_key
 
     trades, report = read_trades_with_report(path, market=market)
     found_kind = trades["kind"][0] if trades.height else kind

@@ -27,6 +27,7 @@ from mega_trading.core.config import NonNegativeInt, PositiveInt, config_datacla
 from mega_trading.core.errors import ArtifactMismatchError, DataError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic
 from mega_trading.data.ingest.schema import split_stream_key
+from mega_trading.data.shards import ShardSet
 from mega_trading.eval.baselines import Baseline, BaselineConfig, fit_baselines
 from mega_trading.eval.score_sums import ScoreSums
 from mega_trading.eval.scoring import (
@@ -35,6 +36,7 @@ from mega_trading.eval.scoring import (
     iter_baseline_scores,
     iter_model_scores,
 )
+from mega_trading.model.checkpoint import load_model
 
 FORMAT = "mega-trading/backtest@1"
 LN2 = float(np.log(2.0))
@@ -98,8 +100,6 @@ def run_backtest(
     ``max_tokens`` keeps the first N tokens of each symbol's shard (a quick look; the
     full split is the honest number). The JSON goes to ``out`` (default RUN/backtest.json).
     """
-    from mega_trading.data.shards import ShardSet
-    from mega_trading.model.checkpoint import load_model
 
     log = log or (lambda _msg: None)
     if split not in SPLITS:

@@ -25,9 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mega_trading.core.config import config_dataclass
+from mega_trading.core.config import config_dataclass, to_dict
 from mega_trading.core.errors import ConfigError, DataError
 from mega_trading.core.lineage import provenance, write_json_atomic
+from mega_trading.data.shards import ShardSet
+from mega_trading.data.windows import sequential_windows
+from mega_trading.eval.scoring import reliability
+from mega_trading.model.checkpoint import load_model
 
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_FORMAT = "mega-trading/calibration@1"
@@ -56,7 +60,6 @@ def collect_logits(model, shards, split: str, max_positions: int,
                    batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N, V] float32, targets [N]) of the event targets of `split`, each scored
     once with maximal past context (``dataset.sequential_windows``)."""
-    from mega_trading.data.windows import sequential_windows
 
     n_event = shards.tokenizer.n_event_tokens
     rows: list[torch.Tensor] = []
@@ -97,7 +100,6 @@ def nll_at(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> f
 
 
 def ece_at(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
-    from mega_trading.eval.scoring import reliability
 
     probs = torch.softmax(logits / temperature, -1)
     top = probs.max(-1)
@@ -132,9 +134,6 @@ def calibrate(model, shards, cfg: CalibrateConfig = CalibrateConfig()) -> dict[s
 def run_calibration(run_dir: str | Path, data_dir: str | Path, cfg: CalibrateConfig = CalibrateConfig(),
                     device: str = "cpu", log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load the run's model, calibrate, write RUN/calibration.json."""
-    from mega_trading.core.config import to_dict
-    from mega_trading.data.shards import ShardSet
-    from mega_trading.model.checkpoint import load_model
 
     shards = ShardSet.open(data_dir)
     model, state = load_model(run_dir, device=device, expect_tokenizer_hash=shards.tokenizer_hash,

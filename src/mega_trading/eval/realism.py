@@ -30,6 +30,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from mega_trading.core.errors import DataError
+from mega_trading.eval.facts import compute_facts, fact_gaps
+from mega_trading.eval.statistics import prepare_events
+
 WITHIN_FACTOR = 1.5
 RATIO_FLOOR = 0.1
 REFERENCE_SOURCE = "compound_hawkes"
@@ -85,7 +89,6 @@ def resample_blocks(events: pl.DataFrame, block_events: int,
                     rng: np.random.Generator) -> pl.DataFrame:
     """One block-bootstrap replicate of an event table: as many blocks as it has, drawn with
     replacement, each its own group (column ``rollout``), in the ``facts`` layout."""
-    from mega_trading.eval.statistics import prepare_events
 
     ev = prepare_events(events)
     blocks = block_groups(ev, block_events)
@@ -106,8 +109,6 @@ def geo_mean_ci(events: pl.DataFrame, real_facts: Mapping[str, Any],
                 floor: Mapping[str, float | None], facts_cfg: Any, n_boot: int,
                 block_events: int, rng: np.random.Generator) -> list[float | None]:
     """95 % block-bootstrap interval of one source's geometric-mean ratio."""
-    from mega_trading.core.errors import DataError
-    from mega_trading.eval.facts import compute_facts, fact_gaps
 
     if n_boot <= 0:
         return [None, None]

@@ -26,9 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mega_trading.core.config import config_dataclass
+from mega_trading.core.config import config_dataclass, to_dict
 from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.core.lineage import provenance, read_json, write_json_atomic
+from mega_trading.data.shards import ShardSet
+from mega_trading.eval.calibrate import CALIBRATION_FILE
+from mega_trading.eval.facts import compute_facts, fact_gaps
+from mega_trading.eval.realism import score_source
+from mega_trading.generation.generate import generate_rollouts
 from mega_trading.generation.sampling import SAMPLING_FILE, SAMPLING_FORMAT, SamplingConfig
+from mega_trading.model.checkpoint import load_model
 
 TRUNCATIONS = ("none", "top_k", "top_p", "min_p")
 
@@ -84,9 +91,6 @@ def search(model, shards, trained, cfg: SamplingSearchConfig, gen_defaults: Any,
            fitted_t: float | None, facts_cfg: Any,
            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score every grid cell on cfg.split; the sampling.json document (without lineage)."""
-    from mega_trading.eval.facts import compute_facts, fact_gaps
-    from mega_trading.eval.realism import score_source
-    from mega_trading.generation.generate import generate_rollouts
 
     log = log or (lambda _msg: None)
     real = compute_facts(shards.all_events(cfg.split), facts_cfg)
@@ -146,11 +150,6 @@ def run_sampling_search(run_dir: str | Path, data_dir: str | Path, cfg: Sampling
                         gen_defaults: Any, facts_cfg: Any, device: str = "cpu",
                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load the run's model and write RUN/sampling.json."""
-    from mega_trading.core.config import to_dict
-    from mega_trading.core.lineage import provenance, read_json, write_json_atomic
-    from mega_trading.data.shards import ShardSet
-    from mega_trading.eval.calibrate import CALIBRATION_FILE
-    from mega_trading.model.checkpoint import load_model
 
     run_dir = Path(run_dir)
     shards = ShardSet.open(data_dir)

@@ -12,13 +12,24 @@ import numpy as np
 import polars as pl
 
 from mega_trading.core.config import (
+    from_dict,
     to_dict,
 )
 from mega_trading.core.errors import DataError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic
+from mega_trading.data.shards import ShardSet
+from mega_trading.eval.backtest import fit_train_baselines
 from mega_trading.eval.distances import distances
 from mega_trading.eval.facts import CURVE_GAPS, SCALAR_GAPS, compute_facts, fact_gaps, json_ready
+from mega_trading.eval.hawkes import CompoundHawkes
+from mega_trading.eval.realism import realism_block
 from mega_trading.eval.statistics import DISTRIBUTIONS, FactsConfig
+from mega_trading.generation.generate import (
+    GenerateConfig,
+    make_prompts,
+    read_rollouts,
+    rollouts_to_events,
+)
 
 SCHEMA = "mega_trading.facts/v1"
 
@@ -61,7 +72,6 @@ def scorecard(
                "baselines": {b: g[name] for b, g in gaps_by_baseline.items()}}
         for name in (*CURVE_GAPS, *SCALAR_GAPS)
     }
-    from mega_trading.eval.realism import realism_block
 
     realism = realism_block(json_ready(gap_section), {"model": model_rollouts, **baselines},
                             facts["real"], cfg, cfg.realism_boot, cfg.realism_block_events, seed)
@@ -169,9 +179,6 @@ def baseline_rollouts(shards: Any, gen_cfg: Any, n_events: int, seed: int,
     both fitted on the train split of ``trained`` (default: ``shards`` itself); Hawkes on
     `train_events` when given (the bounded sample of that split)."""
     trained = trained or shards
-    from mega_trading.eval.backtest import fit_train_baselines
-    from mega_trading.eval.hawkes import CompoundHawkes
-    from mega_trading.generation.generate import make_prompts, rollouts_to_events
 
     markov = fit_train_baselines(trained)["markov3"]
     prompts, info = make_prompts(shards, gen_cfg, np.random.default_rng(gen_cfg.seed))
@@ -190,8 +197,6 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
               cfg: FactsConfig = FactsConfig(on_degenerate="flag"), seed: int = 0,
               gen_cfg: Any = None) -> dict[str, Any]:
     """facts.json: real backtest vs real train (noise floor) vs model rollouts vs baselines."""
-    from mega_trading.data.shards import ShardSet
-    from mega_trading.generation.generate import GenerateConfig, read_rollouts
 
     shards = ShardSet.open(data_dir)
     model_events, lineage = (None, {})
@@ -200,7 +205,6 @@ def run_facts(data_dir: str | Path, rollouts_path: str | Path | None, out: str |
         if lineage.get("tokenizer_hash") not in (None, shards.tokenizer_hash):
             raise DataError("rollouts were made with another tokenizer than this data's", rollouts_path)
     if gen_cfg is None:
-        from mega_trading.core.config import from_dict
 
         gen_cfg = from_dict(GenerateConfig, lineage["config"]) if "config" in lineage else GenerateConfig()
     n_events = int(model_events["is_event"].sum()) if model_events is not None else gen_cfg.n * gen_cfg.length

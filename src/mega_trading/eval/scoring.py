@@ -39,6 +39,8 @@ import numpy as np
 from pydantic import Field
 
 from mega_trading.core.config import NonNegativeInt, PositiveInt, config_dataclass
+from mega_trading.data.windows import sequential_windows
+from mega_trading.eval.baselines import segment_floor
 from mega_trading.eval.score_sums import ScoreSums, bootstrap_mean_ci
 
 TOP_KS = (1, 5)
@@ -213,7 +215,6 @@ def iter_baseline_scores(baseline, tokens: np.ndarray, spec: FieldSpec,
     further back cannot matter (every context slot lies inside that stretch), so memory does
     not grow with the shard (which may be a memory-mapped file of any size).
     """
-    from mega_trading.eval.baselines import segment_floor
 
     reach = baseline.context_len + 1
     for lo in range(1, len(tokens), chunk_size):
@@ -256,7 +257,6 @@ def iter_model_scores(
     """
     import torch
 
-    from mega_trading.data.windows import sequential_windows
 
     block_size = block_size or model.cfg.block_size
     if device is None:

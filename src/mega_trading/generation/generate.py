@@ -88,8 +88,10 @@ import torch
 from mega_trading.core.config import (
     PositiveInt,
     config_dataclass,
+    to_dict,
 )
 from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.core.lineage import atomic_path, provenance, write_json_atomic
 from mega_trading.generation.engine import (
     DecodeEngine,
     banned_ids,
@@ -408,7 +410,6 @@ def generate_rollouts(model, shards, cfg: GenerateConfig,
 def write_rollouts(frame: pl.DataFrame, path: str | Path, lineage: dict[str, Any]) -> Path:
     """Atomically write rollouts: Parquet with lineage in its metadata, or (for a .csv
     path) CSV plus `<path>.lineage.json`."""
-    from mega_trading.core.lineage import atomic_path, write_json_atomic
 
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -445,8 +446,6 @@ def read_rollouts(path: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
 def rollout_lineage(cfg: GenerateConfig, shards, prompts: pl.DataFrame,
                     **extra: Any) -> dict[str, Any]:
     """What a rollouts file records about how it was made."""
-    from mega_trading.core.config import to_dict
-    from mega_trading.core.lineage import provenance
 
     return provenance(
         stage="generate", tokenizer_hash=shards.tokenizer_hash,

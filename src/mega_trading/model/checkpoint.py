@@ -38,6 +38,7 @@ from mega_trading.core.lineage import (
     read_json,
     write_text_atomic,
 )
+from mega_trading.model.transformer import Transformer, config_from_dict
 
 CHECKPOINT_FORMAT = "mega-trading/checkpoint@1"
 CHECKPOINTS = "checkpoints"
@@ -273,7 +274,6 @@ def check_hashes(state: dict[str, Any], where: Path, expect_tokenizer_hash: str 
 
 
 def _model_config(state: dict[str, Any]):
-    from mega_trading.model.transformer import config_from_dict
 
     return config_from_dict(state["config"]["model"])
 
@@ -283,7 +283,6 @@ def load_model(run_dir: str | Path, step: int | None = None,
                expect_manifest_hash: str | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, checkpoint state) from a run folder; weights load without pickle."""
-    from mega_trading.model.transformer import Transformer
 
     path = checkpoint_path(run_dir, step)
     state = read_json(path / "state.json")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from mega_trading.core.config import PositiveInt, config_dataclass
+from mega_trading.core.config import PositiveInt, config_dataclass, from_dict
 from mega_trading.core.errors import ConfigError
 
 # vocab_size never appears here: it always comes from the tokenizer.
@@ -76,7 +76,6 @@ class ModelConfig:
             raise ConfigError(f"unknown model preset '{name}'; choose one of {sorted(PRESETS)}")
         if "vocab_size" not in overrides:
             raise ConfigError("model preset needs vocab_size (it comes from the tokenizer)")
-        from mega_trading.core.config import from_dict
 
         return from_dict(cls, {**PRESETS[name], **overrides}, prefix="model.")
 
@@ -340,6 +339,5 @@ class Transformer(nn.Module):
 
 def config_from_dict(data: dict) -> ModelConfig:
     """Inverse of `mega_trading.core.config.to_dict` for a saved ModelConfig."""
-    from mega_trading.core.config import from_dict
 
     return from_dict(ModelConfig, data)

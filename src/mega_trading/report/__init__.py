@@ -20,7 +20,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from mega_trading.core.lineage import provenance, write_text_atomic
 from mega_trading.report.artifacts import Artifacts, load_artifacts, recorded_data_dir
+from mega_trading.report.backtest_section import backtest_section
+from mega_trading.report.book_section import book_section
+from mega_trading.report.charts import plotly_js
+from mega_trading.report.data_section import data_section
+from mega_trading.report.facts_section import facts_section
+from mega_trading.report.generation_section import generation_section
+from mega_trading.report.headline import headline_cards
+from mega_trading.report.html import esc, note, page
+from mega_trading.report.model_card import model_card_section
+from mega_trading.report.simulation_section import simulation_section
+from mega_trading.report.training_section import training_section
 
 __all__ = ["build_report", "load_artifacts", "recorded_data_dir", "render_report"]
 
@@ -28,25 +40,16 @@ REPORT_NAME = "report.html"
 
 
 def _sections(art: Artifacts) -> list:
-    from mega_trading.report.backtest_section import backtest_section
-    from mega_trading.report.data_section import data_section
-    from mega_trading.report.facts_section import facts_section
-    from mega_trading.report.generation_section import generation_section
-    from mega_trading.report.model_card import model_card_section
-    from mega_trading.report.simulation_section import simulation_section
-    from mega_trading.report.training_section import training_section
 
     builders = (data_section, training_section, backtest_section, generation_section,
                 facts_section, simulation_section, model_card_section)
     sections = [build(art) for build in builders]
-    from mega_trading.report.book_section import book_section
 
     book = book_section(art)  # only when RUN/book/ holds `mega-trading book` output
     return sections + ([book] if book is not None else [])
 
 
 def _subtitle(art: Artifacts) -> str:
-    from mega_trading.report.html import esc
 
     cfg = art.config or {}
     prov = cfg.get("provenance", {})
@@ -60,7 +63,6 @@ def _subtitle(art: Artifacts) -> str:
 
 
 def _problems_note(art: Artifacts) -> str:
-    from mega_trading.report.html import esc, note
 
     if not art.problems:
         return ""
@@ -70,10 +72,6 @@ def _problems_note(art: Artifacts) -> str:
 
 def render_report(art: Artifacts) -> str:
     """The whole HTML page for loaded artifacts."""
-    from mega_trading.core.lineage import provenance
-    from mega_trading.report.charts import plotly_js
-    from mega_trading.report.headline import headline_cards
-    from mega_trading.report.html import esc, page
 
     sections = _sections(art)
     # problems and the headline (NLL beside realism and sampling) open the first section
@@ -96,7 +94,6 @@ def build_report(run_dir: str | Path, data_dir: str | Path | None = None,
 
     `data_dir` defaults to the data directory recorded in RUN/config.json. Returns the path.
     """
-    from mega_trading.core.lineage import write_text_atomic
 
     art = load_artifacts(run_dir, data_dir)
     text = render_report(art)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mega_trading.core.errors import DataError
+from mega_trading.data.shards import ShardSet
 
 ROLLOUT_NAMES = ("rollouts.parquet", "rollouts.csv")
 LINEAGE_KEY = b"mega_trading"  # generate.py stores the rollouts' lineage under this key
@@ -46,7 +47,6 @@ class Artifacts:
     def shards(self):
         """ShardSet of the data dir (real events for the charts), or None."""
         if self._shards is None and self.data_dir is not None and self.manifest is not None:
-            from mega_trading.data.shards import ShardSet
 
             try:
                 self._shards = ShardSet.open(self.data_dir)

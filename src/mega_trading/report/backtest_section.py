@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from mega_trading.eval.realism import headline
 from mega_trading.report.artifacts import Artifacts
 from mega_trading.report.charts import color_of, embed, rgba, style
 from mega_trading.report.html import (
@@ -218,7 +219,6 @@ def _verdict_note(bt: dict) -> str:
 
 def _realism_line(art: Artifacts) -> str:
     """Likelihood is half the story: the generated flow's realism score beside it."""
-    from mega_trading.eval.realism import headline
 
     realism = (art.facts or {}).get("realism")
     if not realism:

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mega_trading.eval.distances import distribution_values
 from mega_trading.eval.scorecard import lookup
+from mega_trading.eval.statistics import prepare_events
 from mega_trading.report.artifacts import Artifacts
 from mega_trading.report.charts import color_of, embed, style
 from mega_trading.report.html import Section, ci, esc, not_produced, note, num, table
@@ -229,8 +231,6 @@ def _samples(art: Artifacts) -> dict[str, dict[str, np.ndarray]]:
     """label -> distribution values, for real / noise floor / model, prepared as facts does."""
     import polars as pl
 
-    from mega_trading.eval.distances import distribution_values
-    from mega_trading.eval.statistics import prepare_events
 
     out: dict[str, dict[str, np.ndarray]] = {}
     shards = art.shards()

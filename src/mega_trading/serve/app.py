@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mega_trading import __version__
 from mega_trading.core.errors import MegaTradingError
+from mega_trading.core.lineage import write_text_atomic
 from mega_trading.serve.schemas import (
     API_TITLE,
     ErrorResponse,
@@ -209,7 +210,6 @@ def openapi_document() -> dict[str, Any]:
 def write_openapi(path: str | Path) -> Path:
     import json
 
-    from mega_trading.core.lineage import write_text_atomic
 
     return write_text_atomic(path, json.dumps(openapi_document(), indent=2) + "\n")
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mega_trading.generation.engine import DecodeEngine
 from mega_trading.generation.sampling import SamplingConfig
 from mega_trading.serve.schemas import ServeError, ServeSettings
 
@@ -52,7 +53,6 @@ class RolloutEngine:
     def run_batch(self, jobs: list[Job], on_done: Callable[[Job, np.ndarray], None]) -> None:
         """Decode jobs of equal prompt length together; on_done(job, new tokens [n, length])
         is called (from this thread) as soon as a job's tokens are complete."""
-        from mega_trading.generation.engine import DecodeEngine
 
         t0 = len(jobs[0].prompt)
         if any(len(j.prompt) != t0 for j in jobs):

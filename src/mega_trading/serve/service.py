@@ -17,7 +17,13 @@ import numpy as np
 import polars as pl
 
 from mega_trading import __version__
+from mega_trading.core.config import to_dict
 from mega_trading.core.errors import DataError, MegaTradingError
+from mega_trading.core.lineage import git_commit, read_json, sha256_file
+from mega_trading.data.shards import ShardSet
+from mega_trading.data.tokenizer import Tokenizer
+from mega_trading.generation.sampling import SamplingConfig, read_measured
+from mega_trading.model.checkpoint import checkpoint_path, load_model
 from mega_trading.serve.answers import Anchor, rollout_columns
 from mega_trading.serve.batching import Batcher, Job, RolloutEngine
 from mega_trading.serve.schemas import (
@@ -40,8 +46,6 @@ class RolloutService:
 
     def __init__(self, run_dir: str | Path, data_dir: str | Path | None = None,
                  settings: ServeSettings = ServeSettings()):
-        from mega_trading.core.lineage import git_commit, sha256_file
-        from mega_trading.model.checkpoint import checkpoint_path, load_model
 
         self.run_dir, self.settings = Path(run_dir), settings
         if not self.run_dir.is_dir():
@@ -65,7 +69,6 @@ class RolloutService:
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
                                     settings.batch_rows)
         self.batcher = Batcher(self.engine, settings)
-        from mega_trading.generation.sampling import read_measured
 
         self.measured = read_measured(self.run_dir)  # the run's sampling choice, if any
         self._windows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -73,7 +76,6 @@ class RolloutService:
 
     # startup ---------------------------------------------------------------------------
     def _run_config(self) -> dict[str, Any]:
-        from mega_trading.core.lineage import read_json
 
         path = self.run_dir / "config.json"
         return read_json(path) if path.is_file() else {}
@@ -81,7 +83,6 @@ class RolloutService:
     def _open_data(self, data_dir: str | Path | None):
         """The prepared data: as given (a mismatch is an error), else the run's own if it
         still exists and matches (else None: named windows are then unavailable)."""
-        from mega_trading.data.shards import ShardSet
 
         if data_dir is not None:
             return ShardSet.open(data_dir)
@@ -99,7 +100,6 @@ class RolloutService:
         return shards
 
     def _load_tokenizer(self):
-        from mega_trading.data.tokenizer import Tokenizer
 
         path = self.run_dir / "tokenizer.json"
         if path.is_file():
@@ -115,7 +115,6 @@ class RolloutService:
 
     def build_job(self, req: RolloutRequest) -> tuple[Job, Anchor]:
         """Validate a request against this run and the limits; 422 (ServeError) if not."""
-        from mega_trading.generation.sampling import SamplingConfig
 
         if req.n > self.settings.batch_rows:
             raise ServeError(f"n={req.n} rollouts is over this server's limit of "
@@ -295,8 +294,6 @@ class RolloutService:
 
     # model card ------------------------------------------------------------------------
     def model_card(self) -> dict[str, Any]:
-        from mega_trading.core.config import to_dict
-        from mega_trading.generation.sampling import SamplingConfig
 
         cfg = self.model.cfg
         tok = self.tokenizer
@@ -326,7 +323,6 @@ class RolloutService:
         }
 
     def _training_summary(self) -> dict[str, Any] | None:
-        from mega_trading.core.lineage import read_json
 
         config = self._run_config()
         if not config:
@@ -358,7 +354,6 @@ class RolloutService:
                 "data_dir": str(Path(self.shards.root).resolve())}
 
     def _backtest_headline(self) -> dict[str, Any] | None:
-        from mega_trading.core.lineage import read_json
 
         path = self.run_dir / "backtest.json"
         if not path.is_file():

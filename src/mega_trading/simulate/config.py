@@ -22,6 +22,7 @@ from mega_trading.core.config import (
     PositiveInt,
     UnitFraction,
     config_dataclass,
+    load_yaml,
 )
 from mega_trading.core.errors import ConfigError
 from mega_trading.generation.sampling import SamplingConfig
@@ -161,6 +162,5 @@ def scenario_path(name: str, search: tuple[Path, ...] | None = None) -> Path:
 
 
 def load_scenario(name: str, overrides: tuple[str, ...] | list[str] = ()) -> SimConfig:
-    from mega_trading.core.config import load_yaml
 
     return load_yaml(SimConfig, scenario_path(name), overrides)

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mega_trading.core.config import to_dict
+from mega_trading.core.config import from_dict, to_dict
 from mega_trading.core.errors import ConfigError, DataError
 from mega_trading.core.lineage import provenance, write_json_atomic
-from mega_trading.simulate.config import POLICY_KINDS, PolicyConfig, SimConfig
+from mega_trading.data.shards import ShardSet
+from mega_trading.generation.sampling import resolve_sampling
+from mega_trading.model.checkpoint import load_model
+from mega_trading.simulate.config import POLICY_KINDS, SIM_SAMPLING_BASE, PolicyConfig, SimConfig
 from mega_trading.simulate.engine import SimResult, simulate_episodes
 from mega_trading.simulate.metrics import bootstrap_mean_ci
 from mega_trading.simulate.sources import (
@@ -27,7 +30,6 @@ FORMAT = "mega-trading/simulate@1"
 
 def policy_configs(kinds: str | Sequence[str], **params) -> dict[str, PolicyConfig]:
     """'twap,immediate' + shared parameters -> {name: PolicyConfig} in the given order."""
-    from mega_trading.core.config import from_dict
 
     names = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
     names = [n for n in names if n]
@@ -63,7 +65,6 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
                    scenario_file: str | Path | None = None,
                    log: Callable[[str], None] | None = None) -> dict:
     """Simulate every policy on the same seeded starts; write `out` (if given), return it."""
-    from mega_trading.data.shards import ShardSet
 
     log = log or (lambda _msg: None)
     if cfg.source == "model" and run_dir is None:
@@ -83,9 +84,6 @@ def run_simulation(data_dir: str | Path, policies: dict[str, PolicyConfig], cfg:
     lineage_extra: dict = {}
     sampling_info = None
     if cfg.source == "model":
-        from mega_trading.generation.sampling import resolve_sampling
-        from mega_trading.model.checkpoint import load_model
-        from mega_trading.simulate.config import SIM_SAMPLING_BASE
 
         run_dir = Path(run_dir)
         if not run_dir.is_dir():

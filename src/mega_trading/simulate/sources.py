@@ -27,6 +27,7 @@ import polars as pl
 import torch
 
 from mega_trading.core.errors import ConfigError, DataError
+from mega_trading.data.windows import window_plan
 from mega_trading.generation.engine import DecodeEngine
 from mega_trading.generation.sampling import SamplingConfig
 from mega_trading.simulate.config import SimConfig
@@ -273,7 +274,6 @@ def _tapes(shards, split: str, symbol: str | None, cfg: SimConfig, seed: int = 0
 
 
 def _window_tapes(shards, split: str, names: list[str], cfg: SimConfig, seed: int) -> list[Tape]:
-    from mega_trading.data.windows import window_plan
 
     ranges = {name: tuple(shards.manifest["shards"][split][name]["rows"]) for name in names}
     segs = {name: shards.seg_positions(split, name) for name in names}

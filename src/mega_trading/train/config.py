@@ -22,6 +22,7 @@ from mega_trading.core.config import (
 )
 from mega_trading.core.errors import ConfigError, MegaTradingError
 from mega_trading.core.lineage import read_json
+from mega_trading.model.transformer import ModelConfig
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation windows never share the training RNG stream
 
@@ -77,7 +78,6 @@ class TrainConfig:
     @field_validator("model")
     @classmethod
     def _check_model_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        from mega_trading.model.transformer import ModelConfig
 
         names = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
         if "vocab_size" in overrides:

@@ -25,11 +25,18 @@ import torch
 from mega_trading.core.config import (
     to_dict,
 )
-from mega_trading.core.errors import ConfigError
+from mega_trading.core.errors import ConfigError, DataError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic
 from mega_trading.data.shards import ShardSet
 from mega_trading.data.windows import WindowSampler
-from mega_trading.model.transformer import ModelConfig
+from mega_trading.model.checkpoint import (
+    latest_step,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mega_trading.model.transformer import PRESETS, ModelConfig, Transformer
+from mega_trading.train.accel import AccelPlan, apply_accel, resolve_accel, to_device
 from mega_trading.train.config import (
     RESUMABLE_CHANGES,
     VALIDATION_SEED_OFFSET,
@@ -38,7 +45,16 @@ from mega_trading.train.config import (
     check_block_size,
     lr_scale,
 )
-from mega_trading.train.distributed import DistContext
+from mega_trading.train.distributed import (
+    DistContext,
+    barrier,
+    gradient_sync,
+    init_distributed,
+    mean_across_ranks,
+    shutdown,
+    use_fsdp,
+    wrap_model,
+)
 from mega_trading.train.loss import (
     amp_dtype_for,
     autocast_for,
@@ -53,10 +69,11 @@ from mega_trading.train.metrics import (
     peak_flops,
     progress_bar,
 )
+from mega_trading.train.optim import OptimConfig, build_optimizer
+from mega_trading.train.tracking import Tracker, open_tracker
 
 
 def _model_config(cfg: TrainConfig, shards, log: Callable[[str], None]):
-    from mega_trading.model.transformer import PRESETS, ModelConfig
 
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown model preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
@@ -77,8 +94,6 @@ def _model_config(cfg: TrainConfig, shards, log: Callable[[str], None]):
 
 def _validation_batches(shards, block: int, batch: int, cfg: TrainConfig, ctx, log) -> list:
     """A fixed, seeded set of validation windows, scored identically at every evaluation."""
-    from mega_trading.core.errors import DataError
-    from mega_trading.data.windows import WindowSampler
 
     try:
         sampler = WindowSampler(shards, "validation", block, batch,
@@ -94,7 +109,6 @@ def _check_finite(loss: float, grad_norm: float, step: int, cfg: TrainConfig,
                   run_dir: Path) -> None:
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    from mega_trading.model.checkpoint import latest_step
 
     last = latest_step(run_dir)
     what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
@@ -123,7 +137,6 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: b
     Under torchrun every rank calls this; rank 0 writes files and logs; every rank returns
     the summary. `log` receives the human-readable lines (default: stderr).
     """
-    from mega_trading.train.distributed import init_distributed, shutdown
 
     ctx = init_distributed(cfg.device)
     try:
@@ -168,13 +181,6 @@ class _Session:
     @classmethod
     def start(cls, data_dir: Path, run_dir: Path, cfg: TrainConfig, resume: bool, ctx,
               log_any: Callable[[str], None]) -> _Session:
-        from mega_trading.data.shards import ShardSet
-        from mega_trading.data.windows import WindowSampler
-        from mega_trading.model.checkpoint import latest_step, list_checkpoints
-        from mega_trading.model.transformer import Transformer
-        from mega_trading.train.accel import apply_accel, resolve_accel
-        from mega_trading.train.distributed import use_fsdp, wrap_model
-        from mega_trading.train.optim import OptimConfig, build_optimizer
 
         def log(message: str) -> None:
             if ctx.is_main:
@@ -259,7 +265,6 @@ class _Session:
             self.log(f"resumed from checkpoint step {self.start_step}")
 
     def restore(self, step: int) -> None:
-        from mega_trading.model.checkpoint import load_checkpoint
 
         state = load_checkpoint(self.run_dir, self.raw, self.optimizer, step=step,
                                 expect_tokenizer_hash=self.shards.tokenizer_hash,
@@ -269,7 +274,6 @@ class _Session:
 
     def open_outputs(self) -> None:
         """Rank 0: config.json + tokenizer copy (new run), metrics file, tracker."""
-        from mega_trading.train.tracking import Tracker, open_tracker
 
         self.tracker = Tracker()
         if not self.ctx.is_main:
@@ -297,8 +301,6 @@ class _Session:
         return evaluate(self.loss, self.val_batches, self.ctx.device, self.amp_dtype, self.ctx)
 
     def save(self, step: int) -> None:
-        from mega_trading.model.checkpoint import save_checkpoint
-        from mega_trading.train.distributed import barrier
 
         save_checkpoint(self.run_dir, step, self.raw, self.optimizer,
                         sampler_state=self.sampler.state_dict(), config=self.run_config,
@@ -309,8 +311,6 @@ class _Session:
 
     def optimizer_step(self, step: int) -> tuple[float, float]:
         """One optimizer step (all micro-batches); returns (mean loss, gradient norm)."""
-        from mega_trading.train.accel import AccelPlan, to_device
-        from mega_trading.train.distributed import gradient_sync, mean_across_ranks
 
         cfg, device = self.cfg, self.ctx.device
         accel = self.accel or AccelPlan()
@@ -420,7 +420,6 @@ class _Session:
         return record
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        from mega_trading.model.checkpoint import latest_step
 
         records = self.metrics.records() if self.ctx.is_main else []
         val = [r["val_loss"] for r in records if r.get("val_loss") is not None]

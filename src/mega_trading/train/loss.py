@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mega_trading.train.accel import fused_linear_cross_entropy
+from mega_trading.train.distributed import mean_across_ranks
 from mega_trading.train.optim import _unwrap
 
 # --- pieces of the loop --------------------------------------------------------------------------
@@ -20,7 +22,6 @@ def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     kernel on CUDA never materializes the [B, T, V] logits).
     """
     if lm_head is not None:
-        from mega_trading.train.accel import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(model(x, return_hidden=True), lm_head, y)
     logits = model(x)
@@ -73,7 +74,6 @@ def want_compile(setting: str | bool, device: torch.device) -> bool:
 @torch.no_grad()
 def evaluate(loss_module, batches, device, amp_dtype, ctx) -> float | None:
     """Mean validation loss; `loss_module(x, y)` is a `ModelWithLoss` (maybe compiled)."""
-    from mega_trading.train.distributed import mean_across_ranks
 
     if not batches:
         return None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mega_trading.core.lineage import write_text_atomic
 from mega_trading.train.config import TrainConfig
 
 # --- derived numbers ---------------------------------------------------------------------------
@@ -96,7 +97,6 @@ class MetricsLog:
         """Keep only records up to `step` (a killed run may also have left a torn last line)."""
         if not self.enabled or not self.path.is_file():
             return
-        from mega_trading.core.lineage import write_text_atomic
 
         kept = []
         for line in self.path.read_text().splitlines():

@@ -45,6 +45,7 @@ carries across calls. Pure numpy and Python loops over events (a few us per even
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -112,6 +113,14 @@ def fit_tail(values: np.ndarray, quantiles: tuple[float, ...], upper: bool,
                    max_excess=float(excess.max()))
 
 
+@functools.lru_cache(maxsize=64)
+def _levels(n: int) -> np.ndarray:
+    """The quantile levels of an n-entry table (cached: the simulator draws every step)."""
+    levels = np.linspace(0.0, 1.0, n)
+    levels.flags.writeable = False
+    return levels
+
+
 def draw_in_bins(bin_index: np.ndarray, quantiles: tuple[tuple[float, ...], ...],
                  rng: np.random.Generator | None,
                  tails: dict[int, tuple[BinTail, bool]] | None = None,
@@ -136,7 +145,7 @@ def draw_in_bins(bin_index: np.ndarray, quantiles: tuple[tuple[float, ...], ...]
         if table.size == 1:
             out[rows] = table[0]
             continue
-        levels = np.linspace(0.0, 1.0, table.size)
+        levels = _levels(table.size)
         values = np.clip(np.interp(u[rows], levels, table), table[0], table[-1])
         tail, upper = (tails or {}).get(int(b), (None, True))
         if tail is not None:
@@ -180,6 +189,14 @@ class MoveMemory:
         self.tick_window, self.n_classes, self.n_levels = tick_window, n_classes, n_levels
         self._seen: dict[int, list[int]] = {}  # stream -> [step, last step of class 1..n]
         self._levels: dict[int, list[float]] = {}  # stream -> [current, ..., older] levels
+
+    def copy(self) -> MoveMemory:
+        """An independent copy (each stream's small lists copied; far cheaper than deepcopy,
+        which the simulator would pay at every step)."""
+        twin = MoveMemory(self.tick_window, self.n_classes, self.n_levels)
+        twin._seen = {stream: list(seen) for stream, seen in self._seen.items()}
+        twin._levels = {stream: list(levels) for stream, levels in self._levels.items()}
+        return twin
 
     def copy_stream(self, other: MoveMemory, stream: int) -> None:
         """Take one stream's state from ``other`` (the rest stays)."""

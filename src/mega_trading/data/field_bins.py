@@ -70,6 +70,14 @@ class FieldBins:
         return np.asarray([*lower, smallest_positive, *self.pos_edges], dtype=np.float64)
 
     @functools.cached_property
+    def context_tables(self) -> tuple[tuple[tuple[tuple[float, ...], ...], np.ndarray], ...]:
+        """Per tick class: (its tables, a (0.0,) stand-in where a bin has none; which bins
+        have one), built once rather than at every decode step."""
+        return tuple((tuple(t if t else (0.0,) for t in tables),
+                      np.array([bool(t) for t in tables]))
+                     for tables in self.context_quantiles)
+
+    @functools.cached_property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) per bin: bin b holds lower[b] <= value < upper[b]."""
         edges = self._all_edges

@@ -177,7 +177,7 @@ class Tokenizer:
         tables = context_quantiles(move, bin_index, classes, self.move.n_bins, memory.n_classes,
                                    int(self.config.get("n_quantiles", DEFAULT_N_QUANTILES)))
         move_bins = FieldBins(**{**{k: v for k, v in self.move.__dict__.items()
-                                    if not k.startswith("_") and k != "bounds"},
+                                    if not k.startswith("_") and k not in ("bounds", "context_tables")},
                                  "context_quantiles": tables})
         return Tokenizer(self.side, move_bins, self.size, self.dt, self.config, self.stats)
 
@@ -300,14 +300,12 @@ class Tokenizer:
         classes = memory.tick_classes(ranks, streams, reset)
         tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
         move = draw_in_bins(i, bins.quantiles, None, tails, True, uniforms=(u, v))
-        for c, tables in enumerate(bins.context_quantiles, start=1):
+        for c, (chosen, has_table) in enumerate(bins.context_tables, start=1):
             rows = classes == c
             if not rows.any():
                 continue
             # a (class, bin) without enough training moves keeps the plain draw
-            chosen = tuple(t if t else (0.0,) for t in tables)
-            has = np.array([bool(t) for t in tables])[i]
-            pick = rows & has
+            pick = rows & has_table[i]
             if pick.any():
                 move[pick] = draw_in_bins(i[pick], chosen, None, None, False,
                                           uniforms=(u[pick], v[pick]))

@@ -16,7 +16,6 @@ real event table and ignores inserted fills (``reacts_to_fills = False``).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,7 +125,7 @@ class ModelSource:
         token = self.engine.sample(self.sampling, self.generator).cpu().numpy()
         if self.decode_rng is not None:
             # the proposal may be replaced by an agent fill (commit): keep the state before it
-            self._memory_before = copy.deepcopy(self.decode_memory)
+            self._memory_before = self.decode_memory.copy()
             f = self.tokenizer.decode_fields(token, rng=self.decode_rng, streams=self._streams,
                                              memory=self.decode_memory)
             return Proposal(token=token, is_event=f["is_event"], move_bps=f["move_bps"],

@@ -23,12 +23,11 @@ from mega_trading.generation.generate import (
     generate_rollouts,
     prefill,
     prompt_from_split,
-    read_rollouts,
     rollout_lineage,
     rollouts_to_events,
     seg_prompts,
-    write_rollouts,
 )
+from mega_trading.generation.rollouts import read_rollouts, write_rollouts
 from mega_trading.generation.sampling import sample_next, top_p_keep
 from mega_trading.model import kernels
 from mega_trading.model.decode import decode_weights

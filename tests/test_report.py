@@ -29,12 +29,8 @@ def build_run(root: Path) -> tuple[Path, Path]:
     from mega_trading.eval.backtest import run_backtest
     from mega_trading.eval.scorecard import run_facts
     from mega_trading.eval.statistics import FactsConfig
-    from mega_trading.generation.generate import (
-        GenerateConfig,
-        generate_rollouts,
-        rollout_lineage,
-        write_rollouts,
-    )
+    from mega_trading.generation.generate import GenerateConfig, generate_rollouts, rollout_lineage
+    from mega_trading.generation.rollouts import write_rollouts
     from mega_trading.model.checkpoint import load_model
     from mega_trading.simulate.config import SimConfig
     from mega_trading.simulate.run import policy_configs, run_simulation

@@ -267,7 +267,7 @@ def test_a_request_without_a_prompt_starts_a_segment(client, tiny_run):
 def test_answers_hold_the_values_of_rollouts_to_events(client, size_level, with_prompt):
     """The service decodes answers on numpy (serve.rollout_columns), not through the polars
     frame of generate.rollouts_to_events: the same values, specials and nulls included."""
-    from mega_trading.generation.generate import rollouts_to_events
+    from mega_trading.generation.rollouts import rollouts_to_events
     from mega_trading.serve.answers import Anchor, rollout_columns
 
     tokenizer = service_of(client).tokenizer

@@ -37,7 +37,8 @@ from mega_trading.core.errors import ConfigError
 from mega_trading.core.lineage import provenance, read_json, write_json_atomic, write_text_atomic
 from mega_trading.data.shards import ShardSet
 from mega_trading.eval.scorecard import run_facts
-from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
+from mega_trading.generation.generate import generate_rollouts, rollout_lineage
+from mega_trading.generation.rollouts import write_rollouts
 from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
 from mega_trading.model.checkpoint import load_model
 from mega_trading.pipeline import RunConfig, load_run_config, run_pipeline

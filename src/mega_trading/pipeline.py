@@ -137,17 +137,17 @@ STAGE_SOURCES = {
     "calibrate": ("mega_trading.eval.calibrate", "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
     "sampling": ("mega_trading.eval.sampling_search", "mega_trading.generation.sampling", "mega_trading.eval.realism",
                  "mega_trading.eval.statistics", "mega_trading.eval.facts",
-                 "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.generation.generate", "mega_trading.data.tokenizer", "mega_trading.data.field_bins",
+                 "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.generation.generate", "mega_trading.generation.rollouts", "mega_trading.data.tokenizer", "mega_trading.data.field_bins",
                  "mega_trading.data.binning"),
     "backtest": ("mega_trading.eval.baselines", "mega_trading.eval.scoring", "mega_trading.eval.backtest",
                  "mega_trading.model.transformer", "mega_trading.model.checkpoint"),
-    "generate": ("mega_trading.generation.generate", "mega_trading.generation.engine", "mega_trading.model.decode", "mega_trading.model.transformer",
+    "generate": ("mega_trading.generation.generate", "mega_trading.generation.rollouts", "mega_trading.generation.engine", "mega_trading.model.decode", "mega_trading.model.transformer",
                  "mega_trading.model.kernels", "mega_trading.data.tokenizer", "mega_trading.data.field_bins", "mega_trading.data.binning",
                  "mega_trading.generation.sampling"),
     "facts": ("mega_trading.eval.statistics", "mega_trading.eval.facts",
                  "mega_trading.eval.distances", "mega_trading.eval.scorecard", "mega_trading.eval.hawkes", "mega_trading.eval.baselines",
-              "mega_trading.generation.generate", "mega_trading.eval.realism"),
-    "simulate": ("mega_trading.simulate", "mega_trading.generation.generate", "mega_trading.model.decode",
+              "mega_trading.generation.generate", "mega_trading.generation.rollouts", "mega_trading.eval.realism"),
+    "simulate": ("mega_trading.simulate", "mega_trading.generation.generate", "mega_trading.generation.rollouts", "mega_trading.model.decode",
                  "mega_trading.model.transformer", "mega_trading.generation.sampling", "mega_trading.data.binning"),
     "report": ("mega_trading.report",),
 }
@@ -198,11 +198,8 @@ def build_stages(cfg: RunConfig, console: Console) -> list[Stage]:
         run_backtest(run, data, cfg.backtest_split, None, cfg.backtest, log=console.print)
 
     def do_generate() -> None:
-        from mega_trading.generation.generate import (
-            generate_rollouts,
-            rollout_lineage,
-            write_rollouts,
-        )
+        from mega_trading.generation.generate import generate_rollouts, rollout_lineage
+        from mega_trading.generation.rollouts import write_rollouts
 
         shards = ShardSet.open(data)
         model, state = load_model(run, expect_tokenizer_hash=shards.tokenizer_hash,

@@ -41,7 +41,8 @@ def generate(
 ) -> None:
     """Sample synthetic order flow from a trained model and decode it to trades."""
     from mega_trading.data.shards import ShardSet
-    from mega_trading.generation.generate import generate_rollouts, rollout_lineage, write_rollouts
+    from mega_trading.generation.generate import generate_rollouts, rollout_lineage
+    from mega_trading.generation.rollouts import write_rollouts
     from mega_trading.generation.sampling import SamplingConfig, resolve_sampling
     from mega_trading.model.checkpoint import load_model
 

@@ -319,10 +319,14 @@ class Tokenizer:
                memory: MoveMemory | None = None) -> pl.DataFrame:
         """Event features per token (see ``decode_fields``); specials give nulls and
         is_event=False."""
-        f = self.decode_fields(tokens, mode, seed, rng, streams, memory)
-        frame = pl.DataFrame({"side": f["side"], "move_bps": f["move_bps"],
-                              "log_size": f["log_size"], "dt_us": f["dt_us"],
-                              "is_event": f["is_event"]})
+        return self.fields_frame(self.decode_fields(tokens, mode, seed, rng, streams, memory))
+
+    @staticmethod
+    def fields_frame(fields: dict[str, np.ndarray]) -> pl.DataFrame:
+        """``decode_fields`` output (flat arrays) as a frame; specials give nulls."""
+        frame = pl.DataFrame({"side": fields["side"], "move_bps": fields["move_bps"],
+                              "log_size": fields["log_size"], "dt_us": fields["dt_us"],
+                              "is_event": fields["is_event"]})
         cols = ["side", "move_bps", "log_size", "dt_us"]
         return frame.with_columns(
             [pl.when(pl.col("is_event")).then(pl.col(c)).otherwise(None).alias(c) for c in cols]

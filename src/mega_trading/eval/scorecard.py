@@ -24,12 +24,8 @@ from mega_trading.eval.facts import CURVE_GAPS, SCALAR_GAPS, compute_facts, fact
 from mega_trading.eval.hawkes import CompoundHawkes
 from mega_trading.eval.realism import realism_block
 from mega_trading.eval.statistics import DISTRIBUTIONS, FactsConfig
-from mega_trading.generation.generate import (
-    GenerateConfig,
-    make_prompts,
-    read_rollouts,
-    rollouts_to_events,
-)
+from mega_trading.generation.generate import GenerateConfig, make_prompts
+from mega_trading.generation.rollouts import read_rollouts, rollouts_to_events
 
 SCHEMA = "mega_trading.facts/v1"
 

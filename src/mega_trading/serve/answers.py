@@ -3,16 +3,13 @@ rollout columns on numpy, anchored at the prompt's last real trade."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("mega_trading.serve")
+from mega_trading.generation.rollouts import decode_rollouts
 
-
-# --- the run: model, tokenizer, data, prompts, answers ---------------------------------------
 
 @dataclass(frozen=True)
 class Anchor:
@@ -27,50 +24,30 @@ class Anchor:
     start: int | None = None
 
 
-
 def rollout_columns(tokenizer, new_tokens: np.ndarray, anchor: Anchor, decode_seed: int,
                     context_tokens: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Tokens [n, length] -> one ``Rollout`` body per row, as JSON-ready lists.
 
-    The values of ``generate.rollouts_to_events`` (tokens decoded inside their bins from
-    PCG64(decode_seed), price compounded from the anchor, time summed from it, quote size
-    from the size level; specials and non-finite numbers null; a test holds the two equal),
-    built on numpy arrays: a polars frame per answer cost ~1.5 ms, which the worker's next
-    batch waited for.
+    ``generate.decode_rollouts`` (the rollouts file's decoding) anchored at the prompt,
+    turned into lists on numpy (specials and non-finite numbers null): a polars frame per
+    answer cost ~1.5 ms, which the worker's next batch waited for.
     """
-    tokens = np.asarray(new_tokens, dtype=np.int64)
-    n, length = tokens.shape
-    # Each rollout is one decoding stream, its prompt (the same for every row) decoded
-    # first so the move's context is known from the first new event.
-    context = (np.zeros((n, 0), dtype=np.int64) if context_tokens is None
-               else np.broadcast_to(np.asarray(context_tokens, dtype=np.int64).reshape(1, -1),
-                                    (n, np.asarray(context_tokens).size)))
-    stream = np.concatenate([context, tokens], axis=1)
-    decoded = tokenizer.decode_fields(stream.reshape(-1), seed=decode_seed,
-                                      streams=np.repeat(np.arange(n), stream.shape[1]))
-    fields = {k: np.asarray(v).reshape(n, -1)[:, context.shape[1]:].reshape(-1)
-              for k, v in decoded.items()}
-    is_event = fields["is_event"].reshape(n, length)
-    price = anchor.price * np.cumprod(1.0 + fields["move_bps"].reshape(n, length) / 1e4, axis=1)
-    time_us = anchor.time_us + np.cumsum(fields["dt_us"].astype(np.int64).reshape(n, length),
-                                         axis=1)
-    level = np.nan if anchor.size_level is None else anchor.size_level
-    quote_qty = np.where(is_event, np.exp(fields["log_size"].reshape(n, length)) * level, np.nan)
-
-    def grid(name: str) -> np.ndarray:
-        return fields[name].reshape(n, length)
+    out = decode_rollouts(new_tokens, tokenizer, anchor.price, anchor.time_us,
+                          anchor.size_level, decode_seed, context_tokens=context_tokens)
+    tokens, fields, is_event = out.tokens, out.fields, out.fields["is_event"]
+    n = tokens.shape[0]
 
     columns = {
         "tokens": (tokens, None),
         "is_event": (is_event, None),
         "segment_start": (tokens == tokenizer.seg_id, None),
-        "side": (grid("side"), is_event),
-        "move_bps": (grid("move_bps"), is_event),
-        "log_size": (grid("log_size"), is_event),
-        "dt_us": (grid("dt_us"), is_event),
-        "time_us": (time_us, None),
-        "price": (price, np.ones_like(is_event)),
-        "quote_qty": (quote_qty, is_event),
+        "side": (fields["side"], is_event),
+        "move_bps": (fields["move_bps"], is_event),
+        "log_size": (fields["log_size"], is_event),
+        "dt_us": (fields["dt_us"], is_event),
+        "time_us": (out.time_us, None),
+        "price": (out.price, np.ones_like(is_event)),
+        "quote_qty": (out.quote_qty, is_event),
     }
     rollouts = [{"index": i} for i in range(n)]
     for name, (values, shown) in columns.items():

@@ -5,7 +5,7 @@ Market. Trades only: the state is the tape (last traded price, time, the causal 
 level of `events.py`, the notional of recent trades). Its next events come from
 
 * the model (``source: model``): a real prompt window of ``prompt_length`` tokens, then
-  tokens sampled with `mega_trading.generation.generate.sample` from one seeded ``torch.Generator``
+  tokens sampled with `mega_trading.generation.sampling.sample_next` (through the decoder engine) from one seeded ``torch.Generator``
   per batch of episodes (KV cache, sliding window like `generate.generate`). A token
   decodes to representative (side, move_bps, log_size, dt_us), integrated on the
   episode's own tape: price *= 1 + move_bps / 1e4, notional = exp(level + log_size),

@@ -381,8 +381,8 @@ def test_generate_rollouts_writes_events_with_lineage(shards, tmp_path, suffix):
     assert back["price"].to_list() == pytest.approx(events["price"].to_list())
     assert lineage["tokenizer_hash"] == shards.tokenizer_hash
     assert lineage["manifest_hash"] == shards.manifest_hash
-    assert lineage["config"]["sampling"] == {"temperature": 1.0, "top_k": 16, "top_p": 0.9, "min_p": 0.0,
-                                             "forbid_pad": True, "forbid_seg": False}
+    assert lineage["config"]["sampling"] == {"temperature": 1.0, "top_k": 16, "top_p": 0.9,
+                                             "min_p": 0.0, "tick_support": False, "forbid_pad": True, "forbid_seg": False}
     assert lineage["seed"] == 3 and lineage["run"] == "unit-test"
     assert len(lineage["prompts"]) == 5
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind

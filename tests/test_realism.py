@@ -102,16 +102,20 @@ def test_tokenized_real_decoded_in_bin_is_within_the_noise_floor():
     assert score_in_bin["geo_mean_ratio"] < score_median["geo_mean_ratio"]
 
 
-def test_sampling_grid_is_temperature_by_truncation_and_never_on_backtest():
+def test_sampling_grid_is_temperature_by_truncation_by_support_and_never_on_backtest():
     from mega_trading.core.errors import ConfigError
     from mega_trading.eval.sampling_search import SamplingSearchConfig, grid
 
     cells = grid(SamplingSearchConfig(), fitted_t=1.0531)
-    assert [c.label for c in cells] == [
-        "T=1, full", "T=1, top-k 16", "T=1, top-p 0.95", "T=1, min-p 0.02",
-        "T=1.05, full", "T=1.05, top-k 16", "T=1.05, top-p 0.95", "T=1.05, min-p 0.02"]
-    assert len(grid(SamplingSearchConfig(), fitted_t=None)) == 4
-    assert len(grid(SamplingSearchConfig(), fitted_t=1.0)) == 4  # T = 1 is not tried twice
+    plain = ["T=1, full", "T=1, top-k 16", "T=1, top-p 0.95", "T=1, min-p 0.02",
+             "T=1.05, full", "T=1.05, top-k 16", "T=1.05, top-p 0.95", "T=1.05, min-p 0.02"]
+    assert [c.label for c in cells] == plain + [f"{label}, tick support" for label in plain]
+    assert [c.tick_support for c in cells] == [False] * 8 + [True] * 8
+    assert len(grid(SamplingSearchConfig(), fitted_t=None)) == 8
+    assert len(grid(SamplingSearchConfig(), fitted_t=1.0)) == 8  # T = 1 is not tried twice
+    assert len(grid(SamplingSearchConfig(tick_support=(False,)), fitted_t=None)) == 4
+    with pytest.raises(ConfigError, match="tick_support"):
+        SamplingSearchConfig(tick_support=())
     with pytest.raises(ConfigError, match="backtest"):
         SamplingSearchConfig(split="backtest")
     with pytest.raises(ConfigError, match="truncations"):

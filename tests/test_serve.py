@@ -175,7 +175,7 @@ def test_rollout_by_tokens(client):
     prov = out["provenance"]
     assert prov["seed"] == 7 and prov["n"] == 3 and prov["length"] == 20
     assert prov["sampling"] == {"temperature": 0.8, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
-                                "forbid_seg": False, "forbid_pad": True, "source": "request",
+                                "tick_support": False, "forbid_seg": False, "forbid_pad": True, "source": "request",
                                 "label": "T=0.8, top-k 50"}
     assert prov["tokenizer_hash"] == service.tokenizer.hash
     assert prov["manifest_hash"] == service.shards.manifest_hash

@@ -194,10 +194,10 @@ def test_outlier_bins_keep_a_heavy_tail(tok, events):
     assert tok.move.tail_high is not None and tok.size.tail_low is not None
 
 
-@pytest.mark.parametrize("old", ["tokenizer@1", "tokenizer@2"])
+@pytest.mark.parametrize("old", ["tokenizer@1", "tokenizer@2", "tokenizer@3"])
 def test_older_tokenizer_artifacts_are_refused_with_a_hint(tok, tmp_path, old):
     path = tok.save(tmp_path / "tokenizer.json")
-    path.write_text(path.read_text().replace("mega-trading/tokenizer@3", f"mega-trading/{old}"))
+    path.write_text(path.read_text().replace("mega-trading/tokenizer@4", f"mega-trading/{old}"))
     with pytest.raises(DataError, match=f"{old}.*prepare"):
         Tokenizer.load(path)
 

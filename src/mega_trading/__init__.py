@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data.ingest", "book.capture", "book.record"),  # raw trades and captures
     ("data.events", "book", "book.rebuild", "book.native", "book.native_lib", "book.native_scan",
      "book.build"),  # -> events, books
-    ("data.binning", "data.field_bins", "data.tokenizer"),  # -> one token per event
+    ("data.binning", "data.field_bins", "data.tick_context", "data.tokenizer"),  # -> one token per event
     ("data", "data.tokenizer_reuse", "data.windows", "data.shards", "data.parts",
      "data.prepare"),  # -> chronological shards
     ("model",),  # the decoder, its kernels and checkpoints

@@ -38,6 +38,9 @@ class FieldBins:
     tail_high: BinTail | None = None  # the last bin (always open-ended above)
     # move only: per tick class 1..n, per bin, a quantile table (() = use ``quantiles``)
     context_quantiles: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    # move and dt: per tick class 0..n, per bin, how many TRAINING events fell in the bin
+    # at that tick class (the support of tick-consistent sampling; () = not counted)
+    context_counts: tuple[tuple[int, ...], ...] = ()
 
     @property
     def low_open(self) -> bool:

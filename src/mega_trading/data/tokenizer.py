@@ -24,8 +24,13 @@ per-bin quantile table with heavy-tailed outlier bins (``binning.py``), or
 visited price level when one lies inside the token's bin (the bid-ask bounce). In-bin
 draws re-encode to the same token, so decoding never moves an event to another bin.
 
-The artifact is a versioned JSON file (``tokenizer@3``: the move field's per-tick-class
-quantile tables are new; ``@1`` / ``@2`` artifacts are refused, prepare the data again);
+The move and gap fields also count, per tick class, the training events of each bin
+(``tick_support``): one vocabulary serves markets whose ticks and paces differ by orders of
+magnitude, and sampling may be restricted to the bins a market of the stream's tick class
+ever showed in training (``generation.support``).
+
+The artifact is a versioned JSON file (``tokenizer@4``: the per-tick-class bin counts are
+new; ``@1`` / ``@2`` / ``@3`` artifacts are refused, prepare the data again);
 its content hash (``Tokenizer.hash``) is recorded by every downstream artifact and checked
 when a checkpoint is loaded.
 """
@@ -49,7 +54,6 @@ from mega_trading.data.binning import (
     DEFAULT_N_QUANTILES,
     BinTail,
     MoveMemory,
-    context_quantiles,
     draw_in_bins,
     move_ranks,
 )
@@ -62,10 +66,12 @@ from mega_trading.data.field_bins import (
     quantile_edges_two_tailed,
     with_reps,
 )
+from mega_trading.data.tick_context import contiguous_sample, fit_tick_context
 
-FORMAT = "mega-trading/tokenizer@3"
+FORMAT = "mega-trading/tokenizer@4"
 OLD_FORMATS = {"mega-trading/tokenizer@1": "no per-bin quantile tables for in-bin decoding",
-               "mega-trading/tokenizer@2": "no per-tick-class move tables for context decoding"}
+               "mega-trading/tokenizer@2": "no per-tick-class move tables for context decoding",
+               "mega-trading/tokenizer@3": "no per-tick-class bin counts for tick-consistent sampling"}
 DECODE_MODES = ("in_bin", "median")
 FIELD_NAMES = ("side", "move", "size", "dt")
 SPECIAL_TOKENS = ("PAD", "SEG")
@@ -133,7 +139,7 @@ class Tokenizer:
         """Fit bins on TRAINING events only (the caller guarantees the split)."""
         if train_events.height == 0:
             raise DataError("cannot fit a tokenizer on zero training events")
-        ordered_events = _contiguous_sample(train_events, cfg.fit_sample)
+        ordered_events = contiguous_sample(train_events, cfg.fit_sample)
         if train_events.height > cfg.fit_sample:
             train_events = train_events.sample(n=cfg.fit_sample, seed=0)
         move = train_events["move_bps"].to_numpy().astype(np.float64)
@@ -164,22 +170,27 @@ class Tokenizer:
         return tok._with_stats(tokens, n_train_events=train_events.height)
 
     def _with_move_context(self, events: pl.DataFrame) -> Tokenizer:
-        """Per-tick-class move tables from TRAINING events in stream order (their tick
-        classes computed by the same ``MoveMemory`` the decoder uses)."""
+        """The tick-class context fitted on TRAINING events in stream order
+        (``tick_context.fit_tick_context``)."""
         if self.config.get("tick_window", 0) <= 0:
             return self
-        move = events["move_bps"].to_numpy().astype(np.float64)
-        bin_index = self.move.index(move)
-        streams, reset = _streams_of(events)
-        memory = self.decode_memory()
-        classes = memory.tick_classes(move_ranks(bin_index, self.move.n_neg, memory.n_classes),
-                                      streams, reset)
-        tables = context_quantiles(move, bin_index, classes, self.move.n_bins, memory.n_classes,
-                                   int(self.config.get("n_quantiles", DEFAULT_N_QUANTILES)))
-        move_bins = FieldBins(**{**{k: v for k, v in self.move.__dict__.items()
-                                    if not k.startswith("_") and k not in ("bounds", "context_tables")},
-                                 "context_quantiles": tables})
-        return Tokenizer(self.side, move_bins, self.size, self.dt, self.config, self.stats)
+        move_bins, dt_bins = fit_tick_context(self.move, self.dt, events, self.decode_memory(),
+                                              int(self.config.get("n_quantiles",
+                                                                  DEFAULT_N_QUANTILES)))
+        return Tokenizer(self.side, move_bins, self.size, dt_bins, self.config, self.stats)
+
+    def tick_support(self) -> np.ndarray:
+        """[tick class 0..n, event token] bool: the tokens whose move AND gap bins occurred
+        in training at that tick class (class 0, no tick seen yet: every token)."""
+        n_classes = int(self.config.get("tick_classes", 1))
+        allowed = np.ones((n_classes + 1, self.n_event_tokens), dtype=bool)
+        if not self.move.context_counts or not self.dt.context_counts:
+            return allowed
+        idx = self.field_indices(np.arange(self.n_event_tokens))
+        moves = np.asarray(self.move.context_counts)
+        gaps = np.asarray(self.dt.context_counts)
+        allowed[1:] = (moves[1:, idx["move"]] > 0) & (gaps[1:, idx["dt"]] > 0)
+        return allowed
 
     def decode_memory(self) -> MoveMemory:
         """A fresh per-stream state for context-aware move decoding (``decode_fields``)."""
@@ -342,7 +353,9 @@ class Tokenizer:
                     "tail_low": b.tail_low.to_list() if b.tail_low else None,
                     "tail_high": b.tail_high.to_list() if b.tail_high else None,
                     **({"context_quantiles": [[list(t) for t in c] for c in b.context_quantiles]}
-                       if b.context_quantiles else {})}
+                       if b.context_quantiles else {}),
+                    **({"context_counts": [list(c) for c in b.context_counts]}
+                       if b.context_counts else {})}
 
         return {
             "format": FORMAT,
@@ -393,42 +406,12 @@ class Tokenizer:
                              quantiles=tuple(tuple(q) for q in b.get("quantiles", [])),
                              tail_low=tail(b.get("tail_low")), tail_high=tail(b.get("tail_high")),
                              context_quantiles=tuple(tuple(tuple(t) for t in c)
-                                                     for c in b.get("context_quantiles", [])))
+                                                     for c in b.get("context_quantiles", [])),
+                             context_counts=tuple(tuple(int(n) for n in c)
+                                                  for c in b.get("context_counts", [])))
 
         tok = cls(*(bins(n) for n in FIELD_NAMES), config=doc.get("config", {}),
                   stats=doc.get("stats", {}))
         if "hash" in doc and doc["hash"] != tok.hash:
             raise DataError(f"tokenizer content does not match its recorded hash {doc['hash'][:12]}", path)
         return tok
-
-
-def _contiguous_sample(events: pl.DataFrame, max_rows: int, n_chunks: int = 50) -> pl.DataFrame:
-    """At most ``max_rows`` rows in ``n_chunks`` contiguous runs spread over the table (the
-    move context needs events in stream order; a row sample would shuffle them)."""
-    if events.height <= max_rows:
-        return events
-    run = max(max_rows // n_chunks, 1)
-    starts = np.linspace(0, events.height - run, n_chunks).astype(np.int64)
-    return pl.concat([events.slice(int(s), run) for s in starts])
-
-
-def _streams_of(events: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(stream id, starts a segment) per event row: streams are symbols (one stream
-    without a symbol column); a segment start, or a row where the stream is not the row
-    before's stream (a new chunk), resets the stream's decoding context."""
-    n = events.height
-    if "symbol" in events.columns:
-        _, streams = np.unique(events["symbol"].cast(pl.Utf8).fill_null("").to_numpy(),
-                               return_inverse=True)
-    else:
-        streams = np.zeros(n, dtype=np.int64)
-    reset = np.zeros(n, dtype=bool)
-    if "segment_start" in events.columns:
-        reset |= events["segment_start"].fill_null(False).to_numpy().astype(bool)
-    if "segment" in events.columns:
-        seg = events["segment"].to_numpy()
-        reset[1:] |= seg[1:] != seg[:-1]
-    if n:
-        reset[0] = True
-        reset[1:] |= streams[1:] != streams[:-1]
-    return streams.astype(np.int64), reset

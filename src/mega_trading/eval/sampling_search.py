@@ -3,7 +3,7 @@
 No sampling setting is right for every model: truncation makes an overfit model too
 persistent, full sampling of an under-trained one turns its low-probability noise into
 flow. So the run measures. A small grid (temperature in {1, the calibrated T} x
-truncation in {none, top-k, top-p, min-p}) is tried; each cell generates rollouts from
+truncation in {none, top-k, top-p, min-p} x tick support off / on) is tried; each cell generates rollouts from
 real VALIDATION prompts (the same prompts and seeds in every cell: common random numbers),
 their stylized facts are compared with the validation events, and the noise floor is the
 gap of the real TRAINING events to the same validation events (``realism.py``). The cell
@@ -11,7 +11,9 @@ with the lowest geometric-mean gap / noise floor wins (ties: more facts within 1
 floor), except that a truncated cell must beat the best untruncated one by more than
 ``plain_margin`` (15 %): the scores are noisy, and the best of 8 noisy cells is partly luck
 (on the demo, a truncated cell that won on validation by luck was twice as far from the
-real backtest as plain sampling). The backtest split is never looked at: it stays an
+real backtest as plain sampling). Tick support is not a truncation by probability (it
+removes only tokens a market of the row's tick class never made in training), so the
+untruncated cells with and without it compete on their scores alone. The backtest split is never looked at: it stays an
 honest test of the choice.
 
 ``RUN/sampling.json`` (``sampling.SAMPLING_FORMAT``) records the choice, its score and the
@@ -34,7 +36,12 @@ from mega_trading.eval.calibrate import CALIBRATION_FILE
 from mega_trading.eval.facts import compute_facts, fact_gaps
 from mega_trading.eval.realism import score_source
 from mega_trading.generation.generate import generate_rollouts
-from mega_trading.generation.sampling import SAMPLING_FILE, SAMPLING_FORMAT, SamplingConfig
+from mega_trading.generation.sampling import (
+    CHOSEN_FIELDS,
+    SAMPLING_FILE,
+    SAMPLING_FORMAT,
+    SamplingConfig,
+)
 from mega_trading.model.checkpoint import load_model
 
 TRUNCATIONS = ("none", "top_k", "top_p", "min_p")
@@ -55,6 +62,8 @@ class SamplingSearchConfig:
     top_k: int = 16
     top_p: float = 0.95
     min_p: float = 0.02
+    # tick-consistent sampling off / on (generation/support.py): every cell of the grid both ways
+    tick_support: tuple[bool, ...] = (False, True)
     # a truncated cell must beat the best untruncated one by more than this fraction of its
     # score: the scores are noisy (a winner among 8 noisy cells is partly luck), and a
     # calibrated model should not need truncation; 0 = pure argmin
@@ -69,6 +78,8 @@ class SamplingSearchConfig:
                               f"got {list(self.truncations)}")
         if any(not t > 0 for t in self.temperatures):
             raise ConfigError("sampling_search.temperatures must be > 0")
+        if not self.tick_support:
+            raise ConfigError("sampling_search.tick_support: give at least one of false, true")
         if not 0 <= self.plain_margin < 1:
             raise ConfigError("sampling_search.plain_margin must be in [0, 1)")
         if min(self.n, self.length, self.prompt_length, self.rollouts_per_prompt) < 1:
@@ -79,11 +90,12 @@ class SamplingSearchConfig:
 def grid(cfg: SamplingSearchConfig, fitted_t: float | None) -> list[SamplingConfig]:
     temps = list(dict.fromkeys([*cfg.temperatures, *([round(fitted_t, 4)] if fitted_t else [])]))
     cells = []
-    for t in temps:
-        for trunc in cfg.truncations:
-            extra = {"none": {}, "top_k": {"top_k": cfg.top_k}, "top_p": {"top_p": cfg.top_p},
-                     "min_p": {"min_p": cfg.min_p}}[trunc]
-            cells.append(SamplingConfig(temperature=float(t), **extra))
+    for support in dict.fromkeys(cfg.tick_support):
+        for t in temps:
+            for trunc in cfg.truncations:
+                extra = {"none": {}, "top_k": {"top_k": cfg.top_k}, "top_p": {"top_p": cfg.top_p},
+                         "min_p": {"min_p": cfg.min_p}}[trunc]
+                cells.append(SamplingConfig(temperature=float(t), tick_support=support, **extra))
     return cells
 
 
@@ -108,8 +120,7 @@ def search(model, shards, trained, cfg: SamplingSearchConfig, gen_defaults: Any,
             score = score_source(gaps, floor)
         except DataError as exc:  # too few events (e.g. a SEG storm): the cell loses
             score = {"n_facts": 0, "within": 0, "geo_mean_ratio": None, "error": str(exc)}
-        rows.append({"label": cell.label, "settings": {k: getattr(cell, k) for k in
-                                                       ("temperature", "top_k", "top_p", "min_p")},
+        rows.append({"label": cell.label, "settings": {k: getattr(cell, k) for k in CHOSEN_FIELDS},
                      **{k: v for k, v in score.items() if k != "beat_reference"},
                      "seconds": time.perf_counter() - started})
         geo = score.get("geo_mean_ratio")

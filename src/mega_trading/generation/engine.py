@@ -1,8 +1,10 @@
 """THE decoder engine: one object owns a batch's decoding, in the spirit of nanochat's Engine.
 
-``DecodeEngine(model, cache_len, keep, specials)`` holds the model, its KV cache, the
-sliding window, the banned ids of each sampling config and the fused decode weights,
-fetched ONCE per engine (parameters do not change while sampling). Its step API:
+``DecodeEngine(model, cache_len, keep, specials, support)`` holds the model, its KV cache,
+the sliding window, the banned ids of each sampling config, the rows' tick-support state
+(``support.TickSupport``: used by a sampling config with ``tick_support``) and the fused
+decode weights, fetched ONCE per engine (parameters do not change while sampling). Its
+step API:
 
 * ``start(prompts)``: prefill prompts [B, T] (cut to their last ``cache_len`` tokens);
 * ``logits``: the logits the next token is drawn from, [B, V];
@@ -32,6 +34,7 @@ import torch
 
 from mega_trading.core.errors import ConfigError
 from mega_trading.generation.sampling import SamplingConfig, race_probs, race_winner, sample_next
+from mega_trading.generation.support import TickSupport
 from mega_trading.model.decode import decode_step, decode_weights
 from mega_trading.model.transformer import Transformer
 
@@ -83,7 +86,7 @@ class DecodeEngine:
     """A batch of rows decoded together on one KV cache with a sliding window."""
 
     def __init__(self, model, cache_len: int | None = None, keep: int | None = None,
-                 specials: tuple[int, int] | None = None):
+                 specials: tuple[int, int] | None = None, support: TickSupport | None = None):
         self.model = model
         self.cache_len, self.keep = window_sizes(model, cache_len, keep)
         self.pad_id, self.seg_id = specials or special_ids(model.cfg.vocab_size)
@@ -95,6 +98,8 @@ class DecodeEngine:
         self.context: torch.Tensor | None = None  # [B, cache_len]: the tokens in the cache
         self.length = 0  # tokens in the cache (positions 0 .. length-1)
         self.logits: torch.Tensor | None = None
+        self.support = support
+        self.recent: torch.Tensor | None = None  # [B, tick_window] move ranks (support)
 
     @torch.inference_mode()
     def start(self, prompts: torch.Tensor) -> torch.Tensor:
@@ -107,6 +112,8 @@ class DecodeEngine:
             self.cache = self.model.new_cache(batch, self.cache_len)
             self.context = torch.empty(batch, self.cache_len, dtype=torch.long, device=self.device)
         self.context[:, :self.length] = kept
+        if self.support is not None:  # from the whole prompt: it may be longer than the cache
+            self.recent = self.support.start(prompts)
         self.logits = prefill(self.model, self.cache, self.context[:, :self.length])
         return self.logits
 
@@ -117,11 +124,21 @@ class DecodeEngine:
             self._banned[flags] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self._banned[flags]
 
+    def supported_logits(self, sampling: SamplingConfig) -> torch.Tensor:
+        """The logits with tokens outside each row's tick support at -inf when `sampling`
+        asks for it (out of place), else the logits themselves."""
+        if not sampling.tick_support:
+            return self.logits
+        if self.support is None:
+            raise ConfigError("tick_support sampling needs an engine built with a TickSupport")
+        return self.logits.masked_fill(self.support.disallowed(self.recent), float("-inf"))
+
     @torch.inference_mode()
     def sample(self, sampling: SamplingConfig, generator: torch.Generator | None = None,
                rows: slice | None = None) -> torch.Tensor:
         """The next token of every row [B] (or of `rows`), drawn from `generator`."""
-        logits = self.logits if rows is None else self.logits[rows]
+        logits = self.supported_logits(sampling)
+        logits = logits if rows is None else logits[rows]
         return sample_step(logits, sampling, self.banned(sampling), generator)
 
     @torch.inference_mode()
@@ -140,8 +157,8 @@ class DecodeEngine:
             by_settings.setdefault(sampling, []).append((generator, rows))
         for sampling, slices in by_settings.items():
             banned = self.banned(sampling)
-            logits = self.logits.index_fill(-1, banned, float("-inf")) if len(banned) \
-                else self.logits
+            logits = self.supported_logits(sampling)
+            logits = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
             logits = logits.float()
             if sampling.temperature == 0:
                 choice = logits.argmax(-1)
@@ -160,6 +177,8 @@ class DecodeEngine:
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row [B]; slide the window when the cache is full -> logits."""
         new = tokens.to(self.device).view(-1, 1)
+        if self.support is not None:
+            self.recent = self.support.push(self.recent, new[:, 0])
         if self.length < self.cache_len:
             self.context[:, self.length] = new[:, 0]
             self.logits = decode_one(self.model, self.cache, new, self.length, self.weights)

@@ -56,6 +56,7 @@ from mega_trading.core.config import (
 )
 from mega_trading.core.errors import ConfigError, DataError
 from mega_trading.core.lineage import provenance
+from mega_trading.data.windows import allocate, stratified_starts
 from mega_trading.generation.engine import (
     DecodeEngine,
     banned_ids,
@@ -67,6 +68,7 @@ from mega_trading.generation.engine import (
 )
 from mega_trading.generation.rollouts import rollouts_to_events
 from mega_trading.generation.sampling import SamplingConfig, sample_next
+from mega_trading.generation.support import TickSupport
 
 # re-exported: the sampling config lives in sampling.py, the decoding steps in engine.py
 __all__ = ["DecodeEngine", "SamplingConfig", "banned_ids", "decode_one", "prefill",
@@ -84,7 +86,7 @@ class GenerateConfig:
     length: PositiveInt = 512  # new tokens per rollout
     prompt_from: PromptSource = "backtest"  # a split to draw real prompt windows from, or "seg"
     prompt_length: PositiveInt = 128  # tokens per real prompt (a "seg" prompt is one SEG token)
-    symbol: str | None = None  # None: symbols drawn in proportion to their windows
+    symbol: str | None = None  # None: symbols in proportion to their windows (largest remainder)
     split: str = "backtest"  # where a "seg" prompt finds its anchor price / time / size
     seed: int = 0
     rollouts_per_prompt: PositiveInt = 1  # >1: several rollouts continue each prompt (a fan)
@@ -115,16 +117,18 @@ def _setup(model, prompt, n_new, cfg, cache_len, keep, specials):
 def generate(model, prompt: torch.Tensor, n_new: int, cfg: SamplingConfig = PLAIN_SAMPLING,
              generator: torch.Generator | None = None, cache_len: int | None = None, *,
              keep: int | None = None, specials: tuple[int, int] | None = None,
-             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_logits: Callable[[int, torch.Tensor], None] | None = None,
+             support: TickSupport | None = None) -> torch.Tensor:
     """Continue prompt [B, T] by n_new sampled tokens per row -> tokens [B, T + n_new].
 
     Decodes on a `engine.DecodeEngine` with a KV cache of cache_len (default block_size)
     positions that slides as the module docstring says; a prompt longer than cache_len is
     cut to its last cache_len tokens of context. `specials` = (PAD, SEG) ids (default:
-    the contract's); `on_logits(t, logits)` sees the logits that token t is drawn from.
+    the contract's); `on_logits(t, logits)` sees the logits that token t is drawn from;
+    `support` is needed by a cfg with tick_support (``support.py``).
     """
     tokens, cache_len, keep, _ = _setup(model, prompt, n_new, cfg, cache_len, keep, specials)
-    engine = DecodeEngine(model, cache_len, keep, specials)
+    engine = DecodeEngine(model, cache_len, keep, specials, support)
     end = tokens.shape[1]
     engine.start(tokens[:, :prompt.shape[1]])
     for t in range(prompt.shape[1], end):
@@ -141,7 +145,8 @@ def generate_nocache(model, prompt: torch.Tensor, n_new: int,
                      cfg: SamplingConfig = PLAIN_SAMPLING,
                      generator: torch.Generator | None = None, cache_len: int | None = None, *,
                      keep: int | None = None, specials: tuple[int, int] | None = None,
-                     on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                     on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                     support: TickSupport | None = None) -> torch.Tensor:
     """`generate` without a cache: the whole context window is recomputed at every step.
 
     Same window schedule as `generate`, so with the same generator both draw the same
@@ -156,6 +161,9 @@ def generate_nocache(model, prompt: torch.Tensor, n_new: int,
         logits = model(tokens[:, start:t])[:, -1]
         if on_logits is not None:
             on_logits(t, logits)
+        if cfg.tick_support:  # the support state from scratch, from every token so far
+            logits = logits.masked_fill(support.disallowed(support.start(tokens[:, :t])),
+                                        float("-inf"))
         tokens[:, t] = sample_step(logits, cfg, banned, generator)
     return tokens
 
@@ -183,8 +191,9 @@ def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None
                       rng: np.random.Generator | None = None) -> tuple[torch.Tensor, pl.DataFrame]:
     """n real windows of `length` tokens from one split -> (prompts [n, length], info).
 
-    A window lies wholly inside one (split, symbol) shard; symbols are drawn in proportion
-    to their number of windows, starts uniformly. `info` has one row per prompt: rollout,
+    A window lies wholly inside one (split, symbol) shard. Each symbol gets prompts in
+    proportion to its number of windows (largest remainder: the market mix of the split,
+    not a random draw of it) and their starts are stratified over its time range. `info` has one row per prompt: rollout,
     symbol, split, start_pos (in the shard), length, last_trade_id, last_price,
     last_time_us (of the last real event at or before the window's end) and size_level.
     """
@@ -200,15 +209,12 @@ def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None
     names, weights = _pick_symbols(shards, split, symbol, n_starts)
     if not names:
         raise DataError(f"no {split} shard holds a prompt window of {length} tokens", shards.root)
-    which = rng.choice(len(names), size=n, p=weights)
     rows, info = [], []
-    segs: dict[str, np.ndarray] = {}  # SEG positions per shard: the event index of a token
-    for i, k in enumerate(which):
-        name = names[k]
-        if name not in segs:
-            segs[name] = shards.seg_positions(split, name)
-        start = lowest + int(rng.integers(n_starts(name)))
-        tokens, anchor = shards.window(split, name, start, length, segs[name])
+    for i, (name, offset) in enumerate(_stratified_windows(names, weights, n, n_starts, rng)):
+        if i == 0 or name != info[-1]["symbol"]:
+            segs = shards.seg_positions(split, name)  # the event index of each token
+        start = lowest + offset
+        tokens, anchor = shards.window(split, name, start, length, segs)
         rows.append(tokens)
         info.append({
             "rollout": i, "symbol": name, "split": split, "start_pos": start, "length": length,
@@ -216,6 +222,17 @@ def prompt_from_split(shards, split: str = "backtest", symbol: str | None = None
             "last_time_us": anchor.time_us, "size_level": anchor.size_level,
         })
     return torch.from_numpy(np.stack(rows)), pl.DataFrame(info)
+
+
+def _stratified_windows(names: list[str], weights: np.ndarray, n: int, n_starts,
+                        rng: np.random.Generator) -> list[tuple[str, int]]:
+    """(symbol, start) of n windows: symbols in proportion to ``weights`` (largest remainder,
+    so the prompts hold the markets in the split's mix, as the real reference sample does),
+    starts stratified over each symbol's range."""
+    out = []
+    for name, count in zip(names, allocate(n, weights)):
+        out.extend((name, int(s)) for s in stratified_starts(int(count), 0, n_starts(name), rng))
+    return out
 
 
 def seg_prompts(shards, split: str = "backtest", symbol: str | None = None, n: int = 32,
@@ -294,11 +311,12 @@ def generate_rollouts(model, shards, cfg: GenerateConfig,
     prompts, info = make_prompts(shards, cfg, np.random.default_rng(cfg.seed))
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    support = TickSupport.from_tokenizer(tokenizer, device) if sampling.tick_support else None
     new_tokens = []
     for lo in range(0, cfg.n, cfg.batch_size):
         batch = prompts[lo:lo + cfg.batch_size].to(device)
         out = generate(model, batch, cfg.length, sampling, generator, keep=cfg.keep,
-                       specials=(tokenizer.pad_id, tokenizer.seg_id))
+                       specials=(tokenizer.pad_id, tokenizer.seg_id), support=support)
         new_tokens.append(out[:, batch.shape[1]:].cpu())
         if on_batch is not None:
             on_batch(min(lo + cfg.batch_size, cfg.n), cfg.n)

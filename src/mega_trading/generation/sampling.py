@@ -1,7 +1,8 @@
 """How the next token is drawn: one config, one function, and the run's measured choice.
 
-* ``SamplingConfig``: temperature, top-k, top-p (nucleus), min-p, and which special tokens
-  are forbidden. The built-in default is plain ancestral sampling (temperature 1, no
+* ``SamplingConfig``: temperature, top-k, top-p (nucleus), min-p, tick support (only
+  tokens a market of the row's tick class made in training: ``support.py``), and which
+  special tokens are forbidden. The built-in default is plain ancestral sampling (temperature 1, no
   truncation): a calibrated model should reproduce the market without truncation.
 * ``sample_next(logits, temperature, top_k, top_p, min_p, generator)``: THE sampling
   function (generate, serve and the simulator's model source all call it). Order as in
@@ -33,7 +34,7 @@ from mega_trading.core.lineage import read_json
 
 SAMPLING_FILE = "sampling.json"
 SAMPLING_FORMAT = "mega-trading/sampling@1"
-CHOSEN_FIELDS = ("temperature", "top_k", "top_p", "min_p")
+CHOSEN_FIELDS = ("temperature", "top_k", "top_p", "min_p", "tick_support")
 
 
 @config_dataclass
@@ -43,6 +44,8 @@ class SamplingConfig:
     top_p: UnitFraction = 1.0  # nucleus: the smallest set whose probability reaches p; 1 = off
     # keep tokens with p >= min_p * (the most likely token's p); 0 = off
     min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # only tokens a market of the row's tick class made in training (generation/support.py)
+    tick_support: bool = False
     forbid_pad: bool = True
     forbid_seg: bool = False
 
@@ -56,7 +59,11 @@ class SamplingConfig:
             parts.append(f"top-p {self.top_p:g}")
         if self.min_p > 0:
             parts.append(f"min-p {self.min_p:g}")
-        return ", ".join(parts if len(parts) > 1 else [*parts, "full"])
+        if len(parts) == 1:
+            parts.append("full")
+        if self.tick_support:
+            parts.append("tick support")
+        return ", ".join(parts)
 
 
 def top_p_keep(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -141,7 +148,7 @@ def resolve_sampling(explicit: SamplingConfig | None, run_dir: str | Path | None
     doc = read_measured(run_dir)
     if doc is None:
         return base, _info("default", base)
-    chosen = {k: doc["chosen"][k] for k in CHOSEN_FIELDS}
+    chosen = {k: doc["chosen"][k] for k in CHOSEN_FIELDS if k in doc["chosen"]}
     settings = dataclasses.replace(base, **chosen)
     return settings, _info("measured", settings, file=str(Path(run_dir) / SAMPLING_FILE),
                            score=doc.get("score"), split=doc.get("split"))

@@ -18,6 +18,7 @@ import torch
 
 from mega_trading.generation.engine import DecodeEngine
 from mega_trading.generation.sampling import SamplingConfig
+from mega_trading.generation.support import TickSupport
 from mega_trading.serve.schemas import ServeError, ServeSettings
 
 log = logging.getLogger("mega_trading.serve")
@@ -44,9 +45,11 @@ class Job:
 class RolloutEngine:
     """Runs batches of jobs through the model; every forward pass has `batch_rows` rows."""
 
-    def __init__(self, model, pad_id: int, seg_id: int, batch_rows: int):
+    def __init__(self, model, pad_id: int, seg_id: int, batch_rows: int,
+                 support: TickSupport | None = None):
         self.model, self.pad_id, self.seg_id = model, pad_id, seg_id
         self.batch_rows = batch_rows
+        self.support = support  # for requests with tick_support sampling
         self.device = model.tok_embeddings.weight.device
 
     @torch.inference_mode()
@@ -70,7 +73,8 @@ class RolloutEngine:
             plans.append((job, rows, generator))
             row += job.n
         # The engine of generate.generate: cache_len = block, keep = half of it.
-        engine = DecodeEngine(self.model, specials=(self.pad_id, self.seg_id))
+        engine = DecodeEngine(self.model, specials=(self.pad_id, self.seg_id),
+                              support=self.support)
         engine.start(tokens[:, :t0])
         for t in range(t0, end):
             live = [p for p in plans if not p[0].cancelled and t < t0 + p[0].length]

@@ -116,14 +116,17 @@ class RolloutRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N, description="rollouts (at most the server's batch_rows)")
     length: int = Field(64, ge=1, le=MAX_LENGTH, description="new tokens per rollout")
     temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False,
-                               description="0 = greedy. The four sampling fields (temperature, "
-                                           "top_k, top_p, min_p) that a request leaves out "
+                               description="0 = greedy. The sampling fields (temperature, "
+                                           "top_k, top_p, min_p, tick_support) that a request "
+                                           "leaves out "
                                            "take the run's measured choice (RUN/sampling.json; "
                                            "without one, the defaults shown)")
     top_k: int | None = Field(None, ge=1, le=1_000_000, description="null = off")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="1 = off")
     min_p: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False,
                          description="keep tokens with p >= min_p * the top token's p; 0 = off")
+    tick_support: bool = Field(False, description="only tokens whose move and gap bins a market "
+                                                   "of the rollout's tick class made in training")
     forbid_seg: bool = Field(False, description="never sample a segment start")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = drawn by the server "
                                                                    "(returned in provenance)")
@@ -199,6 +202,7 @@ class SamplingInfo(BaseModel):
     top_k: int | None
     top_p: float
     min_p: float
+    tick_support: bool = False
     forbid_seg: bool
     forbid_pad: bool
     source: Literal["request", "measured", "default"] = Field(

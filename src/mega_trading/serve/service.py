@@ -23,6 +23,7 @@ from mega_trading.core.lineage import git_commit, read_json, sha256_file
 from mega_trading.data.shards import ShardSet
 from mega_trading.data.tokenizer import Tokenizer
 from mega_trading.generation.sampling import SamplingConfig, read_measured
+from mega_trading.generation.support import TickSupport
 from mega_trading.model.checkpoint import checkpoint_path, load_model
 from mega_trading.serve.answers import Anchor, rollout_columns
 from mega_trading.serve.batching import Batcher, Job, RolloutEngine
@@ -67,7 +68,9 @@ class RolloutService:
         # of a batch leaves after one payload, not after all of them shared the GIL.
         self._answers: ThreadPoolExecutor | None = None  # from start() to stop()
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
-                                    settings.batch_rows)
+                                    settings.batch_rows,
+                                    TickSupport.from_tokenizer(self.tokenizer,
+                                                               self.model.tok_embeddings.weight.device))
         self.batcher = Batcher(self.engine, settings)
 
         self.measured = read_measured(self.run_dir)  # the run's sampling choice, if any
@@ -127,11 +130,12 @@ class RolloutService:
             raise ServeError(f"the prompt has {len(prompt)} tokens; the model's context "
                              f"(block size) is {self.block_size}")
         given = {"temperature": req.temperature, "top_k": req.top_k or 0, "top_p": req.top_p,
-                 "min_p": req.min_p}
+                 "min_p": req.min_p, "tick_support": req.tick_support}
         unset = [k for k in given if k not in req.model_fields_set]
         source = "request"
         if unset and self.measured is not None:  # the run's choice fills what was left out
-            given.update({k: self.measured["chosen"][k] for k in unset})
+            given.update({k: self.measured["chosen"][k] for k in unset
+                          if k in self.measured["chosen"]})
             source = "measured"
         elif unset:
             source = "default" if len(unset) == len(given) else "request"
@@ -267,7 +271,8 @@ class RolloutService:
                 **self.identity(),
                 "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k or None,
                              "top_p": cfg.top_p, "min_p": cfg.min_p,
-                             "forbid_seg": cfg.forbid_seg, "forbid_pad": cfg.forbid_pad,
+                             "tick_support": cfg.tick_support, "forbid_seg": cfg.forbid_seg,
+                             "forbid_pad": cfg.forbid_pad,
                              "source": job.sampling_source,
                              "label": cfg.label},
                 "seed": job.seed, "n": job.n, "length": job.length,

@@ -29,6 +29,7 @@ from mega_trading.core.errors import ConfigError, DataError
 from mega_trading.data.windows import window_plan
 from mega_trading.generation.engine import DecodeEngine
 from mega_trading.generation.sampling import SamplingConfig
+from mega_trading.generation.support import TickSupport
 from mega_trading.simulate.config import SimConfig
 from mega_trading.simulate.market import StartState
 
@@ -102,8 +103,10 @@ class ModelSource:
             raise ConfigError(f"prompts must be [B, T] with 1 <= T <= block_size "
                               f"{block}, got {prompts.shape}")
         # The one decoder (engine.DecodeEngine): cache, sliding window, fused weights.
+        support = (TickSupport.from_tokenizer(tokenizer, model.tok_embeddings.weight.device)
+                   if sampling.tick_support else None)
         self.engine = DecodeEngine(model, keep=keep,
-                                   specials=(tokenizer.pad_id, tokenizer.seg_id))
+                                   specials=(tokenizer.pad_id, tokenizer.seg_id), support=support)
         self.model, self.tokenizer, self.starts = model, tokenizer, starts
         self.sampling, self.generator = sampling, generator
         self.table = table or TokenTable.from_tokenizer(tokenizer)

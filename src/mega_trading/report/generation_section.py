@@ -243,7 +243,8 @@ def _settings(art: Artifacts, prompts: list[Prompt]) -> str:
         ("prompts", (f"{len(prompts)} distinct real window(s) from the {esc(cfg.get('prompt_from', '?'))} "
                     f"split, {esc(cfg.get('prompt_length', '?'))} tokens each")),
         ("sampling", (f"temperature {esc(sampling.get('temperature'))}, top-k {esc(sampling.get('top_k'))}, "
-                     f"top-p {esc(sampling.get('top_p'))}, min-p {esc(sampling.get('min_p', 0.0))} "
+                     f"top-p {esc(sampling.get('top_p'))}, min-p {esc(sampling.get('min_p', 0.0))}, "
+                     f"tick support {'on' if sampling.get('tick_support') else 'off'} "
                      f"({esc(how)}), seed {esc(lineage.get('seed', cfg.get('seed')))}")),
         ("checkpoint", f"step {esc(lineage.get('step', '—'))}"),
         ("file", f"<code>{esc(art.rollouts_path)}</code>"),

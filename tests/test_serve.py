@@ -289,6 +289,23 @@ def test_answers_hold_the_values_of_rollouts_to_events(client, size_level, with_
     assert columns[0]["side"][0] is None and columns[0]["quote_qty"][1] is None
 
 
+@pytest.mark.parametrize("body", [
+    {"tokens": [3, 1, 4, 1, 5], "n": 2, "length": 9, "seed": 2, "top_k": 7},
+    {"symbol": "BTCUSDT", "length": 6, "seed": 1},
+    {"window": {"split": "backtest", "symbol": "ETHUSDT"}, "length": 5, "temperature": 0},
+    {"events": [{"side": 1, "move_bps": 1.5, "size": 0.2, "dt_us": 40}], "length": 3}])
+def test_answers_are_exactly_the_response_model(client, body):
+    """Answers leave as JSON encoded by msgspec, past FastAPI's response-model check: each
+    is what RolloutResponse makes of it (no field missing, added or of another type)."""
+    from mega_trading.serve.schemas import RolloutResponse
+
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    answer = response.json()
+    assert RolloutResponse.model_validate(answer, strict=True).model_dump(mode="json") == answer
+
+
 def test_rollouts_equal_generate_when_a_request_fills_the_batch(client):
     """The batched decode loop is generate.generate's: same tokens for the same seed,
     through a sliding window (prompt 40 + 60 new > block 64)."""

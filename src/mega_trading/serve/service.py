@@ -25,7 +25,7 @@ from mega_trading.data.shards import ShardSet
 from mega_trading.data.tokenizer import Tokenizer
 from mega_trading.generation.sampling import SamplingConfig, read_measured
 from mega_trading.model.checkpoint import checkpoint_path, load_model
-from mega_trading.serve.answers import Anchor, rollout_columns
+from mega_trading.serve.answers import Anchor, decode_answers, rollout_columns
 from mega_trading.serve.batching import Batcher, Job, RolloutEngine
 from mega_trading.serve.schemas import (
     DEFAULT_START_PRICE,
@@ -68,7 +68,7 @@ class RolloutService:
         # of a batch leaves after one payload, not after all of them shared the GIL.
         self._answers: ThreadPoolExecutor | None = None  # from start() to stop()
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
-                                    settings.batch_rows)
+                                    settings.batch_rows, prepare=self.decode_together)
         self.batcher = Batcher(self.engine, settings)
 
         self.measured = read_measured(self.run_dir)  # the run's sampling choice, if any
@@ -139,7 +139,7 @@ class RolloutService:
         sampling = SamplingConfig(**given, forbid_seg=req.forbid_seg)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return Job(prompt=prompt, n=req.n, length=req.length, sampling=sampling, seed=seed,
-                   sampling_source=source), anchor
+                   sampling_source=source, anchor=anchor), anchor
 
     def _prompt(self, req: RolloutRequest) -> tuple[np.ndarray, Anchor]:
         price = req.start_price if req.start_price is not None else DEFAULT_START_PRICE
@@ -257,11 +257,27 @@ class RolloutService:
         if self._answers is not None:
             self._answers.shutdown(wait=False, cancel_futures=True)
 
+    def decode_together(self, finished: list[tuple[Job, np.ndarray]]) -> None:
+        """`RolloutEngine.prepare`: the small answers of jobs that finish at one step, decoded
+        in one pass per (prompt length, length) on the engine's thread (`decode_answers`):
+        one pass each on the event loop held up the batch's last answer, and so the next
+        batch, by ~0.4 ms per answer. Large answers stay on the answer thread."""
+        groups: dict[tuple[int, int], list[tuple[Job, np.ndarray]]] = {}
+        for job, new_tokens in finished:
+            if job.anchor is not None and new_tokens.size <= INLINE_ANSWER_TOKENS:
+                groups.setdefault((len(job.prompt), new_tokens.shape[1]), []).append(
+                    (job, new_tokens))
+        for group in groups.values():
+            decoded = decode_answers(self.tokenizer, [(new_tokens, job.anchor, job.seed, job.prompt)
+                                                      for job, new_tokens in group])
+            for (job, _), rollouts in zip(group, decoded):
+                job.decoded = rollouts
+
     def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The response body: decoded rollouts, the prompt, provenance."""
         # in-bin draws seeded per request; each rollout decoded after its prompt (context)
         rollouts = rollout_columns(self.tokenizer, new_tokens, anchor, decode_seed=job.seed,
-                                   context_tokens=job.prompt)
+                                   context_tokens=job.prompt, decoded=job.decoded)
         cfg = job.sampling
         return {
             "rollouts": rollouts,

@@ -116,3 +116,41 @@ def test_sample_each_draws_what_sample_draws_on_each_slice():
             assert torch.equal(each[rows], alone), (cfg.label, rows)
         assert each[7] == PAD and not (each[:2] == SEG).any()
         batch.feed(each)
+
+
+@pytest.mark.parametrize("d_model", [32, 64])
+def test_an_engine_started_again_draws_what_a_new_one_draws(d_model):
+    """The rollout service and the simulator keep one engine for all their batches: a
+    second start on the same rows zeroes and reuses the cache (the C step's transposed key
+    copy too) and gives the tokens of a new engine, window slides included."""
+    model = tiny_model(d_model)
+    prompts = torch.randint(0, VOCAB - 2, (ROWS, PROMPT), generator=torch.Generator().manual_seed(7))
+
+    def run(dec: engine.DecodeEngine, seed: int) -> torch.Tensor:
+        dec.start(prompts)
+        generator, out = torch.Generator().manual_seed(seed), []
+        for _ in range(NEW):
+            out.append(dec.sample(SAMPLING, generator))
+            dec.feed(out[-1])
+        return torch.stack(out, 1)
+
+    reused = engine.DecodeEngine(model, specials=(PAD, SEG))
+    first = run(reused, 1)
+    cache = reused.cache
+    assert torch.equal(run(reused, 2), run(engine.DecodeEngine(model, specials=(PAD, SEG)), 2))
+    assert reused.cache is cache  # zeroed, not allocated again
+    assert torch.equal(run(reused, 1), first)
+
+
+def test_the_service_decodes_batch_after_batch_on_one_engine():
+    model = tiny_model(64)
+    service = RolloutEngine(model, PAD, SEG, batch_rows=ROWS)
+    prompt = torch.randint(0, VOCAB - 2, (PROMPT,), generator=torch.Generator().manual_seed(3))
+    got = []
+    for seed in (SEED, SEED + 1, SEED):
+        job = Job(prompt=prompt.numpy(), n=ROWS, length=NEW, sampling=SAMPLING, seed=seed)
+        service.run_batch([job], lambda j, tokens: got.append(tokens))
+    assert service.decoder.cache is not None
+    np.testing.assert_array_equal(got[0], by_serve(model, prompt))  # a new RolloutEngine
+    np.testing.assert_array_equal(got[2], got[0])
+    assert not np.array_equal(got[1], got[0])

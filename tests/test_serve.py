@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -287,6 +288,76 @@ def test_answers_hold_the_values_of_rollouts_to_events(client, size_level, with_
         expected = (column.fill_nan(None) if column.dtype.is_float() else column).to_list()
         assert [v for rollout in columns for v in rollout[name]] == expected, name
     assert columns[0]["side"][0] is None and columns[0]["quote_qty"][1] is None
+
+
+def test_answers_decoded_together_equal_answers_decoded_alone(client):
+    """The answers of jobs that finish at one step are decoded in one pass (each from its
+    own seed, `answers.SplitDraws`): bit for bit what a pass per answer gives, specials,
+    several rollouts per answer and anchors with and without a size level included."""
+    from mega_trading.generation.rollouts import decode_rollouts
+    from mega_trading.serve.answers import Anchor, SplitDraws, decode_answers
+
+    tokenizer = service_of(client).tokenizer
+    rng = np.random.default_rng(12)
+    answers = []
+    for i, n in enumerate((1, 3, 1, 2, 1)):
+        new = rng.integers(0, tokenizer.vocab_size, (n, 17))
+        prompt = rng.integers(0, tokenizer.vocab_size, 9)
+        prompt[i % 3] = tokenizer.seg_id
+        anchor = Anchor("tokens", price=float(rng.uniform(1, 500)), time_us=int(rng.integers(1e15)),
+                        size_level=None if i % 2 else float(rng.uniform(1, 100)))
+        answers.append((new, anchor, int(rng.integers(1 << 62)), prompt))
+    together = decode_answers(tokenizer, answers)
+    for (new, anchor, seed, prompt), got in zip(answers, together):
+        alone = decode_rollouts(new, tokenizer, anchor.price, anchor.time_us, anchor.size_level,
+                                seed, context_tokens=prompt)
+        for name in ("tokens", "price", "time_us", "quote_qty"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(alone, name), name)
+        for name, values in alone.fields.items():
+            np.testing.assert_array_equal(got.fields[name], values, name)
+    with pytest.raises(ValueError):  # a draw that is not one per token of every answer
+        SplitDraws([np.random.default_rng(0)], [4]).random(3)
+
+
+def test_the_service_decodes_a_step_s_answers_on_the_engine_thread(client):
+    """`RolloutService.decode_together` (the engine's prepare hook) fills job.decoded for
+    the small answers of each (prompt length, length) group; the bodies are those of
+    answers decoded alone. A large answer is left to the answer thread."""
+    from mega_trading.serve.schemas import RolloutRequest
+
+    service = service_of(client)
+    rng = np.random.default_rng(13)
+    finished, alone = [], []
+    for i, (prompt_len, length) in enumerate(((5, 8), (5, 8), (7, 8), (5, 6), (5, 8))):
+        request = RolloutRequest(tokens=rng.integers(0, 1790, prompt_len).tolist(), length=length,
+                                 seed=i, n=1 + i % 2)
+        job, anchor = service.build_job(request)
+        new_tokens = rng.integers(0, service.tokenizer.vocab_size, (job.n, length))
+        alone.append(service.body(job, anchor, new_tokens))
+        finished.append((job, new_tokens))
+    service.decode_together(finished)
+    assert all(job.decoded is not None for job, _ in finished)
+    assert [service.body(job, job.anchor, new) for job, new in finished] == alone
+    big = dataclasses.replace(finished[0][0], n=ROWS, length=300, decoded=None)  # > 1024
+    service.decode_together([(big, np.zeros((ROWS, 300), dtype=np.int64))])
+    assert big.decoded is None
+
+
+@pytest.mark.parametrize("body", [
+    {"tokens": [3, 1, 4, 1, 5], "n": 2, "length": 9, "seed": 2, "top_k": 7},
+    {"symbol": "BTCUSDT", "length": 6, "seed": 1},
+    {"window": {"split": "backtest", "symbol": "ETHUSDT"}, "length": 5, "temperature": 0},
+    {"events": [{"side": 1, "move_bps": 1.5, "size": 0.2, "dt_us": 40}], "length": 3}])
+def test_answers_are_exactly_the_response_model(client, body):
+    """Answers leave as JSON encoded by msgspec, past FastAPI's response-model check: each
+    is what RolloutResponse makes of it (no field missing, added or of another type)."""
+    from mega_trading.serve.schemas import RolloutResponse
+
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    answer = response.json()
+    assert RolloutResponse.model_validate(answer, strict=True).model_dump(mode="json") == answer
 
 
 def test_rollouts_equal_generate_when_a_request_fills_the_batch(client):

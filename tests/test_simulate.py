@@ -201,6 +201,36 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not(shards, mod
     assert first != other
 
 
+def test_batches_of_a_run_share_one_engine_and_match_new_engines(shards, model):
+    """A factory's sources decode on its one engine, batch after batch (the cache zeroed
+    and reused when the batch size repeats): the episodes a new engine per batch gives."""
+    from mega_trading.generation.engine import DecodeEngine
+
+    cfg = model_cfg(episodes=10, batch_size=4, closed_loop=True, decode="in_bin")  # 4, 4, 2
+    tapes, starts = pick_starts(shards, cfg, TWAP.horizon_s, 0)
+    shared = ModelSourceFactory(model, shards, tapes, starts, cfg)
+    engines = []
+
+    def counted(ids, seed):
+        source = ModelSourceFactory.__call__(shared, ids, seed)
+        engines.append(source.engine)
+        return source
+
+    fresh = ModelSourceFactory(model, shards, tapes, starts, cfg)
+
+    def renewed(ids, seed):
+        fresh.engine = DecodeEngine(model, keep=cfg.keep, specials=(shards.tokenizer.pad_id,
+                                                                    shards.tokenizer.seg_id))
+        return ModelSourceFactory.__call__(fresh, ids, seed)
+
+    def doc(factory) -> str:
+        result = simulate_episodes(factory, TWAP, cfg, 3, shards.size_window)
+        return json.dumps(result.to_dict(), sort_keys=True)
+
+    assert doc(counted) == doc(renewed)
+    assert len(engines) == 3 and all(e is shared.engine for e in engines)
+
+
 def test_closed_and_open_loop_contexts_agree_until_the_first_inserted_fill(shards, model):
     closed_src, closed_eps = run_model_batch(shards, model, TWAP, model_cfg(closed_loop=True))
     open_src, open_eps = run_model_batch(shards, model, TWAP, model_cfg(closed_loop=False))

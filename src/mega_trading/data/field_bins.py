@@ -73,12 +73,14 @@ class FieldBins:
         return np.asarray([*lower, smallest_positive, *self.pos_edges], dtype=np.float64)
 
     @functools.cached_property
-    def context_tables(self) -> tuple[tuple[tuple[tuple[float, ...], ...], np.ndarray], ...]:
-        """Per tick class: (its tables, a (0.0,) stand-in where a bin has none; which bins
-        have one), built once rather than at every decode step."""
-        return tuple((tuple(t if t else (0.0,) for t in tables),
-                      np.array([bool(t) for t in tables]))
-                     for tables in self.context_quantiles)
+    def context_tables(self) -> tuple[tuple[tuple[float, ...], ...], np.ndarray]:
+        """Every move table in one tuple, so that a decode step draws all its moves at once:
+        the plain tables (bins 0..n-1), then tick class c's table of bin b at c * n_bins + b
+        (a (0.0,) stand-in where it has none); and which entries are real tables. Built once
+        rather than at every decode step."""
+        own = [table for tables in self.context_quantiles for table in tables]
+        return (tuple(self.quantiles) + tuple(t if t else (0.0,) for t in own),
+                np.array([True] * len(self.quantiles) + [bool(t) for t in own]))
 
     @functools.cached_property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ when a checkpoint is loaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class Tokenizer:
     # --- vocabulary -------------------------------------------------------------------
     field_names = FIELD_NAMES
 
-    @property
+    @functools.cached_property  # frozen fields; read ~10 times per decode call
     def field_sizes(self) -> dict[str, int]:
         return {name: getattr(self, name).n_bins for name in FIELD_NAMES}
 
@@ -310,16 +311,13 @@ class Tokenizer:
         ranks = move_ranks(move_index, bins.n_neg, memory.n_classes)
         classes = memory.tick_classes(ranks, streams, reset)
         tails = {0: (bins.tail_low, False), bins.n_bins - 1: (bins.tail_high, True)}
-        move = draw_in_bins(i, bins.quantiles, None, tails, True, uniforms=(u, v))
-        for c, (chosen, has_table) in enumerate(bins.context_tables, start=1):
-            rows = classes == c
-            if not rows.any():
-                continue
-            # a (class, bin) without enough training moves keeps the plain draw
-            pick = rows & has_table[i]
-            if pick.any():
-                move[pick] = draw_in_bins(i[pick], chosen, None, None, False,
-                                          uniforms=(u[pick], v[pick]))
+        # one draw for all: tick class c's table of bin b where it has one (a (class, bin)
+        # with too few training moves, or no class, keeps the plain table and its tails)
+        tables, has_table = bins.context_tables
+        n_contexts = len(bins.context_quantiles)
+        at = np.where((classes >= 1) & (classes <= n_contexts), classes * bins.n_bins + i, i)
+        at = np.where(has_table[at], at, i)
+        move = draw_in_bins(at, tables, None, tails, True, uniforms=(u, v))
         move = np.where(move_index < 0, 0.0, move)
         lower, upper = bins.bounds
         snapped, _ = memory.snap_to_levels(move, lower[i], upper[i], streams, reset)

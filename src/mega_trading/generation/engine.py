@@ -6,7 +6,9 @@ the sliding window, the banned ids of each sampling config, the rows' tick-suppo
 decode weights, fetched ONCE per engine (parameters do not change while sampling). Its
 step API:
 
-* ``start(prompts)``: prefill prompts [B, T] (cut to their last ``cache_len`` tokens);
+* ``start(prompts)``: prefill prompts [B, T] (cut to their last ``cache_len`` tokens); an
+  engine may start again, on a new batch: the cache of the last one is zeroed and reused
+  when the batch size is the same (the rollout service's batches, the simulator's);
 * ``logits``: the logits the next token is drawn from, [B, V];
 * ``sample(sampling, generator, rows=None)``: draw the next token of every row (or of a
   slice of rows, each caller's own generator: the rollout service's requests);
@@ -35,7 +37,7 @@ import torch
 from mega_trading.core.errors import ConfigError
 from mega_trading.generation.sampling import SamplingConfig, race_probs, race_winner, sample_next
 from mega_trading.generation.support import TickSupport
-from mega_trading.model.decode import decode_step, decode_weights
+from mega_trading.model.decode import clear_cache, decode_step, decode_weights
 from mega_trading.model.transformer import Transformer
 
 
@@ -111,6 +113,8 @@ class DecodeEngine:
         if self.cache is None or self.context.shape[0] != batch:
             self.cache = self.model.new_cache(batch, self.cache_len)
             self.context = torch.empty(batch, self.cache_len, dtype=torch.long, device=self.device)
+        else:  # a new batch on the same rows: exactly a new cache's state, no allocation
+            clear_cache(self.cache)
         self.context[:, :self.length] = kept
         if self.support is not None:  # from the whole prompt: it may be longer than the cache
             self.recent = self.support.start(prompts)

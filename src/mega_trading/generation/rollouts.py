@@ -72,14 +72,15 @@ class DecodedRollouts:
 
 def decode_rollouts(tokens_new, tokenizer, start_price, start_time_us, size_level=None,
                     decode_seed: int = 0, decode_mode: str = "in_bin",
-                    context_tokens=None) -> DecodedRollouts:
+                    context_tokens=None, rng=None) -> DecodedRollouts:
     """THE decoding of rollouts, for the rollouts file and the rollout service alike.
 
     start_price, start_time_us and size_level are scalars or one value per rollout. Tokens
     decode inside their bins (seeded with ``decode_seed``), or to the bin medians with
     ``decode_mode="median"``. Each rollout is one decoding stream (the move is decoded in
     context, ``binning.MoveMemory``); ``context_tokens`` [B, P] or [P] (its prompt) are
-    decoded first, so the context is known from the first new event.
+    decoded first, so the context is known from the first new event. ``rng`` (default: a
+    generator seeded with ``decode_seed``): where the in-bin draws come from.
     """
     if isinstance(tokens_new, torch.Tensor):
         tokens_new = tokens_new.detach().to("cpu").numpy()
@@ -95,7 +96,7 @@ def decode_rollouts(tokens_new, tokenizer, start_price, start_time_us, size_leve
     stream = np.concatenate([context, tokens], axis=1)
     # refuses ids outside the vocabulary
     decoded = tokenizer.decode_fields(stream.reshape(-1), mode=decode_mode, seed=decode_seed,
-                                      streams=np.repeat(np.arange(n_roll), stream.shape[1]))
+                                      rng=rng, streams=np.repeat(np.arange(n_roll), stream.shape[1]))
     fields = {k: np.asarray(v).reshape(n_roll, -1)[:, context.shape[1]:] for k, v in decoded.items()}
 
     def per_rollout(value, dtype) -> np.ndarray:

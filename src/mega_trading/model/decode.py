@@ -139,6 +139,17 @@ def _transposed_keys(cache: KVCache, pos: int) -> torch.Tensor:
     return mirror.kt
 
 
+def clear_cache(cache: KVCache) -> None:
+    """Zero a cache and its transposed key copy for reuse: the state of a new cache, without
+    allocating one (a new 16-row cache of the micro model faults in ~12 MB of fresh pages,
+    ~3 ms; zeroing it takes ~0.3 ms)."""
+    cache.reset()
+    mirror = cache.__dict__.get("_transposed_keys")
+    if mirror is not None:
+        mirror.kt.zero_()
+        mirror.length, mirror.writes = 0, -1
+
+
 def decode_weights(model: Transformer) -> DecodeWeights:
     """The model's fused decode weights, rebuilt whenever a parameter changed."""
     key = tuple((p.data_ptr(), p._version) for p in model.parameters())

@@ -27,7 +27,11 @@ write and read; a window counted from the first job cut them into convoys that e
 for all ``batch_rows`` rows (BENCHMARKS.md, issue 18). A job with a shorter ``length`` is
 answered as soon as its own tokens are done. Jobs of another prompt length wait in order
 for the next batch. ``max_batch_requests=1`` turns batching off; ``batch_window_ms=0``
-takes only the jobs already queued.
+takes only the jobs already queued. The answers of the jobs that finish at one step are
+decoded in one pass on the worker thread (``RolloutEngine.prepare``, each answer's in-bin
+draws from its own seed: the values it gets alone), and the event loop only turns them
+into JSON (msgspec), so a batch's answers leave within a few ms and its clients come back
+together.
 
 Determinism under batching: a request's rollouts depend only on the request (prompt,
 sampling settings, seed) and the server's run and ``batch_rows``, never on which other

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mega_trading import __version__
@@ -180,7 +180,7 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
 
     @app.post("/v1/rollouts", response_model=RolloutResponse, tags=["rollouts"],
               responses=_error_responses(413, 422, 503, 504))
-    async def rollouts(body: RolloutRequest, request: Request) -> dict[str, Any]:
+    async def rollouts(body: RolloutRequest, request: Request) -> Response:
         """Sample `n` rollouts of `length` tokens continuing one prompt."""
         svc = running()
         if body.tokens is not None:  # checked in microseconds: no thread hop
@@ -191,7 +191,8 @@ def build_app(service: RolloutService | None, settings: ServeSettings = ServeSet
         job.client = tuple(client) if client else None
         new_tokens = await svc.batcher.submit(job)
         request.scope[AnswerTracking.KEY].enter_context(svc.batcher.writing_answer(job.client))
-        return await svc.answer(job, anchor, new_tokens)
+        # already JSON, to the response model's schema: FastAPI passes a Response through
+        return Response(await svc.answer(job, anchor, new_tokens), media_type="application/json")
 
     return app
 

@@ -26,8 +26,10 @@ MAX_ABS_LOG_SIZE = 50.0
 MAX_DT_US = 10**13
 MAX_SEED = 2**63 - 1
 DEFAULT_START_PRICE = 1.0  # tokens / events prompts: the price path is an index from 1
-# Answers of at most this many new tokens are built on the event loop (~1 ms): a thread hop
-# per answer, and the GIL shared with the engine thread, cost more than the building.
+# Answers of at most this many new tokens are decoded on the engine's thread, together with
+# the others that finish at the same step, and turned into JSON on the event loop (~0.1 ms):
+# a thread hop per answer, and the GIL shared with the engine thread, cost more than that.
+# Larger ones are decoded and encoded on the answer thread.
 INLINE_ANSWER_TOKENS = 1024
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import polars as pl
 
@@ -25,7 +26,7 @@ from mega_trading.data.tokenizer import Tokenizer
 from mega_trading.generation.sampling import SamplingConfig, read_measured
 from mega_trading.generation.support import TickSupport
 from mega_trading.model.checkpoint import checkpoint_path, load_model
-from mega_trading.serve.answers import Anchor, rollout_columns
+from mega_trading.serve.answers import Anchor, decode_answers, rollout_columns
 from mega_trading.serve.batching import Batcher, Job, RolloutEngine
 from mega_trading.serve.schemas import (
     DEFAULT_START_PRICE,
@@ -68,9 +69,9 @@ class RolloutService:
         # of a batch leaves after one payload, not after all of them shared the GIL.
         self._answers: ThreadPoolExecutor | None = None  # from start() to stop()
         self.engine = RolloutEngine(self.model, self.tokenizer.pad_id, self.tokenizer.seg_id,
-                                    settings.batch_rows,
-                                    TickSupport.from_tokenizer(self.tokenizer,
-                                                               self.model.tok_embeddings.weight.device))
+                                    settings.batch_rows, prepare=self.decode_together,
+                                    support=TickSupport.from_tokenizer(
+                                        self.tokenizer, self.model.tok_embeddings.weight.device))
         self.batcher = Batcher(self.engine, settings)
 
         self.measured = read_measured(self.run_dir)  # the run's sampling choice, if any
@@ -142,7 +143,7 @@ class RolloutService:
         sampling = SamplingConfig(**given, forbid_seg=req.forbid_seg)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return Job(prompt=prompt, n=req.n, length=req.length, sampling=sampling, seed=seed,
-                   sampling_source=source), anchor
+                   sampling_source=source, anchor=anchor), anchor
 
     def _prompt(self, req: RolloutRequest) -> tuple[np.ndarray, Anchor]:
         price = req.start_price if req.start_price is not None else DEFAULT_START_PRICE
@@ -237,13 +238,20 @@ class RolloutService:
                         start=start)
         return prompt, anchor
 
-    async def answer(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
-        """The payload: a small one (~1 ms) at once on the event loop, a larger one on the
+    async def answer(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> bytes:
+        """The response body (`body`): a small one at once on the event loop (~0.1 ms, its
+        rollouts decoded with the batch's others by `decode_together`), a larger one on the
         answer thread, so that it does not hold up the other requests."""
         if new_tokens.size <= INLINE_ANSWER_TOKENS:
-            return self.payload(job, anchor, new_tokens)
+            return self.body(job, anchor, new_tokens)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._answers, self.payload, job, anchor, new_tokens)
+        return await loop.run_in_executor(self._answers, self.body, job, anchor, new_tokens)
+
+    def body(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> bytes:
+        """`payload` as JSON bytes, encoded by msgspec (~4 us for a 32-token answer; the
+        dict through FastAPI's response-model check and json.dumps took ~70 us). The
+        payload is built to the RolloutResponse schema (tests check every answer)."""
+        return msgspec.json.encode(self.payload(job, anchor, new_tokens))
 
     def start(self) -> None:
         self._answers = ThreadPoolExecutor(1, thread_name_prefix="rollout-answers")
@@ -254,11 +262,27 @@ class RolloutService:
         if self._answers is not None:
             self._answers.shutdown(wait=False, cancel_futures=True)
 
+    def decode_together(self, finished: list[tuple[Job, np.ndarray]]) -> None:
+        """`RolloutEngine.prepare`: the small answers of jobs that finish at one step, decoded
+        in one pass per (prompt length, length) on the engine's thread (`decode_answers`):
+        one pass each on the event loop held up the batch's last answer, and so the next
+        batch, by ~0.4 ms per answer. Large answers stay on the answer thread."""
+        groups: dict[tuple[int, int], list[tuple[Job, np.ndarray]]] = {}
+        for job, new_tokens in finished:
+            if job.anchor is not None and new_tokens.size <= INLINE_ANSWER_TOKENS:
+                groups.setdefault((len(job.prompt), new_tokens.shape[1]), []).append(
+                    (job, new_tokens))
+        for group in groups.values():
+            decoded = decode_answers(self.tokenizer, [(new_tokens, job.anchor, job.seed, job.prompt)
+                                                      for job, new_tokens in group])
+            for (job, _), rollouts in zip(group, decoded):
+                job.decoded = rollouts
+
     def payload(self, job: Job, anchor: Anchor, new_tokens: np.ndarray) -> dict[str, Any]:
         """The response body: decoded rollouts, the prompt, provenance."""
         # in-bin draws seeded per request; each rollout decoded after its prompt (context)
         rollouts = rollout_columns(self.tokenizer, new_tokens, anchor, decode_seed=job.seed,
-                                   context_tokens=job.prompt)
+                                   context_tokens=job.prompt, decoded=job.decoded)
         cfg = job.sampling
         return {
             "rollouts": rollouts,

@@ -88,25 +88,35 @@ class TokenTable:
                    frame["is_event"].to_numpy())
 
 
+def tick_support_for(tokenizer, sampling: SamplingConfig, model) -> TickSupport | None:
+    """The engine's tick support when the sampling asks for it (``generation/support.py``)."""
+    if not sampling.tick_support:
+        return None
+    return TickSupport.from_tokenizer(tokenizer, model.tok_embeddings.weight.device)
+
+
 class ModelSource:
     kind = "model"
     reacts_to_fills = True
 
     def __init__(self, model, tokenizer, prompts: np.ndarray, starts: list[StartState],
                  sampling: SamplingConfig, generator: torch.Generator, keep: int | None = None,
-                 table: TokenTable | None = None, decode_rng: np.random.Generator | None = None):
+                 table: TokenTable | None = None, decode_rng: np.random.Generator | None = None,
+                 engine: DecodeEngine | None = None):
         """decode_rng: draw each proposed event's features inside its bins (in-bin
-        decoding, a fixed number of draws per step); None: the bin medians (``table``)."""
+        decoding, a fixed number of draws per step); None: the bin medians (``table``).
+        engine: a decoder to start on these prompts (one source at a time may use it);
+        default: a new one."""
         prompts = np.asarray(prompts, dtype=np.int64)
         block = model.cfg.block_size
         if prompts.ndim != 2 or not 1 <= prompts.shape[1] <= block:
             raise ConfigError(f"prompts must be [B, T] with 1 <= T <= block_size "
                               f"{block}, got {prompts.shape}")
         # The one decoder (engine.DecodeEngine): cache, sliding window, fused weights.
-        support = (TickSupport.from_tokenizer(tokenizer, model.tok_embeddings.weight.device)
-                   if sampling.tick_support else None)
-        self.engine = DecodeEngine(model, keep=keep,
-                                   specials=(tokenizer.pad_id, tokenizer.seg_id), support=support)
+        self.engine = engine or DecodeEngine(model, keep=keep,
+                                             specials=(tokenizer.pad_id, tokenizer.seg_id),
+                                             support=tick_support_for(tokenizer, sampling,
+                                                                      model))
         self.model, self.tokenizer, self.starts = model, tokenizer, starts
         self.sampling, self.generator = sampling, generator
         self.table = table or TokenTable.from_tokenizer(tokenizer)
@@ -375,6 +385,12 @@ class ModelSourceFactory:
                                  for t, s in zip(tapes, starts)])
         self.table = TokenTable.from_tokenizer(self.tokenizer)
         self.sampling = sampling or cfg.sampling or SamplingConfig(forbid_seg=True)
+        # One decoder for every source it makes (batches run one after another): the fused
+        # weights are fetched once, with the model, and the KV cache is reused batch after
+        # batch when the batch size repeats.
+        self.engine = DecodeEngine(model, keep=cfg.keep,
+                                   specials=(self.tokenizer.pad_id, self.tokenizer.seg_id),
+                                   support=tick_support_for(self.tokenizer, self.sampling, model))
 
     def __call__(self, episode_ids: Sequence[int], seed: int) -> ModelSource:
         ids = list(episode_ids)
@@ -384,4 +400,4 @@ class ModelSourceFactory:
                            [self.starts[i] for i in ids], self.sampling, generator,
                            self.cfg.keep, self.table,
                            decode_rng=np.random.default_rng(seed) if self.cfg.decode == "in_bin"
-                           else None)
+                           else None, engine=self.engine)

@@ -33,6 +33,7 @@ import contextlib
 import gc
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "on asyncio streams (the least client CPU)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each caller")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pin", action="store_true",
+                        help="server on CPU 0, this process (generate, simulate, the clients) "
+                             "on CPU 1: each caller's model work gets one core and the clients "
+                             "do not take the server's (as clients on another machine)")
+    parser.add_argument("--tick-support", action="store_true",
+                        help="every caller samples with tick support (generation/support.py)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -68,18 +75,20 @@ def bench_serve_module():
     return module
 
 
-def generate_runner(model, vocab_events: int, args):
+def generate_runner(model, tokenizer, args):
     """One timed generate run per call (new tokens/s), after a warm-up."""
     from mega_trading.generation.generate import SamplingConfig, generate
+    from mega_trading.generation.support import TickSupport
 
-    prompt = torch.randint(0, vocab_events, (args.batch, args.prompt),
+    prompt = torch.randint(0, tokenizer.n_event_tokens, (args.batch, args.prompt),
                            generator=torch.Generator().manual_seed(1))
-    cfg = SamplingConfig(top_k=16)
-    generate(model, prompt, 8, cfg, torch.Generator().manual_seed(0))  # warm-up
+    cfg = SamplingConfig(top_k=16, tick_support=args.tick_support)
+    support = TickSupport.from_tokenizer(tokenizer) if args.tick_support else None
+    generate(model, prompt, 8, cfg, torch.Generator().manual_seed(0), support=support)  # warm-up
 
     def once(i: int) -> float:
         start = time.perf_counter()
-        generate(model, prompt, args.new, cfg, torch.Generator().manual_seed(i))
+        generate(model, prompt, args.new, cfg, torch.Generator().manual_seed(i), support=support)
         return args.batch * args.new / (time.perf_counter() - start)
 
     return once
@@ -95,7 +104,8 @@ def simulate_runner(run: Path, data: Path, args):
 
     cfg = SimConfig(episodes=args.batch, batch_size=args.batch, prompt_length=args.prompt,
                     max_events=args.new, replayable_starts=False, bootstrap_samples=10,
-                    sampling=SamplingConfig(top_k=16, forbid_seg=True))
+                    sampling=SamplingConfig(top_k=16, forbid_seg=True,
+                                            tick_support=args.tick_support))
     policy = PolicyConfig(kind="twap", horizon_s=3600.0, slices=args.new // 4)
 
     def once(i: int) -> float:
@@ -126,12 +136,13 @@ def serve_runner(serve, run: Path, data: Path, args, log_dir: Path):
     overrides = [f"batch_window_ms={args.window_ms:g}", f"max_batch_requests={args.batch}",
                  f"batch_rows={args.batch}"]
     process, base = serve.start_server(run, data, overrides, args.threads,
-                                       log_dir / "server.log")
+                                       log_dir / "server.log", {0} if args.pin else None)
     try:
         card = httpx.get(base + "/v1/model", timeout=10).json()
         vocab_events = card["tokenizer"]["n_event_tokens"]
         drive_args = argparse.Namespace(prompt=args.prompt, length=args.new,
-                                        requests=args.requests, max_seconds=args.max_seconds)
+                                        requests=args.requests, max_seconds=args.max_seconds,
+                                        tick_support=args.tick_support)
         asyncio.run(serve.drive(base, 1, argparse.Namespace(**{**vars(drive_args),
                                                                 "requests": 2}), vocab_events,
                                 args.client))
@@ -161,13 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pin:
+        os.sched_setaffinity(0, {1})
     serve = bench_serve_module()
     with tempfile.TemporaryDirectory(prefix="bench_callers_") as tmp:
         run, data = serve.build_run(Path(tmp), "micro")
         model, _ = load_model(run, device="cpu")
         model.eval()
-        vocab_events = ShardSet.open(data).tokenizer.n_event_tokens
-        runners = {"generate": generate_runner(model, vocab_events, args),
+        runners = {"generate": generate_runner(model, ShardSet.open(data).tokenizer, args),
                    "simulate": simulate_runner(run, data, args)}
         with serve_runner(serve, run, data, args, Path(tmp)) as serve_once:
             runners["serve"] = serve_once
@@ -185,8 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {name: max(values) for name, values in runs.items()}
     print(f"\nmicro run ({sum(p.numel() for p in model.parameters()):,} parameters, block "
           f"{model.cfg.block_size}), batch {args.batch}, prompt {args.prompt} + {args.new} new "
-          f"tokens per row, top-k 16, {args.threads} torch thread(s), serve batch window "
-          f"{args.window_ms:g} ms, {args.client} clients, {args.requests} requests a serve run "
+          f"tokens per row, top-k 16{', tick support' if args.tick_support else ''}, "
+          f"{args.threads} torch thread(s), serve batch window "
+          f"{args.window_ms:g} ms, {args.client} clients"
+          f"{' (server pinned to CPU 0, the rest to CPU 1)' if args.pin else ''}, "
+          f"{args.requests} requests a serve run "
           f"({per_batch:.1f} requests a batch); best of {args.repeat} rounds\n")
     print("| caller | new tokens/s | vs generate | every run (tok/s) |\n|---|---:|---:|---|")
     for name, value in figures.items():

@@ -74,7 +74,8 @@ def free_port() -> int:
 
 
 def start_server(run: Path, data: Path | None, overrides: list[str], threads: int,
-                 log_path: Path) -> tuple[subprocess.Popen, str]:
+                 log_path: Path, cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
+    """The server in a child process (on ``cpus`` only, when given) -> (process, base URL)."""
     import httpx
 
     port = free_port()
@@ -87,6 +88,8 @@ def start_server(run: Path, data: Path | None, overrides: list[str], threads: in
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log_path, "w") as log_file:  # the child keeps its own copy of the handle
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    if cpus:  # at once, before the child starts its threads (they inherit the mask)
+        os.sched_setaffinity(process.pid, cpus)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -114,7 +117,8 @@ def stop_server(process: subprocess.Popen) -> None:
 def request_body(i: int, args: argparse.Namespace, vocab_events: int) -> dict:
     rng = np.random.default_rng(i)
     return {"tokens": rng.integers(0, vocab_events, args.prompt).tolist(), "n": 1,
-            "length": args.length, "seed": i, "temperature": 1.0, "top_k": 16}
+            "length": args.length, "seed": i, "temperature": 1.0, "top_k": 16,
+            **({"tick_support": True} if getattr(args, "tick_support", False) else {})}
 
 
 def json_bytes(document: dict) -> bytes:

@@ -672,3 +672,27 @@ def test_live_uvicorn_server_on_loopback(tiny_run):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_tick_support_request_draws_only_supported_tokens(client):
+    from mega_trading.data.binning import MoveMemory, move_ranks
+
+    tokenizer = service_of(client).tokenizer
+    body = {"tokens": list(range(0, 2 * 40, 2)), "n": 3, "length": 40, "seed": 11,
+            "tick_support": True}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["provenance"]["sampling"]["tick_support"] is True
+    assert out["provenance"]["sampling"]["label"].endswith("tick support")
+    allowed = tokenizer.tick_support()
+    n_classes = allowed.shape[0] - 1
+    for row in out["rollouts"]:
+        tokens = np.array(body["tokens"] + row["tokens"])
+        move = tokenizer.field_indices(tokens)["move"]
+        classes = MoveMemory(int(tokenizer.config["tick_window"]), n_classes, 0).tick_classes(
+            move_ranks(move, tokenizer.move.n_neg, n_classes),
+            np.zeros(len(tokens), dtype=np.int64), tokens == tokenizer.seg_id)
+        new = slice(len(body["tokens"]), None)
+        events = tokens[new] < tokenizer.n_event_tokens
+        assert allowed[classes[new][events], tokens[new][events]].all()

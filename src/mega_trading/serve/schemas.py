@@ -145,10 +145,11 @@ class RolloutRequest(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, data: Any) -> Any:
         """pydantic's lax mode reads true / false as 1 / 0 (even for side: Literal[-1, 1]);
-        the schema says number, so a boolean anywhere but forbid_seg is refused."""
+        the schema says number, so a boolean anywhere but the boolean fields is refused."""
         if not isinstance(data, dict):
             return data
-        stack = [(key, value) for key, value in data.items() if key != "forbid_seg"]
+        stack = [(key, value) for key, value in data.items()
+                 if key not in ("forbid_seg", "tick_support")]
         while stack:  # iterative: the body's nesting depth is the client's choice
             where, value = stack.pop()
             if isinstance(value, bool):

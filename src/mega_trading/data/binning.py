@@ -15,9 +15,11 @@ interpolation between those quantiles:
   beyond its second-to-last quantile, in "tail space" (log |x| for the move in bps, i.e.
   a Pareto tail; the value itself for the log-size and log-gap fields, i.e. Pareto in size
   and time). The tail's scale is the mean excess of the bin's outer half beyond its median
-  (the exponential maximum-likelihood fit, the Hill estimator for Pareto); draws are capped at twice the largest training excess, so one draw never leaves the market.
+  (the exponential maximum-likelihood fit, the Hill estimator for Pareto); a draw is capped
+  at ``TAIL_CAP`` (1.5) times the bin's most extreme training value, so one draw never
+  leaves the market.
 
-Context-aware move decoding (``MoveMemory``, ``tokenizer@3``). Measured on the demo, iid
+Context-aware move decoding (``MoveMemory``, since ``tokenizer@3``). Measured on the demo, iid
 in-bin draws of the price move broke the response function R(l) (37x the noise floor),
 kurtosis and the |return| ACF of tokenized real flow, for two reasons:
 

@@ -36,7 +36,7 @@ import torch
 
 from mega_trading.core.errors import ConfigError
 from mega_trading.generation.sampling import SamplingConfig, race_probs, race_winner, sample_next
-from mega_trading.generation.support import TickSupport
+from mega_trading.generation.support import TickSupport, restrict
 from mega_trading.model.decode import clear_cache, decode_step, decode_weights
 from mega_trading.model.transformer import Transformer
 
@@ -133,9 +133,7 @@ class DecodeEngine:
         asks for it (out of place), else the logits themselves."""
         if not sampling.tick_support:
             return self.logits
-        if self.support is None:
-            raise ConfigError("tick_support sampling needs an engine built with a TickSupport")
-        return self.logits.masked_fill(self.support.disallowed(self.recent), float("-inf"))
+        return restrict(self.logits, self.support, self.recent)
 
     @torch.inference_mode()
     def sample(self, sampling: SamplingConfig, generator: torch.Generator | None = None,

@@ -68,7 +68,7 @@ from mega_trading.generation.engine import (
 )
 from mega_trading.generation.rollouts import rollouts_to_events
 from mega_trading.generation.sampling import SamplingConfig, sample_next
-from mega_trading.generation.support import TickSupport
+from mega_trading.generation.support import TickSupport, restrict
 
 # re-exported: the sampling config lives in sampling.py, the decoding steps in engine.py
 __all__ = ["DecodeEngine", "SamplingConfig", "banned_ids", "decode_one", "prefill",
@@ -162,8 +162,7 @@ def generate_nocache(model, prompt: torch.Tensor, n_new: int,
         if on_logits is not None:
             on_logits(t, logits)
         if cfg.tick_support:  # the support state from scratch, from every token so far
-            logits = logits.masked_fill(support.disallowed(support.start(tokens[:, :t])),
-                                        float("-inf"))
+            logits = restrict(logits, support, support and support.start(tokens[:, :t]))
         tokens[:, t] = sample_step(logits, cfg, banned, generator)
     return tokens
 
@@ -311,7 +310,7 @@ def generate_rollouts(model, shards, cfg: GenerateConfig,
     prompts, info = make_prompts(shards, cfg, np.random.default_rng(cfg.seed))
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    support = TickSupport.from_tokenizer(tokenizer, device) if sampling.tick_support else None
+    support = TickSupport.for_sampling(tokenizer, sampling.tick_support, device)
     new_tokens = []
     for lo in range(0, cfg.n, cfg.batch_size):
         batch = prompts[lo:lo + cfg.batch_size].to(device)

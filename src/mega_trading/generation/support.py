@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mega_trading.core.errors import ConfigError
 from mega_trading.data.binning import move_ranks
 
 
@@ -50,6 +51,12 @@ class TickSupport:
         ranks[:tokenizer.n_event_tokens] = move_ranks(move, tokenizer.move.n_neg, n_classes)
         return cls(allowed, ranks, tokenizer.seg_id,
                    int(tokenizer.config.get("tick_window", 0)), device)
+
+    @classmethod
+    def for_sampling(cls, tokenizer, tick_support: bool,
+                     device: torch.device | str = "cpu") -> TickSupport | None:
+        """``from_tokenizer`` when the sampling asks for tick support, else None."""
+        return cls.from_tokenizer(tokenizer, device) if tick_support else None
 
     def start(self, prompts: torch.Tensor) -> torch.Tensor:
         """Per-row state after the prompts [B, T]: the move ranks of the last ``window``
@@ -78,3 +85,11 @@ class TickSupport:
     def disallowed(self, recent: torch.Tensor) -> torch.Tensor:
         """[B, V] True where a row's tick class never showed the token's bins in training."""
         return ~self.allowed[self.classes(recent)]
+
+
+def restrict(logits: torch.Tensor, support: TickSupport | None,
+             recent: torch.Tensor) -> torch.Tensor:
+    """The logits [B, V] with each row's unsupported tokens at -inf (out of place)."""
+    if support is None:
+        raise ConfigError("tick_support sampling needs a TickSupport (the tokenizer's counts)")
+    return logits.masked_fill(support.disallowed(recent), float("-inf"))

@@ -88,13 +88,6 @@ class TokenTable:
                    frame["is_event"].to_numpy())
 
 
-def tick_support_for(tokenizer, sampling: SamplingConfig, model) -> TickSupport | None:
-    """The engine's tick support when the sampling asks for it (``generation/support.py``)."""
-    if not sampling.tick_support:
-        return None
-    return TickSupport.from_tokenizer(tokenizer, model.tok_embeddings.weight.device)
-
-
 class ModelSource:
     kind = "model"
     reacts_to_fills = True
@@ -115,8 +108,9 @@ class ModelSource:
         # The one decoder (engine.DecodeEngine): cache, sliding window, fused weights.
         self.engine = engine or DecodeEngine(model, keep=keep,
                                              specials=(tokenizer.pad_id, tokenizer.seg_id),
-                                             support=tick_support_for(tokenizer, sampling,
-                                                                      model))
+                                             support=TickSupport.for_sampling(
+                                                 tokenizer, sampling.tick_support,
+                                                 model.tok_embeddings.weight.device))
         self.model, self.tokenizer, self.starts = model, tokenizer, starts
         self.sampling, self.generator = sampling, generator
         self.table = table or TokenTable.from_tokenizer(tokenizer)
@@ -390,7 +384,9 @@ class ModelSourceFactory:
         # batch when the batch size repeats.
         self.engine = DecodeEngine(model, keep=cfg.keep,
                                    specials=(self.tokenizer.pad_id, self.tokenizer.seg_id),
-                                   support=tick_support_for(self.tokenizer, self.sampling, model))
+                                   support=TickSupport.for_sampling(
+                                       self.tokenizer, self.sampling.tick_support,
+                                       model.tok_embeddings.weight.device))
 
     def __call__(self, episode_ids: Sequence[int], seed: int) -> ModelSource:
         ids = list(episode_ids)
